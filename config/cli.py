@@ -1,0 +1,238 @@
+"""Command line -> RunConfig. Flags of the original project keep their meaning.
+
+Flags default to None so that we can tell what the user set: `--quick` changes the defaults,
+never a value given explicitly.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from config.schema import DataConfig, LogConfig, RunConfig, SAEArmConfig, StudyConfig, TrainConfig, UsageError
+
+STUDIES = ("activations",)
+ARCHITECTURES = ("topk",)
+DEAD_HANDLING = {"topk": ("auxk", "none")}
+HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+WANDB_MODES = ("online", "offline", "disabled")
+
+# --quick: a smoke run that finishes in well under a minute once tinylm is cached.
+QUICK_DEFAULTS = {
+    "n_samples": 768,
+    "seq_len": 32,
+    "steps": 120,
+    "batch_size": 512,
+    "eval_every": 60,
+    "checkpoint_every": 40,
+    "log_every": 5,
+    "warmup_steps": 10,
+    "dead_window": 16_384,
+    "ce_eval_sequences": 32,
+}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse prints usage plus the error; we print one line and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive_int(text: str) -> int:
+    value = _int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d, s, t, lg = DataConfig(), SAEArmConfig(), TrainConfig(), LogConfig()
+    p = OneLineParser(
+        prog="run_experiments.py",
+        description="Train sparse autoencoders on transformer activations and compare them. "
+        "Outputs go to CHECKPOINT_DIR/<study-id>/ (study.json, per-arm metrics.csv and weights, "
+        "summary.json); --use-wandb also logs every arm to Weights & Biases.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None,
+    )
+    study = p.add_argument_group("study")
+    study.add_argument("--study", choices=STUDIES, help=f"which study to run (default: {StudyConfig().study})")
+    study.add_argument("--study-id", help="name of the study folder under --checkpoint-dir "
+                       "(default: <study>-<date>-<time>; with --resume, the study to continue)")
+    study.add_argument("--resume", action="store_true", default=False,
+                       help="continue the most recent unfinished study run with the same settings "
+                       "(or the one named by --study-id) from its last checkpoints")
+    study.add_argument("--quick", action="store_true", default=False,
+                       help="smoke run: small harvest, %d steps; explicit flags still win" % QUICK_DEFAULTS["steps"])
+    study.add_argument("--seed", type=_int, help=f"seed for data order, SAE init and everything else (default: {t.seed})")
+
+    data = p.add_argument_group("activations")
+    data.add_argument("--model-name", help=f"subject model: 'tinylm' (bundled, trained on first use) or a "
+                      f"Hugging Face name or local path such as gpt2 (default: {d.model_name})")
+    data.add_argument("--layer", type=_int, help=f"transformer block whose activations are read (default: {d.layer})")
+    data.add_argument("--hook", choices=HOOKS, help=f"hook within the block; with --layer builds "
+                      f"blocks.L.hook_<hook> (default: {d.hook})")
+    data.add_argument("--hook-point", help="full TransformerLens hook name, e.g. blocks.1.hook_mlp_out; "
+                      "overrides --layer/--hook (default: none)")
+    data.add_argument("--n-samples", type=_positive_int, help=f"sequences to harvest (default: {d.n_samples})")
+    data.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence, BOS included; the BOS "
+                      f"position is not used for training (default: {d.seq_len})")
+    data.add_argument("--dataset", help="text file (one document per line) or JSONL with a 'text' field to "
+                      "harvest from (default: the bundled tinylm story corpus)")
+    norm = data.add_mutually_exclusive_group()
+    norm.add_argument("--normalize-activations", dest="normalize", action="store_true", default=None,
+                      help="scale activations so their mean squared norm is d_in (default: on)")
+    norm.add_argument("--no-normalize", dest="normalize", action="store_false",
+                      help="train on raw activations")
+
+    sae = p.add_argument_group("SAE")
+    sae.add_argument("--activation", help=f"SAE architecture: {', '.join(ARCHITECTURES)} (default: {s.architecture})")
+    sae.add_argument("--hidden-dim", type=_positive_int, help="number of SAE latents d_sae; overrides "
+                     "--expansion-factor (default: expansion factor x d_in)")
+    sae.add_argument("--expansion-factor", type=_positive_int, help=f"d_sae / d_in (default: {s.expansion_factor})")
+    sae.add_argument("--k", type=_positive_int, help=f"active latents per token for TopK (default: {s.k})")
+    sae.add_argument("--dead-handling", choices=sorted({m for ms in DEAD_HANDLING.values() for m in ms}),
+                     help=f"what to do about dead latents: auxk = auxiliary TopK loss on dead latents "
+                     f"(Gao et al. 2024), none (default: {s.dead_handling})")
+    dead = sae.add_mutually_exclusive_group()
+    dead.add_argument("--dead-resample", dest="dead_resample", action="store_true", default=None,
+                      help="revive dead latents during training, with the architecture's method "
+                      "(AuxK for TopK) (default: on)")
+    dead.add_argument("--no-dead-resample", dest="dead_resample", action="store_false",
+                      help="leave dead latents alone (same as --dead-handling none)")
+    sae.add_argument("--dead-threshold", type=_fraction, help=f"firing frequency within the last "
+                     f"{t.dead_window:,} training tokens below which a latent counts as dead (default: {t.dead_threshold})")
+
+    train = p.add_argument_group("training")
+    train.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {t.lr})")
+    train.add_argument("--batch-size", type=_positive_int, help=f"tokens per SAE training batch (default: {t.batch_size})")
+    train.add_argument("--epochs", type=_positive_int, help=f"passes over the training activations (default: {t.epochs})")
+    train.add_argument("--steps", type=_positive_int, help="training steps; overrides --epochs (default: from --epochs)")
+    train.add_argument("--device", help=f"torch device (default: {t.device})")
+
+    log = p.add_argument_group("output and logging")
+    log.add_argument("--checkpoint-dir", help=f"where studies, activation caches and tinylm live (default: {lg.checkpoint_dir})")
+    log.add_argument("--use-wandb", action="store_true", default=False, help="log every arm to Weights & Biases")
+    log.add_argument("--wandb-project", help=f"W&B project (default: {lg.wandb_project})")
+    log.add_argument("--wandb-mode", choices=WANDB_MODES, help="W&B mode (default: WANDB_MODE if set, else "
+                     "online when logged in, offline otherwise)")
+    log.add_argument("--no-progress", dest="progress", action="store_false", default=True,
+                     help="hide progress bars")
+    return p
+
+
+def _pick(explicit, quick_key: str | None, quick: bool, default):
+    if explicit is not None:
+        return explicit
+    if quick and quick_key in QUICK_DEFAULTS:
+        return QUICK_DEFAULTS[quick_key]
+    return default
+
+
+def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
+    a = build_parser().parse_args(argv)
+    q = a.quick
+    d, s, t, lg = DataConfig(), SAEArmConfig(), TrainConfig(), LogConfig()
+
+    data = DataConfig(
+        model_name=_pick(a.model_name, None, q, d.model_name),
+        layer=_pick(a.layer, None, q, d.layer),
+        hook=_pick(a.hook, None, q, d.hook),
+        hook_point=a.hook_point,
+        n_samples=_pick(a.n_samples, "n_samples", q, d.n_samples),
+        seq_len=_pick(a.seq_len, "seq_len", q, d.seq_len),
+        dataset=a.dataset,
+        normalize=_pick(a.normalize, None, q, d.normalize),
+    )
+    architecture = _pick(a.activation, None, q, s.architecture)
+    if architecture not in ARCHITECTURES:
+        raise UsageError(f"unknown --activation {architecture!r}; available: {', '.join(ARCHITECTURES)}")
+    dead_handling = a.dead_handling or s.dead_handling
+    if a.dead_resample is not None:
+        if a.dead_handling is not None and (a.dead_handling == "none") == a.dead_resample:
+            raise UsageError(f"--{'no-' if not a.dead_resample else ''}dead-resample contradicts --dead-handling {a.dead_handling}")
+        dead_handling = dead_handling if a.dead_resample else "none"
+    if dead_handling not in DEAD_HANDLING[architecture]:
+        raise UsageError(f"--dead-handling {dead_handling} does not apply to {architecture}; "
+                         f"choose from: {', '.join(DEAD_HANDLING[architecture])}")
+    sae = SAEArmConfig(
+        architecture=architecture,
+        expansion_factor=_pick(a.expansion_factor, None, q, s.expansion_factor),
+        hidden_dim=a.hidden_dim,
+        k=_pick(a.k, None, q, s.k),
+        dead_handling=dead_handling,
+    )
+    train = TrainConfig(
+        lr=_pick(a.lr, None, q, t.lr),
+        batch_size=_pick(a.batch_size, "batch_size", q, t.batch_size),
+        epochs=_pick(a.epochs, None, q, t.epochs),
+        steps=_pick(a.steps, "steps", q, t.steps),
+        warmup_steps=_pick(None, "warmup_steps", q, t.warmup_steps),
+        seed=_pick(a.seed, None, q, t.seed),
+        dead_window=_pick(None, "dead_window", q, t.dead_window),
+        dead_threshold=_pick(a.dead_threshold, None, q, t.dead_threshold),
+        eval_every=_pick(None, "eval_every", q, t.eval_every),
+        log_every=_pick(None, "log_every", q, t.log_every),
+        checkpoint_every=_pick(None, "checkpoint_every", q, t.checkpoint_every),
+        ce_eval_sequences=_pick(None, "ce_eval_sequences", q, t.ce_eval_sequences),
+        device=_pick(a.device, None, q, t.device),
+    )
+    log = LogConfig(
+        use_wandb=a.use_wandb or a.wandb_mode is not None,
+        wandb_project=a.wandb_project or lg.wandb_project,
+        wandb_mode=a.wandb_mode,
+        checkpoint_dir=a.checkpoint_dir or lg.checkpoint_dir,
+        progress=a.progress,
+    )
+    study = StudyConfig(study=a.study or StudyConfig().study, study_id=a.study_id, resume=a.resume, quick=q)
+    cfg = RunConfig(data=data, sae=sae, train=train, log=log, study=study)
+    validate_static(cfg)
+    return cfg
+
+
+def validate_static(cfg: RunConfig) -> None:
+    """Checks that need no model; model-dependent ones (layer, hook, seq_len) happen at load."""
+    if cfg.data.seq_len < 2:
+        raise UsageError("--seq-len must be at least 2 (a BOS token and one text token)")
+    if cfg.data.layer < 0:
+        raise UsageError(f"--layer must be >= 0, got {cfg.data.layer}")
+    n_eval = int(cfg.data.n_samples * cfg.data.eval_fraction)
+    if n_eval < 1 or cfg.data.n_samples - n_eval < 1:
+        raise UsageError(f"--n-samples {cfg.data.n_samples} is too small to split into train and eval sequences")
+    if cfg.sae.hidden_dim is not None and cfg.sae.k > cfg.sae.hidden_dim:
+        raise UsageError(f"--k {cfg.sae.k} exceeds --hidden-dim {cfg.sae.hidden_dim}")
+    if cfg.study.study_id is not None and (not cfg.study.study_id or "/" in cfg.study.study_id
+                                           or cfg.study.study_id.startswith(".")
+                                           or cfg.study.study_id in ("models", "activations")):
+        raise UsageError(f"--study-id {cfg.study.study_id!r} is not a usable folder name")
+    if cfg.train.device != "cpu" and not cfg.train.device.startswith(("cuda", "mps")):
+        raise UsageError(f"unknown --device {cfg.train.device!r}; use cpu, cuda or cuda:N")

@@ -1,0 +1,121 @@
+"""Typed configuration, grouped by concern: data, SAE, training, logging, study.
+
+Each group is a small dataclass; `RunConfig` bundles them. `to_dict` gives the flat JSON form
+stored in `study.json`, checkpoints and the W&B run config.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class UsageError(Exception):
+    """Bad user input: reported as one line with exit code 2, never as a traceback."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "transformer"
+    model_name: str = "tinylm"
+    layer: int = 0
+    hook: str = "resid_post"
+    hook_point: str | None = None  # full TransformerLens hook name; overrides layer + hook
+    n_samples: int = 8192  # sequences harvested (BOS + seq_len - 1 text tokens each)
+    seq_len: int = 64
+    dataset: str | None = None  # text or JSONL file; default: the bundled tinylm corpus
+    normalize: bool = True
+    eval_fraction: float = 0.1  # held-out sequences for eval metrics
+    harvest_batch_size: int = 64
+
+    @property
+    def hook_name(self) -> str:
+        return self.hook_point or f"blocks.{self.layer}.hook_{self.hook}"
+
+
+@dataclass
+class SAEArmConfig:
+    architecture: str = "topk"
+    expansion_factor: int = 8
+    hidden_dim: int | None = None  # d_sae; overrides expansion_factor
+    k: int = 32
+    dead_handling: str = "auxk"  # auxk | none
+    aux_coef: float = 1 / 32
+
+    def d_sae(self, d_in: int) -> int:
+        return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    batch_size: int = 1024
+    epochs: int = 8  # passes over the train split; `steps` overrides
+    steps: int | None = None
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2  # linear decay to zero over the last fraction of steps
+    grad_clip: float = 1.0
+    seed: int = 0
+    dead_window: int = 262_144  # tokens over which firing frequency decides "dead"
+    dead_threshold: float = 0.001  # firing frequency below which a latent counts as dead
+    eval_every: int = 200  # steps; the final step is always evaluated
+    log_every: int = 10
+    checkpoint_every: int = 100
+    ce_eval_sequences: int = 64  # eval sequences used for CE loss recovered / KL
+    device: str = "cpu"
+
+
+@dataclass
+class LogConfig:
+    use_wandb: bool = False
+    wandb_project: str = "sae-interpretability"
+    wandb_mode: str | None = None  # online | offline | disabled; None follows WANDB_MODE / login state
+    checkpoint_dir: str = "checkpoints"
+    progress: bool = True
+
+
+@dataclass
+class StudyConfig:
+    study: str = "activations"
+    study_id: str | None = None
+    resume: bool = False
+    quick: bool = False
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    sae: SAEArmConfig = field(default_factory=SAEArmConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def result_spec(self) -> dict[str, Any]:
+        """Everything that changes a study's results (not where or how it is logged)."""
+        spec = self.to_dict()
+        del spec["log"]
+        spec["study"] = {"study": self.study.study, "quick": self.study.quick}
+        return spec
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"data": {"layer": 0}} -> {"data.layer": 0}: the form W&B and tables want."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def stable_hash(obj: Any, length: int = 12) -> str:
+    """Hash of a JSON-able object, independent of key order."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

@@ -1,0 +1,104 @@
+"""Atomic, checksummed training checkpoints; nothing is ever unpickled.
+
+A checkpoint is a folder `step-000400/`:
+  tensors.safetensors  SAE parameters and trainer tensors (RNG state, dead-latent counters)
+  optim.pt             optimizer state_dict, loaded with torch.load(weights_only=True)
+  state.json           step, tokens, data position, schedules, W&B run id, ...
+  checksums.json       sha256 of the three files above, written last
+It is written to a temporary folder, fsynced, then renamed: a crash leaves either the whole
+checkpoint or none. Loading verifies the checksums and falls back to the previous checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+KEEP = 2  # checkpoints kept per arm: the newest, and one to fall back to
+FILES = ("tensors.safetensors", "optim.pt", "state.json")
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    optim: dict
+    state: dict
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync_write(path: Path, write) -> None:
+    with open(path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor], optim: dict, state: dict) -> Path:
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    final = ckpt_dir / f"step-{step:08d}"
+    tmp = ckpt_dir / f".tmp-step-{step:08d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+    _fsync_write(tmp / "optim.pt", lambda f: torch.save(optim, f))
+    _fsync_write(tmp / "state.json", lambda f: f.write(json.dumps(state, sort_keys=True).encode()))
+    with open(tmp / "tensors.safetensors", "rb+") as f:
+        os.fsync(f.fileno())
+    sums = {name: _sha256(tmp / name) for name in FILES}
+    _fsync_write(tmp / "checksums.json", lambda f: f.write(json.dumps(sums).encode()))
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again after a resume: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_dir)
+    for old in list_checkpoints(ckpt_dir)[:-KEEP]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_dir: Path) -> list[Path]:
+    if not ckpt_dir.is_dir():
+        return []
+    return sorted(p for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step-"))
+
+
+def _load(path: Path) -> Checkpoint:
+    sums = json.loads((path / "checksums.json").read_text())
+    for name in FILES:
+        if _sha256(path / name) != sums[name]:
+            raise ValueError(f"checksum mismatch in {name}")
+    tensors = load_file(str(path / "tensors.safetensors"))
+    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    state = json.loads((path / "state.json").read_text())
+    return Checkpoint(path, tensors, optim, state)
+
+
+def load_latest(ckpt_dir: Path) -> Checkpoint | None:
+    """The newest checkpoint that verifies; corrupt ones are reported and skipped."""
+    for path in reversed(list_checkpoints(ckpt_dir)):
+        try:
+            return _load(path)
+        except Exception as err:  # any damage (truncation, bad JSON, bit flips) means: use an older one
+            print(f"checkpoint {path} is unusable ({type(err).__name__}: {err}); trying the previous one",
+                  file=sys.stderr)
+    return None
