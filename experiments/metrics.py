@@ -1,0 +1,154 @@
+"""SAE evaluation metrics. Callers pass activations in the ORIGINAL (unnormalised) scale."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_EPS = 1e-12
+
+
+class EvalAccumulator:
+    """Streams reconstruction and sparsity statistics over eval batches in float64.
+
+    FVU uses the mean over the whole eval set, obtained in one pass from
+    sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / N (fine in float64 unless the mean norm
+    dwarfs the spread by ~1e7 or more).
+    """
+
+    def __init__(self, d_sae: int) -> None:
+        self.d_sae = d_sae
+        self.n_tokens = 0
+        self.d_in = 0
+        # Scalar sums, the [d_in] sum of x and the [d_sae] firing counts; all created on the
+        # first batch's device so update() never synchronises with it.
+        self._sums: dict[str, Tensor] = {}
+        self._sum_x: Tensor | None = None
+        self._fire: Tensor | None = None
+
+    def update(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
+        """x, x_hat [..., d_in], f [..., d_sae]; leading dims are flattened into tokens."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        x_hat = x_hat.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        f = f.detach().reshape(-1, self.d_sae)
+        if self._sum_x is None or self._fire is None:
+            self.d_in = x.shape[-1]
+            self._sum_x = torch.zeros(self.d_in, dtype=torch.float64, device=x.device)
+            self._fire = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
+        x_norm = x.norm(dim=-1)
+        x_hat_norm = x_hat.norm(dim=-1)
+        batch = {
+            "sq_err": (x - x_hat).pow(2).sum(),
+            "x_sq": x.pow(2).sum(),
+            "l0": (f > 0).sum(dtype=torch.float64),
+            "l1": f.abs().sum(dtype=torch.float64),
+            # Clamps make a zero vector give cos 0 rather than NaN.
+            "cos": ((x * x_hat).sum(-1) / (x_norm * x_hat_norm).clamp_min(_EPS)).sum(),
+            "l2_ratio": (x_hat_norm / x_norm.clamp_min(_EPS)).sum(),
+        }
+        for k, v in batch.items():
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        self._sum_x += x.sum(0)
+        self._fire += (f > 0).sum(0)
+        self.n_tokens += x.shape[0]
+
+    def result(self) -> dict[str, float]:
+        if self._sum_x is None:
+            raise ValueError("EvalAccumulator.result() called before any update()")
+        n, s = self.n_tokens, {k: v.item() for k, v in self._sums.items()}
+        total_var = s["x_sq"] - self._sum_x.pow(2).sum().item() / n
+        fvu = s["sq_err"] / total_var
+        return {
+            "mse": s["sq_err"] / (n * self.d_in),
+            "fvu": fvu,
+            "explained_variance": 1 - fvu,
+            "l0": s["l0"] / n,
+            "l1": s["l1"] / n,
+            "cos": s["cos"] / n,
+            "l2_ratio": s["l2_ratio"] / n,
+            "n_tokens": float(n),
+        }
+
+    def firing_counts(self) -> Tensor:
+        """[d_sae] int64 on CPU: number of eval tokens on which each latent fired (f > 0)."""
+        if self._fire is None:
+            return torch.zeros(self.d_sae, dtype=torch.int64)
+        return self._fire.cpu()
+
+
+def density_stats(fire_counts: Tensor, n_tokens: int, dense_threshold: float = 0.1) -> dict[str, float]:
+    """dead_frac: latents that never fired; dense_frac: latents firing on > dense_threshold of tokens."""
+    freq = fire_counts.to(torch.float64) / n_tokens
+    return {
+        "dead_frac": (fire_counts == 0).double().mean().item(),
+        "dense_frac": (freq > dense_threshold).double().mean().item(),
+    }
+
+
+def feature_density(fire_counts: Tensor, n_tokens: int) -> np.ndarray:
+    """Firing frequency per latent, float64."""
+    return fire_counts.detach().cpu().numpy().astype(np.float64) / n_tokens
+
+
+def log10_density(density: np.ndarray, n_tokens: int) -> np.ndarray:
+    """log10 firing frequency for histograms.
+
+    Latents that never fired have no finite log; they go to log10(1 / n_tokens) - 1, a floor bin
+    one decade below the smallest measurable frequency, so they show up as a separate spike.
+    """
+    floor = np.log10(1.0 / n_tokens) - 1
+    safe = np.where(density > 0, density, 1.0)  # avoid log10(0) warnings
+    return np.where(density > 0, np.log10(safe), floor)
+
+
+def _next_token_ce(logits: Tensor, tokens: Tensor) -> float:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
+
+
+def spliced_lm_metrics(
+    model: torch.nn.Module,
+    tokens: Tensor,
+    hook_name: str,
+    reconstruct: Callable[[Tensor], Tensor],
+    skip_bos: bool = True,
+) -> dict[str, float]:
+    """Downstream loss when the activation at hook_name is replaced by its SAE reconstruction.
+
+    model: a TransformerLens TransformerBridge (anything with run_with_hooks); tokens [B, T]
+    starting with BOS. reconstruct receives the hook activation as is ([B, T, ...], or
+    [B, T - 1, ...] without position 0 when skip_bos) and returns the same shape.
+    CE is the mean next-token loss over positions 0..T-2 (as return_type="loss"); KL(clean || spliced)
+    is averaged over the same positions.
+    """
+
+    def splice(fn: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+        def hook(act: Tensor, hook: object) -> Tensor:
+            if not skip_bos:
+                return fn(act).to(act.dtype)
+            # BOS activations are outliers SAEs are not trained on: keep position 0 clean.
+            return torch.cat([act[:, :1], fn(act[:, 1:]).to(act.dtype)], dim=1)
+
+        return hook
+
+    with torch.inference_mode():
+        clean = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[])
+        sae = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, splice(reconstruct))])
+        zero = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, splice(torch.zeros_like))])
+
+        ce_clean, ce_sae, ce_zero = (_next_token_ce(lg, tokens) for lg in (clean, sae, zero))
+        logp_clean = clean[:, :-1].log_softmax(-1)
+        logp_sae = sae[:, :-1].log_softmax(-1)
+        kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1).mean().item()
+
+    denom = ce_zero - ce_clean
+    return {
+        "ce_clean": ce_clean,
+        "ce_sae": ce_sae,
+        "ce_zero": ce_zero,
+        "ce_loss_recovered": (ce_zero - ce_sae) / denom if denom != 0 else float("nan"),
+        "kl": kl,
+    }

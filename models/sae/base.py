@@ -1,0 +1,174 @@
+"""Shared sparse-autoencoder machinery: config, parameters, init, decoder constraints, I/O.
+
+Every architecture is a small subclass of `SAE` registered in `ARCHITECTURES`; it supplies
+`activate` (pre-activations -> feature activations) and optionally `aux_loss`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+
+@dataclass
+class SAEConfig:
+    architecture: str  # key into ARCHITECTURES
+    d_in: int
+    d_sae: int
+    k: int = 32
+    aux_k: int = 0  # 0 -> d_in // 2, as in the paper
+    aux_coef: float = 1 / 32  # weight of the auxiliary loss
+    auxk: bool = True  # dead-latent handling by AuxK on/off
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
+        if self.aux_k < 0:
+            raise ValueError(f"aux_k must be >= 0, got {self.aux_k}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SAEConfig:
+        # Strict: an unknown key is more likely a typo than something safe to drop.
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown SAEConfig keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+ARCHITECTURES: dict[str, type[SAE]] = {}
+
+
+def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
+    def deco(cls: type[SAE]) -> type[SAE]:
+        ARCHITECTURES[name] = cls
+        return cls
+
+    return deco
+
+
+def build_sae(cfg: SAEConfig) -> SAE:
+    if cfg.architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {sorted(ARCHITECTURES)}")
+    return ARCHITECTURES[cfg.architecture](cfg)
+
+
+class SAE(nn.Module):
+    """x_hat = activate((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec."""
+
+    def __init__(self, cfg: SAEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        # Local generator: seeded init without touching the global RNG.
+        g = torch.Generator().manual_seed(cfg.seed)
+        w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_dec = nn.Parameter(w_dec)
+        self.W_enc = nn.Parameter(w_dec.T.contiguous())  # tied init (Gao et al. 2024)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
+
+    # --- forward -------------------------------------------------------------------------
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.activate(self.pre_acts(x))
+
+    def decode(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.encode(x))
+
+    def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """Unweighted auxiliary term; the total loss adds cfg.aux_coef times it."""
+        return x.new_zeros(())
+
+    def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> dict[str, Tensor]:
+        pre = self.pre_acts(x)
+        f = self.activate(pre)
+        x_hat = self.decode(f)
+        mse = F.mse_loss(x_hat, x)
+        aux = self.aux_loss(x, x_hat, pre, dead_mask)
+        return {
+            "loss": mse + self.cfg.aux_coef * aux,
+            "mse": mse.detach(),
+            "aux": aux.detach(),
+            "feature_acts": f.detach(),
+        }
+
+    # --- training-time helpers -------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_b_dec_(self, x_sample: Tensor, n_iter: int = 10, eps: float = 1e-8) -> None:
+        """Set b_dec to the geometric median of x_sample [N, d_in] (Weiszfeld iterations)."""
+        x = x_sample.reshape(-1, self.cfg.d_in).to(torch.float64)
+        m = x.mean(0)
+        for _ in range(n_iter):
+            # eps keeps a point that coincides with the estimate from getting infinite weight.
+            w = 1 / (x - m).norm(dim=1).clamp_min(eps)
+            m = (w[:, None] * x).sum(0) / w.sum()
+        self.b_dec.copy_(m)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit_(self) -> None:
+        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+    @torch.no_grad()
+    def remove_gradient_parallel_to_decoder_(self) -> None:
+        # The unit-norm projection after the step would undo any radial update anyway;
+        # removing it first keeps Adam's moment estimates clean.
+        g, w = self.W_dec.grad, self.W_dec
+        if g is None:
+            return
+        coef = (g * w).sum(dim=1, keepdim=True) / (w * w).sum(dim=1, keepdim=True).clamp_min(1e-12)
+        g -= coef * w
+
+    # --- I/O -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def folded_state_dict(self, scale: float) -> dict[str, Tensor]:
+        """Parameters of the equivalent SAE on raw x, for a model trained on x * scale.
+
+        Pre-activations are unchanged: (x s - b_dec) W_enc = (x - b_dec / s)(s W_enc); the
+        decoder output is divided by s. Parameters living in pre-activation space (b_enc,
+        thresholds) therefore stay as they are.
+        """
+        sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.state_dict().items()}
+        sd["W_enc"] *= scale
+        sd["W_dec"] /= scale
+        sd["b_dec"] /= scale
+        return sd
+
+    def save(self, out_dir: Path, scale: float = 1.0) -> None:
+        """Write sae.safetensors + config.json; the saved SAE acts on raw (unnormalised) inputs."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.folded_state_dict(scale).items()}, out_dir / "sae.safetensors")
+        (out_dir / "config.json").write_text(json.dumps({**self.cfg.to_dict(), "folded_scale": scale}, indent=2))
+
+    @classmethod
+    def load(cls, out_dir: Path) -> SAE:
+        out_dir = Path(out_dir)
+        d = json.loads((out_dir / "config.json").read_text())
+        d.pop("folded_scale", None)  # already folded into the weights
+        sae = build_sae(SAEConfig.from_dict(d))
+        sae.load_state_dict(load_file(out_dir / "sae.safetensors"))
+        return sae
