@@ -1,0 +1,178 @@
+"""Weights & Biases sink for SAE training arms. The only module in the harness that imports wandb.
+
+W&B trouble never stops training: every wandb call is guarded, the first failure of a run is
+reported in one line on stderr, and the run then continues without W&B (init retries offline first).
+"""
+
+import netrc
+import os
+import secrets
+import string
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import matplotlib.pyplot as plt
+import numpy as np
+import wandb
+
+from visualization.plots import density_floor, density_histogram, log10_density
+
+DEFAULT_HOST = "https://api.wandb.ai"
+HIST_BINS = 64
+ONLINE_INIT_TIMEOUT_S = 30.0  # wandb's default of 90 s is a long stall per arm when the network is down
+# wandb-core writes the run's .wandb log every 15 s by default, so a SIGKILLed run loses up to 15 s of
+# history; flush every second instead (an experimental setting, so only where this wandb has it).
+_FLUSH_KEY = "x_transaction_log_flush_interval"
+_FLUSH_SETTING = {_FLUSH_KEY: 1.0} if _FLUSH_KEY in wandb.Settings.model_fields else {}
+
+
+def _logged_in() -> bool:
+    """Whether wandb would find credentials (env var or netrc), decided locally so no network is touched."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or DEFAULT_HOST).netloc
+    path = Path(os.environ.get("NETRC") or "~/.netrc").expanduser()
+    try:
+        auth = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(auth and auth[2])
+
+
+def _resolve_mode(mode: str | None) -> tuple[str, str]:
+    """The W&B mode to use, and why it is offline when nobody asked for offline."""
+    if mode := mode or os.environ.get("WANDB_MODE"):
+        return mode, ""
+    return ("online", "") if _logged_in() else ("offline", "not logged in to W&B")
+
+
+def _new_run_id() -> str:
+    # Same shape as wandb's own ids (8 chars, lowercase alphanumerics).
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".replace("\n", " ")
+
+
+class WandbSink:
+    def __init__(
+        self, project: str = "sae-interpretability", mode: str | None = None, root_dir: Path | None = None
+    ) -> None:
+        self.project = project
+        self.mode = mode
+        self.root_dir = Path(root_dir) if root_dir is not None else None
+        self._run: wandb.Run | None = None
+        self._run_dir: Path | None = None
+        self._failed = False  # a wandb call of the current run raised: make no more calls for it
+        self._online_failed = False  # later arms in this process then go straight to offline
+
+    @property
+    def run_dir(self) -> Path | None:
+        """Local folder of the latest run (…/wandb/offline-run-<time>-<id> or run-<time>-<id>); kept after finish."""
+        return self._run_dir
+
+    def _init(self, mode: str, *, run_id: str, resume: str | None, name: str, group: str, job_type: str,
+              config: dict) -> wandb.Run:
+        if self.root_dir is not None:
+            self.root_dir.mkdir(parents=True, exist_ok=True)
+        return wandb.init(
+            project=self.project,
+            name=name,
+            group=group,
+            job_type=job_type,
+            config=config,
+            id=run_id,
+            resume=resume,
+            mode=mode,
+            dir=str(self.root_dir) if self.root_dir is not None else None,
+            reinit="finish_previous",  # arms run one after another in one process
+            settings=wandb.Settings(
+                silent=mode == "offline",  # our one-line sync hint replaces wandb's banner and its hint at finish
+                init_timeout=ONLINE_INIT_TIMEOUT_S,
+                **_FLUSH_SETTING,
+            ),
+        )
+
+    def _fail(self, where: str, exc: BaseException) -> None:
+        if not self._failed:
+            msg = f"W&B {where} failed, continuing without W&B for this run: {_one_line(exc)}"
+            print(msg, file=sys.stderr, flush=True)
+        self._failed = True
+
+    def start(self, *, name: str, group: str, job_type: str, config: dict, run_id: str | None = None) -> str | None:
+        """Open (or resume, given the id from a checkpoint) a run; returns its id, None when disabled."""
+        mode, why_offline = _resolve_mode(self.mode)
+        self._run, self._run_dir, self._failed = None, None, False
+        if mode == "disabled":
+            return None
+        if mode == "online" and self._online_failed:  # don't wait out the init timeout again for every arm
+            mode, why_offline = "offline", "online init failed earlier in this process"
+        # The id is fixed up front so an offline fallback keeps the id the trainer checkpoints.
+        args = dict(run_id=run_id or _new_run_id(), resume="allow" if run_id else None,
+                    name=name, group=group, job_type=job_type, config=config)
+        try:
+            run = self._init(mode, **args)
+        except Exception as exc:
+            if mode == "offline":
+                self._fail("init", exc)
+                return args["run_id"]
+            self._online_failed, why_offline = True, f"online init failed: {_one_line(exc)}"
+            try:
+                wandb.teardown()  # the failed online run still holds its id in wandb's service process
+                run = self._init("offline", **args)
+            except Exception as exc:
+                self._fail("offline init", exc)
+                return args["run_id"]
+        self._run = run
+        try:
+            self._run_dir = Path(run.settings.sync_dir)
+            run.define_metric("tokens")
+            for prefix in ("train", "eval", "density"):
+                run.define_metric(f"{prefix}/*", step_metric="tokens")
+            if run.offline:
+                why = f" ({why_offline})" if why_offline else ""
+                msg = f"W&B logging offline{why}; upload later with: wandb sync {self._run_dir}"
+                print(msg, file=sys.stderr, flush=True)
+        except Exception as exc:
+            self._fail("setup", exc)
+        return run.id
+
+    def log(self, step: int, tokens: int, metrics: dict[str, float]) -> None:
+        if self._run is None or self._failed:
+            return
+        try:
+            self._run.log({**metrics, "tokens": tokens}, step=step)
+        except Exception as exc:
+            self._fail("log", exc)
+
+    def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int) -> None:
+        """Log10 firing-frequency histogram (never-fired latents at log10(1/n_tokens) - 1) and its plot."""
+        if self._run is None or self._failed:
+            return
+        fig = density_histogram(density, n_tokens, title=f"{self._run.name} · step {step:,}")
+        try:
+            # Fixed range so the floor bin holds exactly the never-fired latents and evals share bins.
+            floor = density_floor(n_tokens)
+            hist = np.histogram(log10_density(density, n_tokens), bins=HIST_BINS, range=(floor, 0.0))
+            self._run.log(
+                {"density/hist": wandb.Histogram(np_histogram=hist), "density/plot": wandb.Image(fig), "tokens": tokens},
+                step=step,
+            )
+        except Exception as exc:
+            self._fail("log_density", exc)
+        finally:
+            plt.close(fig)
+
+    def finish(self, summary: dict[str, float]) -> None:
+        """Write final metrics (e.g. "final/explained_variance") to the run summary and close the run."""
+        run, self._run = self._run, None
+        if run is None:
+            return
+        try:
+            if not self._failed:
+                run.summary.update(summary)
+            run.finish()  # even after a failure, so what was logged gets flushed
+        except Exception as exc:
+            self._fail("finish", exc)
