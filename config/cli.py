@@ -81,8 +81,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train sparse autoencoders on transformer activations and compare them. "
         "Outputs go to CHECKPOINT_DIR/<study-id>/ (study.json, per-arm metrics.csv and weights, "
         "summary.json); --use-wandb also logs every arm to Weights & Biases.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=None,
     )
     study = p.add_argument_group("study")
     study.add_argument("--study", choices=STUDIES, help=f"which study to run (default: {StudyConfig().study})")
@@ -90,9 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: <study>-<date>-<time>; with --resume, the study to continue)")
     study.add_argument("--resume", action="store_true", default=False,
                        help="continue the most recent unfinished study run with the same settings "
-                       "(or the one named by --study-id) from its last checkpoints")
+                       "(or the one named by --study-id) from its last checkpoints (default: off)")
     study.add_argument("--quick", action="store_true", default=False,
-                       help="smoke run: small harvest, %d steps; explicit flags still win" % QUICK_DEFAULTS["steps"])
+                       help="smoke run: small harvest, %d steps; explicit flags still win (default: off)" % QUICK_DEFAULTS["steps"])
     study.add_argument("--seed", type=_int, help=f"seed for data order, SAE init and everything else (default: {t.seed})")
 
     data = p.add_argument_group("activations")
@@ -112,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     norm.add_argument("--normalize-activations", dest="normalize", action="store_true", default=None,
                       help="scale activations so their mean squared norm is d_in (default: on)")
     norm.add_argument("--no-normalize", dest="normalize", action="store_false",
-                      help="train on raw activations")
+                      help="train on raw activations (default: off)")
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", help=f"SAE architecture: {', '.join(ARCHITECTURES)} (default: {s.architecture})")
@@ -128,9 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
                       help="revive dead latents during training, with the architecture's method "
                       "(AuxK for TopK) (default: on)")
     dead.add_argument("--no-dead-resample", dest="dead_resample", action="store_false",
-                      help="leave dead latents alone (same as --dead-handling none)")
-    sae.add_argument("--dead-threshold", type=_fraction, help=f"firing frequency within the last "
-                     f"{t.dead_window:,} training tokens below which a latent counts as dead (default: {t.dead_threshold})")
+                      help="leave dead latents alone, same as --dead-handling none (default: off)")
+    sae.add_argument("--dead-threshold", type=_fraction, help=f"firing frequency within the dead window "
+                     f"below which a latent counts as dead (default: {t.dead_threshold})")
+    sae.add_argument("--dead-window", type=_positive_int, help=f"training tokens over which firing frequency is "
+                     f"counted to decide which latents are dead (default: {t.dead_window:,}; --quick: "
+                     f"{QUICK_DEFAULTS['dead_window']:,})")
 
     train = p.add_argument_group("training")
     train.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {t.lr})")
@@ -141,12 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     log = p.add_argument_group("output and logging")
     log.add_argument("--checkpoint-dir", help=f"where studies, activation caches and tinylm live (default: {lg.checkpoint_dir})")
-    log.add_argument("--use-wandb", action="store_true", default=False, help="log every arm to Weights & Biases")
+    log.add_argument("--use-wandb", action="store_true", default=False, help="log every arm to Weights & Biases (default: off)")
     log.add_argument("--wandb-project", help=f"W&B project (default: {lg.wandb_project})")
     log.add_argument("--wandb-mode", choices=WANDB_MODES, help="W&B mode (default: WANDB_MODE if set, else "
                      "online when logged in, offline otherwise)")
     log.add_argument("--no-progress", dest="progress", action="store_false", default=True,
-                     help="hide progress bars")
+                     help="hide progress bars (default: shown)")
     return p
 
 
@@ -198,7 +199,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         steps=_pick(a.steps, "steps", q, t.steps),
         warmup_steps=_pick(None, "warmup_steps", q, t.warmup_steps),
         seed=_pick(a.seed, None, q, t.seed),
-        dead_window=_pick(None, "dead_window", q, t.dead_window),
+        dead_window=_pick(a.dead_window, "dead_window", q, t.dead_window),
         dead_threshold=_pick(a.dead_threshold, None, q, t.dead_threshold),
         eval_every=_pick(None, "eval_every", q, t.eval_every),
         log_every=_pick(None, "log_every", q, t.log_every),

@@ -9,7 +9,6 @@ The last `n_eval_seq` sequences are the held-out eval split; every arm reads the
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +18,11 @@ import numpy as np
 import torch
 
 from config.schema import stable_hash
+from experiments.integrity import sha256_file
 from visualization.local_sink import read_json, write_json_atomic
 
 CACHE_VERSION = 1
 CHUNK_SEQUENCES = 256
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -91,7 +83,7 @@ def open_cache(path: Path, spec: dict) -> ActivationCache:
     if not manifest.get("complete"):
         raise CacheCorrupt("harvest not complete")
     for name, digest in manifest["checksums"].items():
-        if _sha256(path / name) != digest:
+        if sha256_file(path / name) != digest:
             raise CacheCorrupt(f"checksum mismatch in {name}")
     acts = np.load(path / "acts.npy", mmap_mode="r")
     tokens = np.load(path / "tokens.npy", mmap_mode="r")
@@ -175,7 +167,7 @@ def build_or_open(
     manifest.update(
         split={"n_train_seq": n_train_seq, "n_eval_seq": n_eval_seq},
         normalization={"mean_sq_norm": mean_sq_norm, "scale": float(np.sqrt(d_in / mean_sq_norm))},
-        checksums={name: _sha256(path / name) for name in ("acts.npy", "tokens.npy")},
+        checksums={name: sha256_file(path / name) for name in ("acts.npy", "tokens.npy")},
         complete=True,
     )
     write_json_atomic(manifest_path, manifest)

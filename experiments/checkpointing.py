@@ -10,7 +10,6 @@ checkpoint or none. Loading verifies the checksums and falls back to the previou
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from experiments.integrity import sha256_file
 
 KEEP = 2  # checkpoints kept per arm: the newest, and one to fall back to
 FILES = ("tensors.safetensors", "optim.pt", "state.json")
@@ -31,10 +32,6 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     optim: dict
     state: dict
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _fsync_write(path: Path, write) -> None:
@@ -64,7 +61,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor],
     _fsync_write(tmp / "state.json", lambda f: f.write(json.dumps(state, sort_keys=True).encode()))
     with open(tmp / "tensors.safetensors", "rb+") as f:
         os.fsync(f.fileno())
-    sums = {name: _sha256(tmp / name) for name in FILES}
+    sums = {name: sha256_file(tmp / name) for name in FILES}
     _fsync_write(tmp / "checksums.json", lambda f: f.write(json.dumps(sums).encode()))
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again after a resume: replace it
@@ -85,7 +82,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 def _load(path: Path) -> Checkpoint:
     sums = json.loads((path / "checksums.json").read_text())
     for name in FILES:
-        if _sha256(path / name) != sums[name]:
+        if sha256_file(path / name) != sums[name]:
             raise ValueError(f"checksum mismatch in {name}")
     tensors = load_file(str(path / "tensors.safetensors"))
     optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)

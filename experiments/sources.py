@@ -1,0 +1,159 @@
+"""Transformer activation source: load the subject model, build token sequences, harvest a hook.
+
+The subject model is a TransformerLens 4 `TransformerBridge`: `tinylm` (bundled, trained on first
+use) via `boot_native`, anything else via `boot_transformers`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from config.schema import DataConfig, UsageError
+
+
+@dataclass
+class SubjectModel:
+    name: str
+    bridge: object  # TransformerBridge
+    tokenizer: object
+    bos_token_id: int
+    n_ctx: int
+    n_layers: int
+    fingerprint: str  # changes whenever the weights would give other activations
+
+
+def _hf_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _boot_hf(name: str, device: str) -> SubjectModel:
+    from transformer_lens.model_bridge import TransformerBridge
+    import transformer_lens.model_bridge.sources.transformers  # noqa: F401  (registers boot_transformers)
+
+    if not Path(name).is_dir():
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        if cached:
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")  # use the cache; no network round trips
+        elif os.environ.get("HF_HUB_OFFLINE") == "1" or not _hf_reachable():
+            raise UsageError(
+                f"model {name!r} is not in the Hugging Face cache and the Hub cannot be reached; download it "
+                f"on a connected machine into the cache (HF_HOME) and set HF_HUB_OFFLINE=1, pass a local "
+                f"folder as --model-name, or use --model-name tinylm")
+    try:
+        bridge = TransformerBridge.boot_transformers(name, device=device)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"could not load model {name!r}: {str(err).splitlines()[0]}") from None
+    tok = bridge.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    cfg = bridge.cfg
+    return SubjectModel(name, bridge, tok, int(bos), int(cfg.n_ctx), int(cfg.n_layers), f"hf:{name}")
+
+
+def load_subject_model(data: DataConfig, models_dir: Path, device: str = "cpu", progress: bool = True) -> SubjectModel:
+    if data.model_name != "tinylm":
+        return _boot_hf(data.model_name, device)
+    from models.tinylm import load_or_train_tinylm
+
+    lm = load_or_train_tinylm(models_dir, progress=progress)
+    bridge = lm.bridge.to(device) if device != "cpu" else lm.bridge
+    fingerprint = "tinylm:" + hashlib.sha256(
+        json.dumps(lm.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return SubjectModel("tinylm", bridge, lm.tokenizer, int(lm.tokenizer.bos_token_id),
+                        lm.spec.n_ctx, lm.spec.n_layers, fingerprint)
+
+
+def resolve_hook(model: SubjectModel, data: DataConfig) -> str:
+    """The hook name to read, checked against the model's hooks and layers."""
+    if data.hook_point is None and data.layer >= model.n_layers:
+        raise UsageError(f"--layer {data.layer} is beyond the model: {model.name} has layers 0..{model.n_layers - 1}")
+    name = data.hook_name
+    valid = sorted(model.bridge.hook_dict)
+    if name not in valid:
+        resid = [h for h in valid if h.startswith("blocks.0.hook_") or not h.startswith("blocks.")]
+        raise UsageError(f"unknown hook point {name!r} for {model.name}; valid names include: "
+                         f"{', '.join(resid)} (and the same for blocks.1..{model.n_layers - 1})")
+    if data.seq_len > model.n_ctx:
+        raise UsageError(f"--seq-len {data.seq_len} exceeds the context length of {model.name} ({model.n_ctx})")
+    return name
+
+
+def _dataset_texts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--dataset {path!r} is not a readable file")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"--dataset {path!r} cannot be read as UTF-8 text: {err}") from None
+    if p.suffix == ".jsonl":
+        try:
+            texts = [json.loads(line)["text"] for line in lines if line.strip()]
+        except (ValueError, KeyError, TypeError):
+            raise UsageError(f"--dataset {path!r}: every JSONL line needs a string field 'text'") from None
+    else:
+        texts = [line for line in lines if line.strip()]
+    if not texts:
+        raise UsageError(f"--dataset {path!r} contains no text")
+    return texts
+
+
+def dataset_fingerprint(data: DataConfig) -> str:
+    if data.dataset is None:
+        return "tinylm-corpus"
+    return "sha256:" + hashlib.sha256(Path(data.dataset).read_bytes()).hexdigest()
+
+
+def token_sequences(model: SubjectModel, data: DataConfig, seed: int) -> torch.Tensor:
+    """[n_samples, seq_len] token ids: an explicit BOS, then a window of the document stream.
+
+    Documents are concatenated with BOS separators (as tinylm was trained) and cut into
+    consecutive windows, so every token of the text is used once.
+    """
+    n_tokens = data.n_samples * (data.seq_len - 1)
+    if data.dataset is None:
+        from models.tinylm import harvest_texts
+
+        # Stories average well over 30 tokens; draw enough in one go and stop when full.
+        texts = harvest_texts(n_tokens // 30 + 16, seed)
+    else:
+        texts = _dataset_texts(data.dataset)
+    stream: list[int] = []
+    for ids in model.tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        stream.extend(ids)
+        stream.append(model.bos_token_id)
+        if len(stream) >= n_tokens:
+            break
+    if len(stream) < n_tokens:
+        if data.dataset is None:
+            raise RuntimeError("bundled corpus produced too few tokens")  # would be a bug, not bad input
+        raise UsageError(f"--dataset has {len(stream):,} tokens; --n-samples {data.n_samples} x "
+                         f"(--seq-len {data.seq_len} - 1) needs {n_tokens:,}")
+    body = torch.tensor(stream[:n_tokens], dtype=torch.long).view(data.n_samples, data.seq_len - 1)
+    bos = torch.full((data.n_samples, 1), model.bos_token_id, dtype=torch.long)
+    return torch.cat([bos, body], dim=1)
+
+
+def harvester(model: SubjectModel, hook_name: str, device: str):
+    """tokens [B, T] -> activations [B, T, d_in] at `hook_name`, stopping after its block."""
+    layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else None
+    stop = layer + 1 if layer is not None and layer + 1 < model.n_layers else None
+
+    def run(tokens: torch.Tensor) -> torch.Tensor:
+        _, cache = model.bridge.run_with_cache(tokens.to(device), names_filter=[hook_name], stop_at_layer=stop)
+        return cache[hook_name].cpu()
+
+    return run

@@ -1,0 +1,228 @@
+"""Train one SAE arm on a cached activation set, with evaluation probes and checkpoints.
+
+Everything that decides the result is a function of (config, step): the batch at step s is
+slice s of a permutation seeded by (seed, epoch), the learning rate is a function of s, and all
+remaining state (SAE, Adam, dead-latent window) is in the checkpoint. So a resumed run
+reproduces an uninterrupted one bit for bit on CPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config.schema import SAEArmConfig, TrainConfig, UsageError
+from experiments.activation_cache import ActivationCache
+from experiments import faults
+from experiments.checkpointing import load_latest, save_checkpoint
+from experiments.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
+from models.sae import SAE, SAEConfig, build_sae
+
+
+class StopRequested(Exception):
+    """SIGINT/SIGTERM arrived; the arm was checkpointed at `step`."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}")
+        self.step = step
+
+
+class StopFlag:
+    """Set from a signal handler; the training loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+
+@dataclass
+class EvalContext:
+    """What the probes need beyond the SAE: the subject model for CE/KL with the SAE spliced in."""
+
+    bridge: object | None
+    hook_name: str
+    ce_sequences: int
+
+
+@dataclass
+class ArmResult:
+    steps: int
+    tokens: int
+    final: dict[str, float]
+    wandb_run_id: str | None
+    seconds: float
+
+
+def steps_per_epoch(cache: ActivationCache, batch_size: int) -> int:
+    n = cache.n_train_rows // batch_size
+    if n < 1:
+        raise UsageError(f"--batch-size {batch_size} exceeds the {cache.n_train_rows:,} training activations; "
+                         f"lower it or raise --n-samples")
+    return n
+
+
+def total_steps(cfg: TrainConfig, cache: ActivationCache) -> int:
+    return cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch(cache, cfg.batch_size)
+
+
+def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
+    """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction`."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    decay_start = int(n_steps * (1 - cfg.decay_fraction))
+    decay = 1.0 if step < decay_start else (n_steps - step) / max(1, n_steps - decay_start)
+    return cfg.lr * warm * decay
+
+
+def build_arm_sae(sae_cfg: SAEArmConfig, train_cfg: TrainConfig, d_in: int) -> SAE:
+    d_sae = sae_cfg.d_sae(d_in)
+    if sae_cfg.k > d_sae:
+        raise UsageError(f"--k {sae_cfg.k} exceeds the number of latents d_sae = {d_sae}")
+    return build_sae(SAEConfig(architecture=sae_cfg.architecture, d_in=d_in, d_sae=d_sae, k=sae_cfg.k,
+                               aux_coef=sae_cfg.aux_coef, auxk=sae_cfg.dead_handling == "auxk",
+                               seed=train_cfg.seed))
+
+
+@torch.no_grad()
+def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics on the held-out split, in the original activation scale, plus per-latent density."""
+    acc = EvalAccumulator(sae.cfg.d_sae)
+    for x in cache.eval_batches(4096):
+        f = sae.encode(x * scale)
+        acc.update(x, sae.decode(f) / scale, f)
+    metrics = acc.result()
+    counts = acc.firing_counts()
+    metrics.update(density_stats(counts, cache.n_eval_rows))
+    if ctx.bridge is not None:
+        tokens = cache.eval_tokens(ctx.ce_sequences)
+        metrics.update(spliced_lm_metrics(ctx.bridge, tokens, ctx.hook_name, lambda a: sae(a * scale) / scale))
+    return metrics, feature_density(counts, cache.n_eval_rows)
+
+
+class Trainer:
+    def __init__(self, arm_dir: Path, sae_cfg: SAEArmConfig, cfg: TrainConfig, cache: ActivationCache,
+                 scale: float, ctx: EvalContext, sinks, stop: StopFlag, progress: bool = True):
+        self.arm_dir, self.cfg, self.cache, self.scale, self.ctx = arm_dir, cfg, cache, scale, ctx
+        self.sinks, self.stop, self.progress = sinks, stop, progress
+        self.sae = build_arm_sae(sae_cfg, cfg, cache.d_in)
+        self.n_steps = total_steps(cfg, cache)
+        self.spe = steps_per_epoch(cache, cfg.batch_size)
+        self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
+        d_sae = self.sae.cfg.d_sae
+        self.window_counts = torch.zeros(d_sae, dtype=torch.int64)
+        self.window_tokens = 0
+        self.dead_mask = torch.zeros(d_sae, dtype=torch.bool)
+        self.step = 0
+        self.wandb_run_id: str | None = None
+        self.last_eval: dict[str, float] = {}
+        self._perm_epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    # -- data ---------------------------------------------------------------------------------
+    def batch_indices(self, step: int) -> np.ndarray:
+        epoch, i = divmod(step, self.spe)
+        if epoch != self._perm_epoch:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(self.cache.n_train_rows, generator=gen)
+            self._perm_epoch = epoch
+        b = self.cfg.batch_size
+        return self._perm[i * b:(i + 1) * b].numpy()
+
+    # -- checkpoint state ---------------------------------------------------------------------
+    def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
+        tensors.update({"window_counts": self.window_counts, "dead_mask": self.dead_mask,
+                        "rng_torch": torch.get_rng_state()})
+        state = {"step": self.step, "tokens": self.step * self.cfg.batch_size,
+                 "data_position": dict(zip(("epoch", "batch"), divmod(self.step, self.spe))),
+                 "window_tokens": self.window_tokens, "n_steps": self.n_steps,
+                 "lr": lr_at(self.step, self.cfg, self.n_steps), "wandb_run_id": self.wandb_run_id,
+                 "last_eval": self.last_eval}
+        return tensors, state
+
+    def save(self) -> None:
+        tensors, state = self._state()
+        save_checkpoint(self.arm_dir / "checkpoints", self.step, tensors, self.opt.state_dict(), state)
+
+    def restore(self) -> bool:
+        ckpt = load_latest(self.arm_dir / "checkpoints")
+        if ckpt is None:
+            return False
+        self.sae.load_state_dict({k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("sae.")})
+        self.opt.load_state_dict(ckpt.optim)
+        self.window_counts = ckpt.tensors["window_counts"].clone()
+        self.dead_mask = ckpt.tensors["dead_mask"].clone()
+        torch.set_rng_state(ckpt.tensors["rng_torch"])
+        self.step = ckpt.state["step"]
+        self.window_tokens = ckpt.state["window_tokens"]
+        self.wandb_run_id = ckpt.state["wandb_run_id"]
+        self.last_eval = ckpt.state["last_eval"]
+        return True
+
+    # -- training -----------------------------------------------------------------------------
+    def _update_dead_window(self, feature_acts: torch.Tensor) -> None:
+        self.window_counts += (feature_acts > 0).sum(0)
+        self.window_tokens += feature_acts.shape[0]
+        if self.window_tokens >= self.cfg.dead_window:
+            self.dead_mask = self.window_counts < self.cfg.dead_threshold * self.window_tokens
+            self.window_counts.zero_()
+            self.window_tokens = 0
+
+    def train_step(self) -> dict[str, float]:
+        x = self.cache.train_rows(self.batch_indices(self.step)) * self.scale
+        out = self.sae.loss(x, self.dead_mask)
+        self.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        self.sae.remove_gradient_parallel_to_decoder_()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        lr = lr_at(self.step, self.cfg, self.n_steps)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.step()
+        self.sae.set_decoder_norm_to_unit_()
+        self._update_dead_window(out["feature_acts"])
+        self.step += 1
+        return {"train/loss": out["loss"].item(), "train/mse": out["mse"].item(), "train/aux": out["aux"].item(),
+                "train/l0": (out["feature_acts"] > 0).sum(1).float().mean().item(), "train/lr": lr,
+                "train/grad_norm": grad_norm.item(), "train/dead_frac": self.dead_mask.float().mean().item()}
+
+    def run_eval(self) -> None:
+        metrics, density = evaluate(self.sae, self.cache, self.scale, self.ctx)
+        self.last_eval = metrics
+        tokens = self.step * self.cfg.batch_size
+        self.sinks.log(self.step, tokens, {f"eval/{k}": v for k, v in metrics.items()})
+        self.sinks.log_density(self.step, tokens, density, self.cache.n_eval_rows)
+
+    def run(self, name: str, resume: bool) -> ArmResult:
+        from visualization.terminal import progress_bar
+
+        start = time.time()
+        restored = resume and self.restore()
+        if not restored:
+            self.sae.init_b_dec_(self.cache.train_rows(self.batch_indices(0)) * self.scale)
+        self.wandb_run_id = self.sinks.start(self.wandb_run_id, resumed_at=self.step if restored else None)
+        bar = progress_bar(total=self.n_steps, initial=self.step, desc=name, disable=not self.progress)
+        cfg = self.cfg
+        while self.step < self.n_steps:
+            logs = self.train_step()
+            faults.reached(f"step:{self.step}")
+            if self.step % cfg.log_every == 0 or self.step == self.n_steps:
+                self.sinks.log(self.step, self.step * cfg.batch_size, logs)
+                bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
+            if self.step % cfg.eval_every == 0 or self.step == self.n_steps:
+                self.run_eval()
+            bar.update(1)
+            if self.step % cfg.checkpoint_every == 0 or self.step == self.n_steps:
+                self.save()
+            if self.stop.requested and self.step < self.n_steps:
+                self.save()
+                bar.close()
+                self.sinks.finish({})
+                raise StopRequested(self.step)
+        bar.close()
+        self.sae.save(self.arm_dir, scale=self.scale)
+        self.sinks.finish({f"final/{k}": v for k, v in self.last_eval.items()})
+        return ArmResult(self.step, self.step * cfg.batch_size, dict(self.last_eval), self.wandb_run_id,
+                         time.time() - start)
+

@@ -1,0 +1,52 @@
+"""Entry point: `python run_experiments.py --help` lists every flag with its default."""
+from __future__ import annotations
+
+import shlex
+import signal
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from config.cli import parse_args
+    from config.schema import UsageError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        cfg = parse_args(argv)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # Heavy imports only after the arguments are checked, so --help and bad flags answer at once.
+    from experiments.study import run_study
+    from experiments.trainer import StopFlag, StopRequested
+
+    stop = StopFlag()
+
+    def request_stop(signum, _frame) -> None:
+        if stop.requested:  # a second signal: give up without waiting for the checkpoint
+            raise KeyboardInterrupt
+        stop.requested = True
+        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step ...",
+              file=sys.stderr, flush=True)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        return run_study(cfg, stop)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except StopRequested as stopped:
+        args = [a for a in argv if a != "--resume"]
+        if not any(a == "--study-id" or a.startswith("--study-id=") for a in args):
+            args += ["--study-id", getattr(stopped, "study_id", "?")]
+        print(f"stopped at step {stopped.step} with a checkpoint saved. Continue with:\n"
+              f"  python run_experiments.py {shlex.join(args + ['--resume'])}", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Flag -> config mapping and one-line validation errors (no model needed)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from config.cli import QUICK_DEFAULTS, parse_args
+from config.schema import UsageError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults():
+    cfg = parse_args([])
+    assert cfg.data.model_name == "tinylm" and cfg.data.hook_name == "blocks.0.hook_resid_post"
+    assert cfg.sae.architecture == "topk" and cfg.sae.dead_handling == "auxk"
+    assert cfg.data.normalize and not cfg.log.use_wandb and cfg.study.study == "activations"
+
+
+@pytest.mark.parametrize("argv, path, expected", [
+    (["--hidden-dim", "300"], "sae.hidden_dim", 300),
+    (["--expansion-factor", "4"], "sae.expansion_factor", 4),
+    (["--k", "16"], "sae.k", 16),
+    (["--lr", "3e-4"], "train.lr", 3e-4),
+    (["--epochs", "3"], "train.epochs", 3),
+    (["--steps", "77"], "train.steps", 77),
+    (["--batch-size", "256"], "train.batch_size", 256),
+    (["--seed", "5"], "train.seed", 5),
+    (["--layer", "1"], "data.hook_name", "blocks.1.hook_resid_post"),
+    (["--hook", "mlp_out"], "data.hook_name", "blocks.0.hook_mlp_out"),
+    (["--hook-point", "blocks.1.hook_resid_mid", "--layer", "0"], "data.hook_name", "blocks.1.hook_resid_mid"),
+    (["--n-samples", "100"], "data.n_samples", 100),
+    (["--seq-len", "20"], "data.seq_len", 20),
+    (["--model-name", "gpt2"], "data.model_name", "gpt2"),
+    (["--no-normalize"], "data.normalize", False),
+    (["--normalize-activations"], "data.normalize", True),
+    (["--no-dead-resample"], "sae.dead_handling", "none"),
+    (["--dead-resample"], "sae.dead_handling", "auxk"),
+    (["--dead-handling", "none"], "sae.dead_handling", "none"),
+    (["--dead-threshold", "0.01"], "train.dead_threshold", 0.01),
+    (["--dead-window", "4096"], "train.dead_window", 4096),
+    (["--use-wandb"], "log.use_wandb", True),
+    (["--wandb-mode", "offline"], "log.use_wandb", True),
+    (["--wandb-project", "p"], "log.wandb_project", "p"),
+    (["--checkpoint-dir", "/tmp/x"], "log.checkpoint_dir", "/tmp/x"),
+    (["--study-id", "mine"], "study.study_id", "mine"),
+    (["--resume"], "study.resume", True),
+    (["--study", "activations"], "study.study", "activations"),
+    (["--activation", "topk"], "sae.architecture", "topk"),
+    (["--dataset", "f.txt"], "data.dataset", "f.txt"),
+    (["--no-progress"], "log.progress", False),
+])
+def test_flag_sets_its_field(argv, path, expected):
+    obj = parse_args(argv)
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    assert obj == expected
+
+
+def test_quick_changes_defaults_but_explicit_flags_win():
+    q = parse_args(["--quick"])
+    assert q.train.steps == QUICK_DEFAULTS["steps"] and q.data.n_samples == QUICK_DEFAULTS["n_samples"]
+    assert parse_args(["--quick", "--steps", "7"]).train.steps == 7
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--activation", "nope"], "unknown --activation"),
+    (["--k", "0"], "positive integer"),
+    (["--k", "64", "--hidden-dim", "32"], "exceeds --hidden-dim"),
+    (["--hidden-dim", "-5"], "positive integer"),
+    (["--lr", "0"], "positive number"),
+    (["--lr", "abc"], "must be a number"),
+    (["--batch-size", "1.5"], "integer"),
+    (["--seq-len", "1"], "at least 2"),
+    (["--layer", "-1"], "--layer"),
+    (["--n-samples", "5"], "too small"),
+    (["--dead-threshold", "1.5"], "[0, 1)"),
+    (["--hook", "resid_sideways"], "invalid choice"),
+    (["--wandb-mode", "loud"], "invalid choice"),
+    (["--study", "bogus"], "invalid choice"),
+    (["--dead-handling", "auxk", "--no-dead-resample"], "contradicts"),
+    (["--study-id", "../escape"], "not a usable folder name"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--no-such-flag"], "unrecognized"),
+])
+def test_bad_values_raise_one_line(argv, fragment, capsys):
+    with pytest.raises((UsageError, SystemExit)) as info:
+        parse_args(argv)
+    message = str(info.value) if info.type is UsageError else capsys.readouterr().err
+    if info.type is SystemExit:
+        assert info.value.code == 2
+    assert fragment in message and message.strip().count("\n") == 0
+
+
+def test_entry_point_exits_2_with_one_line_and_no_traceback():
+    out = subprocess.run([sys.executable, "run_experiments.py", "--k", "64", "--hidden-dim", "8"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("error: ")
+
+
+def test_help_explains_every_flag_with_its_default():
+    out = subprocess.run([sys.executable, "run_experiments.py", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ["--hidden-dim", "--lr", "--epochs", "--batch-size", "--activation", "--model-name", "--layer",
+                 "--n-samples", "--seq-len", "--use-wandb", "--normalize-activations", "--no-normalize",
+                 "--dead-resample", "--no-dead-resample", "--dead-threshold", "--resume", "--study", "--quick",
+                 "--steps", "--seed", "--checkpoint-dir", "--study-id", "--hook", "--hook-point", "--k",
+                 "--expansion-factor", "--wandb-project", "--wandb-mode"]:
+        assert flag in out.stdout, flag
+    assert out.stdout.count("default") >= 20

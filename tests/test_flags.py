@@ -1,0 +1,150 @@
+"""Each flag of the original project changes what a real (tiny) run does."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from run_experiments import main
+from visualization.local_sink import MetricsCSV
+
+UNTIMED = ["--n-samples", "40", "--seq-len", "17", "--batch-size", "64", "--expansion-factor", "2", "--k", "8",
+           "--no-progress"]
+BASE = [*UNTIMED, "--steps", "12"]
+
+
+@pytest.fixture
+def ckpt(tmp_path, tinylm_models_dir, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = tmp_path / "ckpt"
+    shutil.copytree(tinylm_models_dir, root / "models")
+    return root
+
+
+class Run:
+    def __init__(self, root, study_id):
+        self.dir = root / study_id
+        self.study = json.loads((self.dir / "study.json").read_text())
+        self.summary = json.loads((self.dir / "summary.json").read_text())
+        (self.arm,) = self.summary["arms"]
+        self.arm_dir = self.dir / self.arm["arm_id"]
+        self.weights = load_file(str(self.arm_dir / "sae.safetensors"))
+        self.sae_config = json.loads((self.arm_dir / "config.json").read_text())
+        self.cache = json.loads((Path(self.study["cache"]) / "manifest.json").read_text())
+        self.metrics = MetricsCSV.read(self.arm_dir / "metrics.csv")
+
+    def series(self, name):
+        return [r["value"] for r in self.metrics if r["name"] == name]
+
+
+def go(root, study_id, *extra):
+    assert main([*BASE, "--checkpoint-dir", str(root), "--study-id", study_id, *extra]) == 0
+    return Run(root, study_id)
+
+
+def same_weights(a, b):
+    return all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+
+
+@pytest.fixture
+def base(ckpt):
+    return go(ckpt, "base")
+
+
+def test_seed_reproduces_and_changes(ckpt, base):
+    assert same_weights(base, go(ckpt, "again"))
+    assert not same_weights(base, go(ckpt, "seed1", "--seed", "1"))
+
+
+def test_hidden_dim_and_expansion_factor(ckpt, base):
+    assert base.weights["W_enc"].shape == (128, 256)
+    assert go(ckpt, "hd", "--hidden-dim", "100").weights["W_enc"].shape == (128, 100)
+    assert go(ckpt, "ef", "--expansion-factor", "3").weights["W_enc"].shape == (128, 384)
+
+
+def test_k_sets_active_latents(ckpt, base):
+    assert base.arm["final"]["l0"] <= 8
+    assert max(go(ckpt, "k3", "--k", "3").series("train/l0")) <= 3
+
+
+def test_lr_steps_epochs_batch_size(ckpt, base):
+    # the schedule (warm-up, decay) scales with the base learning rate of 1e-3
+    lr = go(ckpt, "lr", "--lr", "0.0123").series("train/lr")
+    assert lr == pytest.approx([12.3 * v for v in base.series("train/lr")]) and lr != base.series("train/lr")
+    assert go(ckpt, "steps", "--steps", "7").arm["steps"] == 7
+    # 36 train sequences x 16 tokens = 576 rows; batch 64 -> 9 steps per epoch
+    assert main([*UNTIMED, "--epochs", "2", "--checkpoint-dir", str(ckpt), "--study-id", "ep"]) == 0
+    assert Run(ckpt, "ep").arm["steps"] == 18
+    assert go(ckpt, "bs", "--batch-size", "32").arm["tokens"] == 12 * 32
+
+
+def test_layer_hook_and_hook_point_pick_the_activations(ckpt, base):
+    assert base.cache["spec"]["hook_name"] == "blocks.0.hook_resid_post"
+    l1 = go(ckpt, "l1", "--layer", "1")
+    assert l1.cache["spec"]["hook_name"] == "blocks.1.hook_resid_post" and l1.study["cache"] != base.study["cache"]
+    assert go(ckpt, "mlp", "--hook", "mlp_out").cache["spec"]["hook_name"] == "blocks.0.hook_mlp_out"
+    hp = go(ckpt, "hp", "--hook-point", "blocks.1.hook_resid_mid")
+    assert hp.cache["spec"]["hook_name"] == "blocks.1.hook_resid_mid"
+
+
+def test_n_samples_and_seq_len_size_the_harvest(ckpt, base):
+    assert base.cache["shape"] == [40 * 16, 128]
+    assert go(ckpt, "ns", "--n-samples", "50").cache["shape"] == [50 * 16, 128]
+    assert go(ckpt, "sl", "--seq-len", "9").cache["shape"] == [40 * 8, 128]
+
+
+def test_normalisation_on_and_off(ckpt, base):
+    scale = base.cache["normalization"]["scale"]
+    assert scale != pytest.approx(1.0) and base.sae_config["folded_scale"] == pytest.approx(scale)
+    raw = go(ckpt, "raw", "--no-normalize")
+    assert raw.sae_config["folded_scale"] == 1.0 and raw.study["cache"] == base.study["cache"]
+    assert base.arm["final"]["explained_variance"] != raw.arm["final"]["explained_variance"]
+
+
+def test_dead_threshold_window_and_dead_resample(ckpt):
+    # threshold 0.5 over a 2,048-token window: after the first window nearly every latent counts as dead
+    window = ["--dead-window", "2048", "--steps", "60"]
+    many = go(ckpt, "dt", "--dead-threshold", "0.5", *window)
+    dead = many.series("train/dead_frac")
+    assert dead[0] == 0 and max(dead) > 0.5 and max(many.series("train/aux")) > 0
+    none = go(ckpt, "dt0", "--dead-threshold", "0.0", *window)
+    assert max(none.series("train/dead_frac")) == 0 and max(none.series("train/aux")) == 0
+    # the default window (262,144 tokens) is not reached in 60 steps of 64 tokens
+    assert max(go(ckpt, "dw", "--dead-threshold", "0.5", "--steps", "60").series("train/dead_frac")) == 0
+    off = go(ckpt, "nores", "--dead-threshold", "0.5", *window, "--no-dead-resample")
+    assert max(off.series("train/dead_frac")) > 0.5 and max(off.series("train/aux")) == 0
+    assert not same_weights(many, off)
+
+
+def test_dataset_file_is_harvested(ckpt, base, tmp_path):
+    text = tmp_path / "docs.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"Bob saw {i} red cats in the park."}) for i in range(200)))
+    r = go(ckpt, "ds", "--dataset", str(text))
+    assert r.cache["spec"]["dataset"].startswith("sha256:") and r.study["cache"] != base.study["cache"]
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--layer", "5"], "beyond the model"),
+    (["--hook-point", "blocks.0.hook_nothing"], "unknown hook point"),
+    (["--seq-len", "400"], "exceeds the context length"),
+    (["--k", "300"], "exceeds the number of latents"),
+    (["--batch-size", "100000"], "exceeds the"),
+    (["--hook-point", "blocks.0.attn.hook_pattern"], "not [batch, position, features]"),
+    (["--device", "cuda"], "no CUDA device"),
+])
+def test_model_dependent_bad_values_exit_2(ckpt, capsys, extra, fragment):
+    assert main([*BASE, "--checkpoint-dir", str(ckpt), *extra]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.strip().count("\n") == 0
+
+
+def test_existing_study_id_without_resume_exits_2(ckpt, base, capsys):
+    assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "base"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_resume_with_different_settings_exits_2(ckpt, base, capsys):
+    assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "base", "--resume", "--lr", "0.5"]) == 2
+    assert "different settings: train.lr" in capsys.readouterr().err
