@@ -4,6 +4,7 @@ write `study.json` and `summary.json`, print the comparison table.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -132,9 +133,15 @@ def run_study(cfg: RunConfig, stop: StopFlag) -> int:
     except OSError as err:
         raise UsageError(f"--checkpoint-dir {root} is not writable: {err.strerror}") from None
     study_dir = resolve_study_dir(cfg, root)
+    created = not study_dir.exists()
     study_dir.mkdir(parents=True, exist_ok=True)
-    with StudyLock(study_dir):
-        return _run_locked(cfg, study_dir, stop)
+    try:
+        with StudyLock(study_dir):
+            return _run_locked(cfg, study_dir, stop)
+    except UsageError:
+        if created:  # bad input found after the folder was made: leave nothing behind
+            shutil.rmtree(study_dir, ignore_errors=True)
+        raise
 
 
 def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
@@ -143,6 +150,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     meta = read_json(study_json) if study_json.exists() else {
         "study_id": study_dir.name, "study": cfg.study.study, "created": time.time(), "status": "running",
         "spec": cfg.result_spec(), "arms": []}
+    write_json_atomic(study_json, meta)  # before the harvest, so a run killed there can be resumed
 
     device = cfg.train.device
     model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)

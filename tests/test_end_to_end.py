@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from tests.wandb_readback import read_offline_run, read_offline_runs
 
+pytestmark = pytest.mark.slow  # real subprocess runs; about a minute together
 ROOT = Path(__file__).resolve().parents[1]
 # A small but real run: 48 sequences of 33 tokens, TopK with 256 latents.
 TINY = ["--n-samples", "64", "--seq-len", "33", "--batch-size", "128", "--expansion-factor", "2", "--k", "8",

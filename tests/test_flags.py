@@ -135,9 +135,10 @@ def test_dataset_file_is_harvested(ckpt, base, tmp_path):
     (["--device", "cuda"], "no CUDA device"),
 ])
 def test_model_dependent_bad_values_exit_2(ckpt, capsys, extra, fragment):
-    assert main([*BASE, "--checkpoint-dir", str(ckpt), *extra]) == 2
+    assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "bad", *extra]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.strip().count("\n") == 0
+    assert not (ckpt / "bad").exists()  # nothing left that a later --resume would trip over
 
 
 def test_existing_study_id_without_resume_exits_2(ckpt, base, capsys):
