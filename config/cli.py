@@ -9,11 +9,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from config.schema import DataConfig, LogConfig, RunConfig, SAEArmConfig, StudyConfig, TrainConfig, UsageError
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, DataConfig, LogConfig,
+                           RunConfig, SAEArmConfig, StudyConfig, TrainConfig, UsageError)
 
 STUDIES = ("activations",)
-ARCHITECTURES = ("topk",)
-DEAD_HANDLING = {"topk": ("auxk", "none")}
+ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
+ALIASES = {"jump_relu": "jumprelu", "batch_topk": "batchtopk"}
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -61,6 +62,16 @@ def _positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def _nonnegative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text}")
     return value
 
 
@@ -113,18 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train on raw activations (default: off)")
 
     sae = p.add_argument_group("SAE")
-    sae.add_argument("--activation", help=f"SAE architecture: {', '.join(ARCHITECTURES)} (default: {s.architecture})")
+    sae.add_argument("--activation", help=f"SAE architecture(s), comma-separated, or 'all': "
+                     f"{', '.join(ARCHITECTURES)} (jump_relu is accepted for jumprelu); one arm each "
+                     f"(default: {s.architecture})")
     sae.add_argument("--hidden-dim", type=_positive_int, help="number of SAE latents d_sae; overrides "
                      "--expansion-factor (default: expansion factor x d_in)")
     sae.add_argument("--expansion-factor", type=_positive_int, help=f"d_sae / d_in (default: {s.expansion_factor})")
-    sae.add_argument("--k", type=_positive_int, help=f"active latents per token for TopK (default: {s.k})")
+    sae.add_argument("--k", type=_positive_int, help=f"active latents per token for topk, and on average for "
+                     f"batchtopk (default: {ARCHITECTURE_DEFAULTS['topk']['k']})")
+    coef = {arch: ARCHITECTURE_DEFAULTS[arch]["sparsity_coef"] for arch in ("relu", "gated", "jumprelu")}
+    sae.add_argument("--l1-coefficient", type=_nonnegative_float, help=f"L1 penalty weight for relu and gated, "
+                     f"warmed up over the first 5%% of steps (default: relu {coef['relu']:g}, gated {coef['gated']:g})")
+    sae.add_argument("--l0-coefficient", type=_nonnegative_float, help=f"L0 penalty weight for jumprelu, warmed up "
+                     f"over the first 5%% of steps (default: {coef['jumprelu']:g})")
+    sae.add_argument("--target-l0", type=_positive_float, help="jumprelu: penalise (L0/target - 1)^2 instead of "
+                     "L0, steering the arm to this L0 (default: off)")
     sae.add_argument("--dead-handling", choices=sorted({m for ms in DEAD_HANDLING.values() for m in ms}),
-                     help=f"what to do about dead latents: auxk = auxiliary TopK loss on dead latents "
-                     f"(Gao et al. 2024), none (default: {s.dead_handling})")
+                     help="what to do about dead latents: auxk = auxiliary TopK loss on dead latents (Gao et al. "
+                     "2024; topk, batchtopk), resample = re-initialise them from badly reconstructed inputs at the "
+                     "end of each dead window (Anthropic 2023; any architecture), none (default: auxk for the TopK "
+                     "family, resample for the others)")
     dead = sae.add_mutually_exclusive_group()
     dead.add_argument("--dead-resample", dest="dead_resample", action="store_true", default=None,
-                      help="revive dead latents during training, with the architecture's method "
-                      "(AuxK for TopK) (default: on)")
+                      help="revive dead latents during training, with the architecture's default method "
+                      "(see --dead-handling) (default: on)")
     dead.add_argument("--no-dead-resample", dest="dead_resample", action="store_false",
                       help="leave dead latents alone, same as --dead-handling none (default: off)")
     sae.add_argument("--dead-threshold", type=_fraction, help=f"firing frequency within the dead window "
@@ -174,24 +197,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         dataset=a.dataset,
         normalize=_pick(a.normalize, None, q, d.normalize),
     )
-    architecture = _pick(a.activation, None, q, s.architecture)
-    if architecture not in ARCHITECTURES:
-        raise UsageError(f"unknown --activation {architecture!r}; available: {', '.join(ARCHITECTURES)}")
-    dead_handling = a.dead_handling or s.dead_handling
-    if a.dead_resample is not None:
-        if a.dead_handling is not None and (a.dead_handling == "none") == a.dead_resample:
-            raise UsageError(f"--{'no-' if not a.dead_resample else ''}dead-resample contradicts --dead-handling {a.dead_handling}")
-        dead_handling = dead_handling if a.dead_resample else "none"
-    if dead_handling not in DEAD_HANDLING[architecture]:
-        raise UsageError(f"--dead-handling {dead_handling} does not apply to {architecture}; "
-                         f"choose from: {', '.join(DEAD_HANDLING[architecture])}")
-    sae = SAEArmConfig(
-        architecture=architecture,
-        expansion_factor=_pick(a.expansion_factor, None, q, s.expansion_factor),
-        hidden_dim=a.hidden_dim,
-        k=_pick(a.k, None, q, s.k),
-        dead_handling=dead_handling,
-    )
+    saes = [_arm_config(a, arch) for arch in _architectures(a.activation or s.architecture)]
+    for option, archs in OPTION_ARCHITECTURES.items():
+        if getattr(a, option) is not None and not any(c.architecture in archs for c in saes):
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} applies to {', '.join(archs)}, not to {', '.join(c.architecture for c in saes)}")
     train = TrainConfig(
         lr=_pick(a.lr, None, q, t.lr),
         batch_size=_pick(a.batch_size, "batch_size", q, t.batch_size),
@@ -215,8 +225,54 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         progress=a.progress,
     )
     study = StudyConfig(study=a.study or StudyConfig().study, study_id=a.study_id, resume=a.resume, quick=q)
-    cfg = RunConfig(data=data, sae=sae, train=train, log=log, study=study)
+    cfg = RunConfig(data=data, saes=saes, train=train, log=log, study=study)
     validate_static(cfg)
+    return cfg
+
+
+def _architectures(text: str) -> list[str]:
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    if names == ["all"]:
+        return list(ARCHITECTURES)
+    out: list[str] = []
+    for name in names:
+        name = ALIASES.get(name, name)
+        if name not in ARCHITECTURES:
+            raise UsageError(f"unknown --activation {name!r}; choose from {', '.join(ARCHITECTURES)}, or all")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise UsageError("--activation needs at least one architecture")
+    return out
+
+
+def _arm_config(a: argparse.Namespace, architecture: str) -> SAEArmConfig:
+    """The arm for one architecture: its defaults, then the flags that apply to it."""
+    overrides: dict = {}
+    if a.expansion_factor is not None:
+        overrides["expansion_factor"] = a.expansion_factor
+    if a.hidden_dim is not None:
+        overrides["hidden_dim"] = a.hidden_dim
+    if a.k is not None and architecture in OPTION_ARCHITECTURES["k"]:
+        overrides["k"] = a.k
+    if a.l1_coefficient is not None and architecture in OPTION_ARCHITECTURES["l1_coefficient"]:
+        overrides["sparsity_coef"] = a.l1_coefficient
+    if a.l0_coefficient is not None and architecture in OPTION_ARCHITECTURES["l0_coefficient"]:
+        overrides["sparsity_coef"] = a.l0_coefficient
+    if a.target_l0 is not None and architecture in OPTION_ARCHITECTURES["target_l0"]:
+        overrides["target_l0"] = a.target_l0
+    cfg = SAEArmConfig.for_architecture(architecture, **overrides)
+    allowed = DEAD_HANDLING[architecture]
+    if a.dead_handling is not None:
+        if a.dead_resample is not None and (a.dead_handling == "none") == a.dead_resample:
+            flag = "--dead-resample" if a.dead_resample else "--no-dead-resample"
+            raise UsageError(f"{flag} contradicts --dead-handling {a.dead_handling}")
+        if a.dead_handling not in allowed:
+            raise UsageError(f"--dead-handling {a.dead_handling} does not apply to {architecture}; "
+                             f"it takes {', '.join(allowed)}")
+        cfg.dead_handling = a.dead_handling
+    elif a.dead_resample is False:
+        cfg.dead_handling = "none"
     return cfg
 
 
@@ -229,8 +285,9 @@ def validate_static(cfg: RunConfig) -> None:
     n_eval = int(cfg.data.n_samples * cfg.data.eval_fraction)
     if n_eval < 1 or cfg.data.n_samples - n_eval < 1:
         raise UsageError(f"--n-samples {cfg.data.n_samples} is too small to split into train and eval sequences")
-    if cfg.sae.hidden_dim is not None and cfg.sae.k > cfg.sae.hidden_dim:
-        raise UsageError(f"--k {cfg.sae.k} exceeds --hidden-dim {cfg.sae.hidden_dim}")
+    for sae in cfg.saes:
+        if sae.architecture in OPTION_ARCHITECTURES["k"] and sae.hidden_dim is not None and sae.k > sae.hidden_dim:
+            raise UsageError(f"--k {sae.k} exceeds --hidden-dim {sae.hidden_dim}")
     if cfg.study.study_id is not None and (not cfg.study.study_id or "/" in cfg.study.study_id
                                            or cfg.study.study_id.startswith(".")
                                            or cfg.study.study_id in ("models", "activations")):

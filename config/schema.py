@@ -37,15 +37,51 @@ class DataConfig:
 
 @dataclass
 class SAEArmConfig:
+    """One SAE to train. Fields that do not apply to `architecture` keep their defaults and are
+    ignored; `for_architecture` fills in the architecture's own defaults."""
+
     architecture: str = "topk"
     expansion_factor: int = 8
     hidden_dim: int | None = None  # d_sae; overrides expansion_factor
-    k: int = 32
-    dead_handling: str = "auxk"  # auxk | none
-    aux_coef: float = 1 / 32
+    k: int = 32  # TopK family
+    dead_handling: str = "auxk"  # auxk (TopK family) | resample | none
+    aux_coef: float = 1 / 32  # AuxK weight; Gated's gate-reconstruction weight
+    sparsity_coef: float = 0.0  # lambda: L1 (relu, gated) or L0 (jumprelu)
+    target_l0: float | None = None  # jumprelu: penalise (L0/target - 1)^2 instead of L0
+    bandwidth: float = 0.001  # jumprelu: STE kernel width
+    init_threshold: float = 0.001  # jumprelu: initial threshold
 
     def d_sae(self, d_in: int) -> int:
         return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
+
+    @classmethod
+    def for_architecture(cls, architecture: str, **overrides: Any) -> "SAEArmConfig":
+        return cls(**{**ARCHITECTURE_DEFAULTS[architecture], "architecture": architecture, **overrides})
+
+
+# Defaults per architecture, chosen so each lands near L0 = 32 on tinylm's default activations
+# (blocks.0.hook_resid_post, d_sae 1024), for a fair comparison at matched sparsity.
+ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "topk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
+    "batchtopk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
+    "relu": {"sparsity_coef": 0.05, "dead_handling": "resample"},
+    "jumprelu": {"sparsity_coef": 0.002, "bandwidth": 0.05, "init_threshold": 0.05, "dead_handling": "resample"},
+    "gated": {"sparsity_coef": 0.05, "aux_coef": 1.0, "dead_handling": "resample"},
+}
+# Which architectures each tunable option applies to, and the dead-latent handling each allows.
+OPTION_ARCHITECTURES: dict[str, tuple[str, ...]] = {
+    "k": ("topk", "batchtopk"),
+    "l1_coefficient": ("relu", "gated"),
+    "l0_coefficient": ("jumprelu",),
+    "target_l0": ("jumprelu",),
+}
+DEAD_HANDLING: dict[str, tuple[str, ...]] = {
+    "topk": ("auxk", "resample", "none"),
+    "batchtopk": ("auxk", "resample", "none"),
+    "relu": ("resample", "none"),
+    "jumprelu": ("resample", "none"),
+    "gated": ("resample", "none"),
+}
 
 
 @dataclass
@@ -57,8 +93,10 @@ class TrainConfig:
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # linear decay to zero over the last fraction of steps
     grad_clip: float = 1.0
+    sparsity_warmup_fraction: float = 0.05  # sparsity coefficient ramps up over this fraction of steps
+    resample_inputs: int = 16_384  # training rows scored to pick new directions for dead latents
     seed: int = 0
-    dead_window: int = 262_144  # tokens over which firing frequency decides "dead"
+    dead_window: int = 262_144  # tokens over which firing frequency decides "dead"; resampling happens at its ends
     dead_threshold: float = 0.001  # firing frequency below which a latent counts as dead
     eval_every: int = 200  # steps; the final step is always evaluated
     log_every: int = 10
@@ -87,7 +125,7 @@ class StudyConfig:
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    sae: SAEArmConfig = field(default_factory=SAEArmConfig)
+    saes: list[SAEArmConfig] = field(default_factory=lambda: [SAEArmConfig()])
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     study: StudyConfig = field(default_factory=StudyConfig)

@@ -10,7 +10,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from config.schema import RunConfig, UsageError, flatten, stable_hash
+from config.schema import (ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, RunConfig, SAEArmConfig, UsageError,
+                           flatten, stable_hash)
 from experiments.activation_cache import build_or_open
 from experiments.sources import (dataset_fingerprint, harvester, load_subject_model, resolve_hook,
                                  token_sequences)
@@ -111,12 +112,29 @@ def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
     return max(candidates)[1]
 
 
-def arms_for(cfg: RunConfig, data_spec: dict) -> list[Arm]:
-    s = cfg.sae
-    identity = {"data": data_spec, "normalize": cfg.data.normalize, "sae": asdict(s), "train": asdict(cfg.train)}
-    arm_id = f"{s.architecture}-{stable_hash(identity, 8)}"
-    name = f"{s.architecture}-k{s.k}" + ("" if s.dead_handling == "auxk" else f"-{s.dead_handling}")
-    return [Arm(arm_id, name, s.architecture, s.dead_handling)]
+def arm_name(sae: SAEArmConfig) -> str:
+    """Readable, and distinct for the arms one study compares."""
+    defaults = ARCHITECTURE_DEFAULTS[sae.architecture]
+    if sae.architecture in OPTION_ARCHITECTURES["k"]:
+        name = f"{sae.architecture}-k{sae.k}"
+    elif sae.target_l0 is not None:
+        name = f"{sae.architecture}-l0target{sae.target_l0:g}"
+    else:
+        name = f"{sae.architecture}-coef{sae.sparsity_coef:g}"
+    if sae.dead_handling != defaults["dead_handling"]:
+        name += f"-{sae.dead_handling}"
+    return name
+
+
+def arms_for(cfg: RunConfig, data_spec: dict) -> list[tuple[Arm, SAEArmConfig]]:
+    arms = []
+    for sae in cfg.saes:
+        identity = {"data": data_spec, "normalize": cfg.data.normalize, "sae": asdict(sae),
+                    "train": asdict(cfg.train)}
+        arm = Arm(f"{sae.architecture}-{stable_hash(identity, 8)}", arm_name(sae), sae.architecture,
+                  sae.dead_handling)
+        arms.append((arm, sae))
+    return arms
 
 
 def run_study(cfg: RunConfig, stop: StopFlag) -> int:
@@ -172,7 +190,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
 
     arms = arms_for(cfg, data_spec)
     previous = {a["arm_id"]: a for a in meta["arms"]}
-    meta["arms"] = [previous.get(a.arm_id, {**asdict(a), "status": "pending"}) for a in arms]
+    meta["arms"] = [previous.get(a.arm_id, {**asdict(a), "status": "pending"}) for a, _ in arms]
     meta["cache"] = str(cache.path)
     write_json_atomic(study_json, meta)
 
@@ -183,16 +201,17 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode)
 
     failed = False
-    for arm, record in zip(arms, meta["arms"]):
+    shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k != "saes"})
+    for (arm, sae_cfg), record in zip(arms, meta["arms"]):
         if record["status"] == "complete":
             print(f"arm {arm.name} ({arm.arm_id}) already complete; skipped")
             continue
         arm_dir = study_dir / arm.arm_id
-        run_config = {**flatten(cfg.result_spec()), "arm_id": arm.arm_id, "study_id": study_dir.name,
-                      "d_in": cache.d_in, "d_sae": cfg.sae.d_sae(cache.d_in), "hook_name": hook_name,
-                      "norm_scale": scale}
+        run_config = {**shared_config, **flatten({"sae": asdict(sae_cfg)}), "arm_id": arm.arm_id,
+                      "study_id": study_dir.name, "d_in": cache.d_in, "d_sae": sae_cfg.d_sae(cache.d_in),
+                      "hook_name": hook_name, "norm_scale": scale}
         sinks = ArmSinks(arm_dir, wandb, arm.name, group=study_dir.name, job_type=cfg.study.study, config=run_config)
-        trainer = Trainer(arm_dir, cfg.sae, cfg.train, cache, scale, ctx, sinks, stop, progress=cfg.log.progress)
+        trainer = Trainer(arm_dir, sae_cfg, cfg.train, cache, scale, ctx, sinks, stop, progress=cfg.log.progress)
         record.update(status="running", steps_total=trainer.n_steps)
         write_json_atomic(study_json, meta)
         try:

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from config.schema import SAEArmConfig, TrainConfig, UsageError
+from config.schema import OPTION_ARCHITECTURES, SAEArmConfig, TrainConfig, UsageError
 from experiments.activation_cache import ActivationCache
 from experiments import faults
 from experiments.checkpointing import load_latest, save_checkpoint
+from experiments.resampling import resample_dead_latents_
 from experiments.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
 from models.sae import SAE, SAEConfig, build_sae
 
@@ -75,18 +76,25 @@ def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
     return cfg.lr * warm * decay
 
 
-def build_arm_sae(sae_cfg: SAEArmConfig, train_cfg: TrainConfig, d_in: int) -> SAE:
-    d_sae = sae_cfg.d_sae(d_in)
-    if sae_cfg.k > d_sae:
-        raise UsageError(f"--k {sae_cfg.k} exceeds the number of latents d_sae = {d_sae}")
-    return build_sae(SAEConfig(architecture=sae_cfg.architecture, d_in=d_in, d_sae=d_sae, k=sae_cfg.k,
-                               aux_coef=sae_cfg.aux_coef, auxk=sae_cfg.dead_handling == "auxk",
-                               seed=train_cfg.seed))
+def build_arm_sae(arm: SAEArmConfig, train_cfg: TrainConfig, d_in: int, n_steps: int) -> SAE:
+    d_sae = arm.d_sae(d_in)
+    uses_k = arm.architecture in OPTION_ARCHITECTURES["k"]
+    if uses_k and arm.k > d_sae:
+        raise UsageError(f"--k {arm.k} exceeds the number of latents d_sae = {d_sae}")
+    return build_sae(SAEConfig(
+        architecture=arm.architecture, d_in=d_in, d_sae=d_sae, k=arm.k if uses_k else 1,
+        aux_coef=arm.aux_coef, auxk=arm.dead_handling == "auxk", sparsity_coef=arm.sparsity_coef,
+        sparsity_warmup_steps=int(train_cfg.sparsity_warmup_fraction * n_steps), bandwidth=arm.bandwidth,
+        init_threshold=arm.init_threshold, target_l0=arm.target_l0, seed=train_cfg.seed))
 
 
 @torch.no_grad()
 def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics on the held-out split, in the original activation scale, plus per-latent density."""
+    """Metrics on the held-out split, in the original activation scale, plus per-latent density.
+
+    The SAE is evaluated in eval mode (BatchTopK then uses its inference threshold)."""
+    was_training = sae.training
+    sae.eval()
     acc = EvalAccumulator(sae.cfg.d_sae)
     for x in cache.eval_batches(4096):
         f = sae.encode(x * scale)
@@ -97,6 +105,7 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext) -
     if ctx.bridge is not None:
         tokens = cache.eval_tokens(ctx.ce_sequences)
         metrics.update(spliced_lm_metrics(ctx.bridge, tokens, ctx.hook_name, lambda a: sae(a * scale) / scale))
+    sae.train(was_training)
     return metrics, feature_density(counts, cache.n_eval_rows)
 
 
@@ -105,9 +114,10 @@ class Trainer:
                  scale: float, ctx: EvalContext, sinks, stop: StopFlag, progress: bool = True):
         self.arm_dir, self.cfg, self.cache, self.scale, self.ctx = arm_dir, cfg, cache, scale, ctx
         self.sinks, self.stop, self.progress = sinks, stop, progress
-        self.sae = build_arm_sae(sae_cfg, cfg, cache.d_in)
+        self.arm = sae_cfg
         self.n_steps = total_steps(cfg, cache)
         self.spe = steps_per_epoch(cache, cfg.batch_size)
+        self.sae = build_arm_sae(sae_cfg, cfg, cache.d_in, self.n_steps)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
         d_sae = self.sae.cfg.d_sae
         self.window_counts = torch.zeros(d_sae, dtype=torch.int64)
@@ -161,17 +171,28 @@ class Trainer:
         return True
 
     # -- training -----------------------------------------------------------------------------
-    def _update_dead_window(self, feature_acts: torch.Tensor) -> None:
+    def _update_dead_window(self, feature_acts: torch.Tensor) -> int | None:
+        """Count firing; at the end of each window decide which latents are dead and, with
+        resampling, revive them (not once the learning rate decays). Returns how many were resampled."""
         self.window_counts += (feature_acts > 0).sum(0)
         self.window_tokens += feature_acts.shape[0]
-        if self.window_tokens >= self.cfg.dead_window:
-            self.dead_mask = self.window_counts < self.cfg.dead_threshold * self.window_tokens
-            self.window_counts.zero_()
-            self.window_tokens = 0
+        if self.window_tokens < self.cfg.dead_window:
+            return None
+        self.dead_mask = self.window_counts < self.cfg.dead_threshold * self.window_tokens
+        self.window_counts.zero_()
+        self.window_tokens = 0
+        if self.arm.dead_handling != "resample" or self.step >= int(self.n_steps * (1 - self.cfg.decay_fraction)):
+            return None
+        # Seeded by the step, so a resumed run draws the same inputs.
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7_919 * self.step + 1)
+        rows = torch.randperm(self.cache.n_train_rows, generator=gen)[:self.cfg.resample_inputs].numpy()
+        n = resample_dead_latents_(self.sae, self.opt, self.dead_mask, self.cache.train_rows(rows) * self.scale, gen)
+        self.dead_mask = torch.zeros_like(self.dead_mask)  # revived: give them a window to prove themselves
+        return n
 
     def train_step(self) -> dict[str, float]:
         x = self.cache.train_rows(self.batch_indices(self.step)) * self.scale
-        out = self.sae.loss(x, self.dead_mask)
+        out = self.sae.loss(x, self.step, self.dead_mask)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.sae.remove_gradient_parallel_to_decoder_()
@@ -181,9 +202,11 @@ class Trainer:
             group["lr"] = lr
         self.opt.step()
         self.sae.set_decoder_norm_to_unit_()
-        self._update_dead_window(out["feature_acts"])
         self.step += 1
-        return {"train/loss": out["loss"].item(), "train/mse": out["mse"].item(), "train/aux": out["aux"].item(),
+        resampled = self._update_dead_window(out["feature_acts"])
+        logs = {} if resampled is None else {"train/resampled": resampled}
+        return {**logs, "train/loss": out["loss"].item(), "train/mse": out["mse"].item(),
+                "train/sparsity": out["sparsity"].item(), "train/aux": out["aux"].item(),
                 "train/l0": (out["feature_acts"] > 0).sum(1).float().mean().item(), "train/lr": lr,
                 "train/grad_norm": grad_norm.item(), "train/dead_frac": self.dead_mask.float().mean().item()}
 
@@ -198,6 +221,7 @@ class Trainer:
         from visualization.terminal import progress_bar
 
         start = time.time()
+        self.sae.train()
         restored = resume and self.restore()
         if not restored:
             self.sae.init_b_dec_(self.cache.train_rows(self.batch_indices(0)) * self.scale)
@@ -207,7 +231,7 @@ class Trainer:
         while self.step < self.n_steps:
             logs = self.train_step()
             faults.reached(f"step:{self.step}")
-            if self.step % cfg.log_every == 0 or self.step == self.n_steps:
+            if self.step % cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in logs:
                 self.sinks.log(self.step, self.step * cfg.batch_size, logs)
                 bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
             if self.step % cfg.eval_every == 0 or self.step == self.n_steps:

@@ -14,14 +14,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults():
     cfg = parse_args([])
     assert cfg.data.model_name == "tinylm" and cfg.data.hook_name == "blocks.0.hook_resid_post"
-    assert cfg.sae.architecture == "topk" and cfg.sae.dead_handling == "auxk"
+    (sae,) = cfg.saes
+    assert sae.architecture == "topk" and sae.dead_handling == "auxk" and sae.k == 32
     assert cfg.data.normalize and not cfg.log.use_wandb and cfg.study.study == "activations"
 
 
 @pytest.mark.parametrize("argv, path, expected", [
-    (["--hidden-dim", "300"], "sae.hidden_dim", 300),
-    (["--expansion-factor", "4"], "sae.expansion_factor", 4),
-    (["--k", "16"], "sae.k", 16),
+    (["--hidden-dim", "300"], "saes.0.hidden_dim", 300),
+    (["--expansion-factor", "4"], "saes.0.expansion_factor", 4),
+    (["--k", "16"], "saes.0.k", 16),
     (["--lr", "3e-4"], "train.lr", 3e-4),
     (["--epochs", "3"], "train.epochs", 3),
     (["--steps", "77"], "train.steps", 77),
@@ -35,9 +36,9 @@ def test_defaults():
     (["--model-name", "gpt2"], "data.model_name", "gpt2"),
     (["--no-normalize"], "data.normalize", False),
     (["--normalize-activations"], "data.normalize", True),
-    (["--no-dead-resample"], "sae.dead_handling", "none"),
-    (["--dead-resample"], "sae.dead_handling", "auxk"),
-    (["--dead-handling", "none"], "sae.dead_handling", "none"),
+    (["--no-dead-resample"], "saes.0.dead_handling", "none"),
+    (["--dead-resample"], "saes.0.dead_handling", "auxk"),
+    (["--dead-handling", "none"], "saes.0.dead_handling", "none"),
     (["--dead-threshold", "0.01"], "train.dead_threshold", 0.01),
     (["--dead-window", "4096"], "train.dead_window", 4096),
     (["--use-wandb"], "log.use_wandb", True),
@@ -47,15 +48,37 @@ def test_defaults():
     (["--study-id", "mine"], "study.study_id", "mine"),
     (["--resume"], "study.resume", True),
     (["--study", "activations"], "study.study", "activations"),
-    (["--activation", "topk"], "sae.architecture", "topk"),
+    (["--activation", "topk"], "saes.0.architecture", "topk"),
+    (["--activation", "jump_relu"], "saes.0.architecture", "jumprelu"),
+    (["--activation", "relu", "--l1-coefficient", "0.2"], "saes.0.sparsity_coef", 0.2),
+    (["--activation", "gated", "--l1-coefficient", "0.3"], "saes.0.sparsity_coef", 0.3),
+    (["--activation", "jumprelu", "--l0-coefficient", "0.01"], "saes.0.sparsity_coef", 0.01),
+    (["--activation", "jumprelu", "--target-l0", "20"], "saes.0.target_l0", 20.0),
+    (["--activation", "relu"], "saes.0.dead_handling", "resample"),
+    (["--activation", "relu", "--no-dead-resample"], "saes.0.dead_handling", "none"),
+    (["--activation", "topk", "--dead-handling", "resample"], "saes.0.dead_handling", "resample"),
+    (["--activation", "gated"], "saes.0.aux_coef", 1.0),
     (["--dataset", "f.txt"], "data.dataset", "f.txt"),
     (["--no-progress"], "log.progress", False),
 ])
 def test_flag_sets_its_field(argv, path, expected):
     obj = parse_args(argv)
     for part in path.split("."):
-        obj = getattr(obj, part)
+        obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     assert obj == expected
+
+
+def test_several_architectures_and_all():
+    cfg = parse_args(["--activation", "relu,topk,jump_relu,topk"])
+    assert [s.architecture for s in cfg.saes] == ["relu", "topk", "jumprelu"]
+    everything = parse_args(["--activation", "all", "--k", "16", "--l1-coefficient", "0.2"])
+    by_arch = {s.architecture: s for s in everything.saes}
+    assert set(by_arch) == {"relu", "jumprelu", "topk", "batchtopk", "gated"}
+    # each option reaches only the architectures it applies to
+    assert by_arch["topk"].k == by_arch["batchtopk"].k == 16 and by_arch["relu"].sparsity_coef == 0.2
+    assert by_arch["gated"].sparsity_coef == 0.2 and by_arch["jumprelu"].sparsity_coef != 0.2
+    assert by_arch["topk"].dead_handling == "auxk" and by_arch["relu"].dead_handling == "resample"
+    assert all(s.dead_handling == "none" for s in parse_args(["--activation", "all", "--no-dead-resample"]).saes)
 
 
 def test_quick_changes_defaults_but_explicit_flags_win():
@@ -66,6 +89,14 @@ def test_quick_changes_defaults_but_explicit_flags_win():
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--activation", "nope"], "unknown --activation"),
+    (["--activation", "relu,nope"], "unknown --activation"),
+    (["--activation", "relu", "--k", "16"], "--k applies to topk, batchtopk, not to relu"),
+    (["--activation", "topk", "--l1-coefficient", "0.1"], "--l1-coefficient applies to relu, gated"),
+    (["--activation", "relu", "--l0-coefficient", "0.1"], "--l0-coefficient applies to jumprelu"),
+    (["--activation", "gated", "--target-l0", "10"], "--target-l0 applies to jumprelu"),
+    (["--activation", "relu", "--dead-handling", "auxk"], "does not apply to relu"),
+    (["--activation", "all", "--dead-handling", "auxk"], "does not apply to relu"),
+    (["--activation", "relu", "--l1-coefficient", "-1"], "non-negative"),
     (["--k", "0"], "positive integer"),
     (["--k", "64", "--hidden-dim", "32"], "exceeds --hidden-dim"),
     (["--hidden-dim", "-5"], "positive integer"),

@@ -22,10 +22,15 @@ class SAEConfig:
     architecture: str  # key into ARCHITECTURES
     d_in: int
     d_sae: int
-    k: int = 32
+    k: int = 32  # TopK family: active latents per token
     aux_k: int = 0  # 0 -> d_in // 2, as in the paper
-    aux_coef: float = 1 / 32  # weight of the auxiliary loss
+    aux_coef: float = 1 / 32  # weight of the auxiliary loss (AuxK; Gated's gate reconstruction)
     auxk: bool = True  # dead-latent handling by AuxK on/off
+    sparsity_coef: float = 0.0  # lambda of the sparsity penalty (L1 for relu/gated, L0 for jumprelu)
+    sparsity_warmup_steps: int = 0  # lambda ramps linearly from 0 over these steps
+    bandwidth: float = 0.001  # JumpReLU: width of the rectangle kernel of the straight-through estimator
+    init_threshold: float = 0.001  # JumpReLU: initial threshold
+    target_l0: float | None = None  # JumpReLU: penalise (L0 / target - 1)^2 instead of L0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -68,6 +73,12 @@ def build_sae(cfg: SAEConfig) -> SAE:
 class SAE(nn.Module):
     """x_hat = activate((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec."""
 
+    unit_norm_decoder = True  # decoder rows kept at norm 1 during training
+
+    # Which dimension of each parameter indexes latents: what resampling re-initialises and
+    # whose Adam state it resets. Subclasses with per-latent parameters of their own add them.
+    LATENT_DIMS: dict[str, int] = {"W_enc": 1, "b_enc": 0, "W_dec": 0}
+
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -101,15 +112,25 @@ class SAE(nn.Module):
         """Unweighted auxiliary term; the total loss adds cfg.aux_coef times it."""
         return x.new_zeros(())
 
-    def loss(self, x: Tensor, dead_mask: Tensor | None = None) -> dict[str, Tensor]:
+    def sparsity_loss(self, pre: Tensor, f: Tensor) -> Tensor:
+        """Unweighted sparsity penalty (mean over the batch); the loss adds sparsity_coef_at(step) times it."""
+        return pre.new_zeros(())
+
+    def sparsity_coef_at(self, step: int) -> float:
+        warm = self.cfg.sparsity_warmup_steps
+        return self.cfg.sparsity_coef * (min(1.0, step / warm) if warm > 0 else 1.0)
+
+    def loss(self, x: Tensor, step: int = 0, dead_mask: Tensor | None = None) -> dict[str, Tensor]:
         pre = self.pre_acts(x)
         f = self.activate(pre)
         x_hat = self.decode(f)
         mse = F.mse_loss(x_hat, x)
+        sparsity = self.sparsity_loss(pre, f)
         aux = self.aux_loss(x, x_hat, pre, dead_mask)
         return {
-            "loss": mse + self.cfg.aux_coef * aux,
+            "loss": mse + self.sparsity_coef_at(step) * sparsity + self.cfg.aux_coef * aux,
             "mse": mse.detach(),
+            "sparsity": sparsity.detach(),
             "aux": aux.detach(),
             "feature_acts": f.detach(),
         }
@@ -129,17 +150,30 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def set_decoder_norm_to_unit_(self) -> None:
+        """Called after every optimizer step; a no-op for architectures with a free decoder norm."""
+        if not self.unit_norm_decoder:
+            return
         self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_(self) -> None:
+        """Called before every optimizer step; a no-op for architectures with a free decoder norm."""
         # The unit-norm projection after the step would undo any radial update anyway;
         # removing it first keeps Adam's moment estimates clean.
         g, w = self.W_dec.grad, self.W_dec
-        if g is None:
+        if g is None or not self.unit_norm_decoder:
             return
         coef = (g * w).sum(dim=1, keepdim=True) / (w * w).sum(dim=1, keepdim=True).clamp_min(1e-12)
         g -= coef * w
+
+    @torch.no_grad()
+    def reinit_latents_(self, idx: Tensor, directions: Tensor, enc_norm: float) -> None:
+        """Point latents `idx` at unit `directions` [len(idx), d_in] (resampling, Anthropic 2023):
+        decoder rows = directions, encoder columns = directions scaled to `enc_norm`, b_enc = 0.
+        Subclasses also reset their own per-latent parameters."""
+        self.W_dec[idx] = directions
+        self.W_enc[:, idx] = directions.T * enc_norm
+        self.b_enc[idx] = 0.0
 
     # --- I/O -------------------------------------------------------------------------------
 
