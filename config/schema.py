@@ -65,7 +65,7 @@ ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "topk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
     "batchtopk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
     "relu": {"sparsity_coef": 0.05, "dead_handling": "resample"},
-    "jumprelu": {"sparsity_coef": 0.002, "bandwidth": 0.05, "init_threshold": 0.05, "dead_handling": "resample"},
+    "jumprelu": {"sparsity_coef": 0.01, "bandwidth": 0.05, "init_threshold": 0.5, "dead_handling": "resample"},
     "gated": {"sparsity_coef": 0.05, "aux_coef": 1.0, "dead_handling": "resample"},
 }
 # Which architectures each tunable option applies to, and the dead-latent handling each allows.

@@ -22,7 +22,10 @@ def resample_dead_latents_(sae: SAE, opt: torch.optim.Optimizer, dead_mask: torc
     idx = dead_mask.nonzero().squeeze(1)
     if idx.numel() == 0:
         return 0
+    was_training = sae.training
+    sae.eval()  # score inputs as the model infers (and leave training-time estimators alone)
     loss = (sae(x) - x).pow(2).sum(1)
+    sae.train(was_training)
     weights = loss.pow(2)
     if not bool(weights.sum() > 0):  # a perfect reconstruction everywhere: any input will do
         weights = torch.ones_like(weights)

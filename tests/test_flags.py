@@ -118,6 +118,15 @@ def test_dead_threshold_window_and_dead_resample(ckpt):
     assert not same_weights(many, off)
 
 
+def test_dead_handling_resample_revives_dead_latents(ckpt):
+    r = go(ckpt, "rs", "--dead-handling", "resample", "--dead-threshold", "0.5", "--dead-window", "2048",
+           "--steps", "60")
+    events = [row for row in r.metrics if row["name"] == "train/resampled"]
+    # a window ends every 32 steps of 64 tokens: one event at step 32 (step 64 is past the run)
+    assert [e["step"] for e in events] == [32] and events[0]["value"] > 0
+    assert r.arm["dead_handling"] == "resample" and r.arm["name"] == "topk-k8-resample"
+
+
 def test_dataset_file_is_harvested(ckpt, base, tmp_path):
     text = tmp_path / "docs.jsonl"
     text.write_text("\n".join(json.dumps({"text": f"Bob saw {i} red cats in the park."}) for i in range(200)))

@@ -185,7 +185,8 @@ class SAE(nn.Module):
         decoder output is divided by s. Parameters living in pre-activation space (b_enc,
         thresholds) therefore stay as they are.
         """
-        sd = {k: v.detach().to("cpu", torch.float32).clone() for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
+              for k, v in self.state_dict().items()}
         sd["W_enc"] *= scale
         sd["W_dec"] /= scale
         sd["b_dec"] /= scale
