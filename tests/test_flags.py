@@ -127,6 +127,21 @@ def test_dead_handling_resample_revives_dead_latents(ckpt):
     assert r.arm["dead_handling"] == "resample" and r.arm["name"] == "topk-k8-resample"
 
 
+def test_activation_all_trains_every_architecture(ckpt):
+    assert main([*UNTIMED, "--steps", "12", "--activation", "all", "--checkpoint-dir", str(ckpt),
+                 "--study-id", "all"]) == 0
+    summary = json.loads((ckpt / "all" / "summary.json").read_text())
+    archs = {a["architecture"]: a for a in summary["arms"]}
+    assert set(archs) == {"topk", "batchtopk", "relu", "jumprelu", "gated"}
+    assert len({a["arm_id"] for a in summary["arms"]}) == 5
+    for arch, arm in archs.items():
+        assert arm["status"] == "complete" and arm["steps"] == 12
+        config = json.loads((Path(arm["weights"]).parent / "config.json").read_text())
+        assert config["architecture"] == arch
+        assert arm["dead_handling"] == ("auxk" if arch.endswith("topk") else "resample")
+    assert archs["gated"]["name"].startswith("gated-coef") and archs["batchtopk"]["name"] == "batchtopk-k8"
+
+
 def test_dataset_file_is_harvested(ckpt, base, tmp_path):
     text = tmp_path / "docs.jsonl"
     text.write_text("\n".join(json.dumps({"text": f"Bob saw {i} red cats in the park."}) for i in range(200)))

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from torch.func import functional_call
+
+from tests.sae_gradcheck import loss_of_params
 
 from models.sae import ARCHITECTURES, SAE, SAEConfig, TopKSAE, build_sae
 from models.sae.batchtopk import BatchTopKSAE
@@ -90,21 +91,7 @@ def train_(sae: SAE, x: torch.Tensor, steps: int, lr: float = 1e-2, batch: int =
 
 def loss_fn(sae: SAE):
     """loss(x) as a function of (x, *PARAMS), for gradcheck."""
-
-    class LossOf(torch.nn.Module):  # lets functional_call reach SAE.loss rather than forward
-        def __init__(self) -> None:
-            super().__init__()
-            self.sae = sae
-
-        def forward(self, x):
-            return self.sae.loss(x)["loss"]
-
-    wrapper = LossOf()
-
-    def f(x, *ps):
-        return functional_call(wrapper, {f"sae.{n}": p for n, p in zip(PARAMS, ps)}, (x,))
-
-    return f
+    return loss_of_params(sae, PARAMS)
 
 
 def params_of(sae: SAE) -> tuple[torch.Tensor, ...]:

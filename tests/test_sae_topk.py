@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.func import functional_call
+
+from tests.sae_gradcheck import loss_of_params
 
 from models.sae import ARCHITECTURES, SAE, SAEConfig, TopKSAE, build_sae
 
@@ -182,20 +183,7 @@ def test_mse_gradcheck_float64():
     # Away from ties: the k-th and (k+1)-th pre-activations and the kept values are well separated.
     top = sae.pre_acts(x).detach().topk(4, dim=1).values
     assert (top[:, 2] - top[:, 3]).min() > 1e-3 and (top[:, :3].abs() > 1e-3).all()
-
-    class LossOf(torch.nn.Module):  # lets functional_call reach SAE.loss rather than forward
-        def __init__(self) -> None:
-            super().__init__()
-            self.sae = sae
-
-        def forward(self, x):
-            return self.sae.loss(x)["loss"]
-
-    wrapper = LossOf()
-
-    def f(x, *ps):
-        return functional_call(wrapper, {f"sae.{n}": p for n, p in zip(names, ps)}, (x,))
-
+    f = loss_of_params(sae, names)
     assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(), *params))
     # and the value is the plain per-element MSE
     assert f(x, *params).item() == pytest.approx((sae(x) - x).pow(2).mean().item(), rel=1e-12)
