@@ -64,9 +64,9 @@ class SAEArmConfig:
 ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "topk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
     "batchtopk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
-    "relu": {"sparsity_coef": 0.05, "dead_handling": "resample"},
-    "jumprelu": {"sparsity_coef": 0.01, "bandwidth": 0.05, "init_threshold": 0.5, "dead_handling": "resample"},
-    "gated": {"sparsity_coef": 0.05, "aux_coef": 1.0, "dead_handling": "resample"},
+    "relu": {"sparsity_coef": 0.007, "dead_handling": "resample"},
+    "jumprelu": {"sparsity_coef": 0.001, "bandwidth": 0.05, "init_threshold": 0.5, "dead_handling": "resample"},
+    "gated": {"sparsity_coef": 0.009, "aux_coef": 1.0, "dead_handling": "resample"},
 }
 # Which architectures each tunable option applies to, and the dead-latent handling each allows.
 OPTION_ARCHITECTURES: dict[str, tuple[str, ...]] = {

@@ -228,7 +228,9 @@ def test_jumprelu_reinit_latents_resets_threshold():
     idx = torch.tensor([1, 6])
     dirs = torch.eye(4)[:2]
     sae.reinit_latents_(idx, dirs, enc_norm=0.5)
-    assert torch.allclose(sae.threshold[idx], torch.full((2,), 0.02))
+    assert torch.allclose(sae.threshold[idx], torch.full((2,), 0.02))  # init_threshold below 0.5 * enc_norm
+    sae.reinit_latents_(idx, dirs, enc_norm=0.01)
+    assert torch.allclose(sae.threshold[idx], torch.full((2,), 0.005))  # half the new pre-activation scale
     keep = torch.ones(8, dtype=torch.bool)
     keep[idx] = False
     assert torch.allclose(sae.threshold[keep], torch.full((6,), 3.0))

@@ -95,4 +95,9 @@ class JumpReLUSAE(SAE):
     @torch.no_grad()
     def reinit_latents_(self, idx: Tensor, directions: Tensor, enc_norm: float) -> None:
         super().reinit_latents_(idx, directions, enc_norm)
-        self.log_threshold[idx] = math.log(self.cfg.init_threshold)
+        # A revived latent must be able to fire, or it gets no gradient and dies again: its
+        # pre-activations are about enc_norm * (x . direction), and x . direction is O(1) on
+        # inputs normalised to mean squared norm d_in, so the threshold starts at half that scale
+        # (never above init_threshold). Measured on tinylm: with init_threshold (0.5) instead,
+        # a fifth of the latents ended dead, revived with 0.15-norm encoders below threshold.
+        self.log_threshold[idx] = math.log(min(self.cfg.init_threshold, 0.5 * enc_norm))
