@@ -45,7 +45,7 @@ def test_layout_split_and_normalisation(tmp_path, seqs):
     assert (scaled ** 2).sum(1).mean() == pytest.approx(3.0)  # mean squared norm = d_in
     assert cache.norm_scale(False) == 1.0
     ev = torch.cat(list(cache.eval_batches(100)))
-    assert torch.equal(ev, torch.from_numpy(np.asarray(cache.acts[cache.n_train_rows:])))
+    assert torch.equal(ev, torch.from_numpy(np.array(cache.acts[cache.n_train_rows:])))
     assert torch.equal(cache.eval_tokens(2), seqs[450:452])
 
 
