@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from run_experiments import main
 from visualization.local_sink import MetricsCSV
 
-UNTIMED = ["--n-samples", "40", "--seq-len", "17", "--batch-size", "64", "--expansion-factor", "2", "--k", "8",
-           "--no-progress"]
+COMMON = ["--n-samples", "40", "--seq-len", "17", "--batch-size", "64", "--expansion-factor", "2", "--no-progress"]
+UNTIMED = [*COMMON, "--k", "8"]
 BASE = [*UNTIMED, "--steps", "12"]
 
 
@@ -39,8 +39,8 @@ class Run:
         return [r["value"] for r in self.metrics if r["name"] == name]
 
 
-def go(root, study_id, *extra):
-    assert main([*BASE, "--checkpoint-dir", str(root), "--study-id", study_id, *extra]) == 0
+def go(root, study_id, *extra, base=BASE):
+    assert main([*base, "--checkpoint-dir", str(root), "--study-id", study_id, *extra]) == 0
     return Run(root, study_id)
 
 
@@ -140,6 +140,26 @@ def test_activation_all_trains_every_architecture(ckpt):
         assert config["architecture"] == arch
         assert arm["dead_handling"] == ("auxk" if arch.endswith("topk") else "resample")
     assert archs["gated"]["name"].startswith("gated-coef") and archs["batchtopk"]["name"] == "batchtopk-k8"
+
+
+def test_sparsity_coefficients_and_target_l0(ckpt):
+    def run(study_id, *extra):
+        # these architectures take no --k; 60 steps: after the 5% warm-up (3 steps) the penalty
+        # weight is the flag's value
+        return go(ckpt, study_id, *extra, "--steps", "60", base=COMMON)
+
+    weak = run("r1", "--activation", "relu", "--l1-coefficient", "0.001")
+    strong = run("r2", "--activation", "relu", "--l1-coefficient", "0.5")
+    assert strong.arm["final"]["l0"] < weak.arm["final"]["l0"]
+    assert max(weak.series("train/sparsity")) > 0
+    gated = run("g", "--activation", "gated", "--l1-coefficient", "0.5")
+    assert gated.arm["name"] == "gated-coef0.5" and gated.sae_config["sparsity_coef"] == 0.5
+    loose = run("j1", "--activation", "jumprelu", "--l0-coefficient", "0")
+    tight = run("j2", "--activation", "jumprelu", "--l0-coefficient", "0.05")
+    assert tight.arm["final"]["l0"] < loose.arm["final"]["l0"]
+    target = run("j3", "--activation", "jumprelu", "--target-l0", "5", "--l0-coefficient", "1")
+    assert target.sae_config["target_l0"] == 5 and target.arm["name"] == "jumprelu-l0target5"
+    assert not same_weights(target, tight)
 
 
 def test_dataset_file_is_harvested(ckpt, base, tmp_path):
