@@ -68,11 +68,16 @@ def total_steps(cfg: TrainConfig, cache: ActivationCache) -> int:
     return cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch(cache, cfg.batch_size)
 
 
+def decay_start(cfg: TrainConfig, n_steps: int) -> int:
+    """First step of the final learning-rate decay (no resampling from here on)."""
+    return int(n_steps * (1 - cfg.decay_fraction))
+
+
 def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
     """Linear warm-up, constant, then linear decay to zero over the last `decay_fraction`."""
     warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-    decay_start = int(n_steps * (1 - cfg.decay_fraction))
-    decay = 1.0 if step < decay_start else (n_steps - step) / max(1, n_steps - decay_start)
+    start = decay_start(cfg, n_steps)
+    decay = 1.0 if step < start else (n_steps - step) / max(1, n_steps - start)
     return cfg.lr * warm * decay
 
 
@@ -129,6 +134,11 @@ class Trainer:
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
+    @property
+    def tokens(self) -> int:
+        """Training tokens seen: the x-axis of every curve."""
+        return self.step * self.cfg.batch_size
+
     # -- data ---------------------------------------------------------------------------------
     def batch_indices(self, step: int) -> np.ndarray:
         epoch, i = divmod(step, self.spe)
@@ -144,7 +154,7 @@ class Trainer:
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
         tensors.update({"window_counts": self.window_counts, "dead_mask": self.dead_mask,
                         "rng_torch": torch.get_rng_state()})
-        state = {"step": self.step, "tokens": self.step * self.cfg.batch_size,
+        state = {"step": self.step, "tokens": self.tokens,
                  "data_position": dict(zip(("epoch", "batch"), divmod(self.step, self.spe))),
                  "window_tokens": self.window_tokens, "n_steps": self.n_steps,
                  "lr": lr_at(self.step, self.cfg, self.n_steps), "wandb_run_id": self.wandb_run_id,
@@ -171,17 +181,18 @@ class Trainer:
         return True
 
     # -- training -----------------------------------------------------------------------------
-    def _update_dead_window(self, feature_acts: torch.Tensor) -> int | None:
-        """Count firing; at the end of each window decide which latents are dead and, with
-        resampling, revive them (not once the learning rate decays). Returns how many were resampled."""
-        self.window_counts += (feature_acts > 0).sum(0)
-        self.window_tokens += feature_acts.shape[0]
+    def _update_dead_window(self, fired: torch.Tensor) -> int | None:
+        """Count firing ([B, d_sae] bool); at the end of each window decide which latents are dead
+        and, with resampling, revive them (not once the learning rate decays). Returns how many
+        were resampled."""
+        self.window_counts += fired.sum(0)
+        self.window_tokens += fired.shape[0]
         if self.window_tokens < self.cfg.dead_window:
             return None
         self.dead_mask = self.window_counts < self.cfg.dead_threshold * self.window_tokens
         self.window_counts.zero_()
         self.window_tokens = 0
-        if self.arm.dead_handling != "resample" or self.step >= int(self.n_steps * (1 - self.cfg.decay_fraction)):
+        if self.arm.dead_handling != "resample" or self.step >= decay_start(self.cfg, self.n_steps):
             return None
         # Seeded by the step, so a resumed run draws the same inputs.
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7_919 * self.step + 1)
@@ -190,7 +201,9 @@ class Trainer:
         self.dead_mask = torch.zeros_like(self.dead_mask)  # revived: give them a window to prove themselves
         return n
 
-    def train_step(self) -> dict[str, float]:
+    def train_step(self) -> dict[str, torch.Tensor | float]:
+        """One optimizer step. Returns the step's training statistics as tensors, so nothing waits
+        on them unless they are logged."""
         x = self.cache.train_rows(self.batch_indices(self.step)) * self.scale
         out = self.sae.loss(x, self.step, self.dead_mask)
         self.opt.zero_grad(set_to_none=True)
@@ -203,19 +216,18 @@ class Trainer:
         self.opt.step()
         self.sae.set_decoder_norm_to_unit_()
         self.step += 1
-        resampled = self._update_dead_window(out["feature_acts"])
-        logs = {} if resampled is None else {"train/resampled": resampled}
-        return {**logs, "train/loss": out["loss"].item(), "train/mse": out["mse"].item(),
-                "train/sparsity": out["sparsity"].item(), "train/aux": out["aux"].item(),
-                "train/l0": (out["feature_acts"] > 0).sum(1).float().mean().item(), "train/lr": lr,
-                "train/grad_norm": grad_norm.item(), "train/dead_frac": self.dead_mask.float().mean().item()}
+        fired = out["feature_acts"] > 0
+        resampled = self._update_dead_window(fired)
+        stats = {} if resampled is None else {"train/resampled": resampled}
+        return {**stats, "train/loss": out["loss"].detach(), "train/mse": out["mse"], "train/sparsity": out["sparsity"],
+                "train/aux": out["aux"], "train/l0": fired.sum(1).float().mean(), "train/lr": lr,
+                "train/grad_norm": grad_norm, "train/dead_frac": self.dead_mask.float().mean()}
 
     def run_eval(self) -> None:
         metrics, density = evaluate(self.sae, self.cache, self.scale, self.ctx)
         self.last_eval = metrics
-        tokens = self.step * self.cfg.batch_size
-        self.sinks.log(self.step, tokens, {f"eval/{k}": v for k, v in metrics.items()})
-        self.sinks.log_density(self.step, tokens, density, self.cache.n_eval_rows)
+        self.sinks.log(self.step, self.tokens, {f"eval/{k}": v for k, v in metrics.items()})
+        self.sinks.log_density(self.step, self.tokens, density, self.cache.n_eval_rows)
 
     def run(self, name: str, resume: bool) -> ArmResult:
         from visualization.terminal import progress_bar
@@ -229,10 +241,11 @@ class Trainer:
         bar = progress_bar(total=self.n_steps, initial=self.step, desc=name, disable=not self.progress)
         cfg = self.cfg
         while self.step < self.n_steps:
-            logs = self.train_step()
+            stats = self.train_step()
             faults.reached(f"step:{self.step}")
-            if self.step % cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in logs:
-                self.sinks.log(self.step, self.step * cfg.batch_size, logs)
+            if self.step % cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in stats:
+                logs = {k: float(v) for k, v in stats.items()}
+                self.sinks.log(self.step, self.tokens, logs)
                 bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
             if self.step % cfg.eval_every == 0 or self.step == self.n_steps:
                 self.run_eval()
@@ -247,6 +260,6 @@ class Trainer:
         bar.close()
         self.sae.save(self.arm_dir, scale=self.scale)
         self.sinks.finish({f"final/{k}": v for k, v in self.last_eval.items()})
-        return ArmResult(self.step, self.step * cfg.batch_size, dict(self.last_eval), self.wandb_run_id,
+        return ArmResult(self.step, self.tokens, dict(self.last_eval), self.wandb_run_id,
                          time.time() - start)
 
