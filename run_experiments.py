@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Heavy imports only after the arguments are checked, so --help and bad flags answer at once.
-    from experiments.study import run_study
+    from experiments.study import rebuild_report, run_study
     from experiments.trainer import StopFlag, StopRequested
 
     stop = StopFlag()
@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
+        if cfg.study.report:
+            return rebuild_report(cfg)
         return run_study(cfg, stop)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

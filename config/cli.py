@@ -9,12 +9,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, DataConfig, LogConfig,
-                           RunConfig, SAEArmConfig, StudyConfig, TrainConfig, UsageError)
+from pathlib import Path
 
-STUDIES = ("activations",)
-ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
-ALIASES = {"jump_relu": "jumprelu", "batch_topk": "batchtopk"}
+from config.presets import ARCHITECTURES, build_plans, load_config_file, parse_architectures, parse_studies, run_wide_train
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, STUDY_NAMES, DataConfig,
+                           LogConfig, ProbeConfig, RunConfig, SAEArmConfig, StudyConfig, TrainConfig, UsageError)
+
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 WANDB_MODES = ("online", "offline", "disabled")
 
@@ -71,6 +71,14 @@ def _float_type(accept, requirement: str):
 _positive_float = _float_type(lambda v: 0 < v < float("inf"), "a positive number")
 _nonnegative_float = _float_type(lambda v: 0 <= v < float("inf"), "a non-negative number")
 _fraction = _float_type(lambda v: 0 <= v < 1, "in [0, 1)")
+_unit_interval = _float_type(lambda v: 0 < v <= 1, "in (0, 1]")
+
+
+def _multipliers(text: str) -> list[float]:
+    values = [_positive_float(part) for part in text.split(",") if part.strip()]
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one multiplier, e.g. 0.5,1,2")
+    return list(dict.fromkeys(values))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -81,10 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
         "Outputs go to CHECKPOINT_DIR/<study-id>/ (study.json, per-arm metrics.csv and weights, "
         "summary.json); --use-wandb also logs every arm to Weights & Biases.",
     )
+    pr = ProbeConfig()
     study = p.add_argument_group("study")
-    study.add_argument("--study", choices=STUDIES, help=f"which study to run (default: {StudyConfig().study})")
+    study.add_argument("--study", help=f"which studies to run, comma-separated: {', '.join(STUDY_NAMES)}, or all; "
+                       "arms shared by several studies are trained once (default: all)")
+    study.add_argument("--config", metavar="FILE", help="YAML file of settings (groups data, train, sae, probes, log, "
+                       "study, studies); it overrides the study presets in config/studies/ and is overridden by "
+                       "flags (default: none)")
     study.add_argument("--study-id", help="name of the study folder under --checkpoint-dir "
                        "(default: <study>-<date>-<time>; with --resume, the study to continue)")
+    study.add_argument("--report", metavar="STUDY_ID", help="rebuild the report of a finished (or partly finished) "
+                           "study under --checkpoint-dir from its files alone, then exit (default: off)")
     study.add_argument("--resume", action="store_true", default=False,
                        help="continue the most recent unfinished study run with the same settings "
                        "(or the one named by --study-id) from its last checkpoints (default: off)")
@@ -113,8 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", help=f"SAE architecture(s), comma-separated, or 'all': "
-                     f"{', '.join(ARCHITECTURES)} (jump_relu is accepted for jumprelu); one arm each "
-                     f"(default: {s.architecture})")
+                     f"{', '.join(ARCHITECTURES)} (jump_relu is accepted for jumprelu); one arm each, in every "
+                     f"study (default: the study preset's: all for activations, emergence and frequency, topk for "
+                     f"resampling)")
+    sae.add_argument("--sparsity-sweep", type=_multipliers, help="activations study: train each architecture at "
+                     "several sparsity levels, e.g. 0.5,1,2, multiplying k (topk, batchtopk) or dividing the penalty "
+                     "coefficient (relu, jumprelu, gated) (default: 1, no sweep)")
     sae.add_argument("--hidden-dim", type=_positive_int, help="number of SAE latents d_sae; overrides "
                      "--expansion-factor (default: expansion factor x d_in)")
     sae.add_argument("--expansion-factor", type=_positive_int, help=f"d_sae / d_in (default: {s.expansion_factor})")
@@ -144,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                      f"counted to decide which latents are dead (default: {t.dead_window:,}; --quick: "
                      f"{QUICK_DEFAULTS['dead_window']:,})")
 
+    probes = p.add_argument_group("probes (emergence and frequency studies)")
+    probes.add_argument("--concepts", metavar="FILE", help="YAML of concept word lists {category: [words]} to score "
+                        "latents against (default: tinylm's grammar vocabularies for tinylm, "
+                        "config/concepts/english.yaml for other models)")
+    probes.add_argument("--probe-k", type=_positive_int, help=f"latents in the k-sparse concept probe (default: {pr.probe_k})")
+    probes.add_argument("--f1-threshold", type=_unit_interval, help=f"held-out F1 at which a concept counts as "
+                        f"emerged (default: {pr.f1_threshold})")
+
     train = p.add_argument_group("training")
     train.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {t.lr})")
     train.add_argument("--batch-size", type=_positive_int, help=f"tokens per SAE training batch (default: {t.batch_size})")
@@ -162,105 +189,62 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _pick(explicit, quick_key: str | None, quick: bool, default):
-    if explicit is not None:
-        return explicit
-    if quick and quick_key in QUICK_DEFAULTS:
-        return QUICK_DEFAULTS[quick_key]
-    return default
+QUICK_TRAIN = ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every", "warmup_steps", "dead_window",
+               "ce_eval_sequences")
+DATA_FLAGS = ("model_name", "layer", "hook", "hook_point", "n_samples", "seq_len", "dataset", "normalize")
+TRAIN_FLAGS = ("lr", "batch_size", "epochs", "steps", "seed", "dead_window", "dead_threshold", "device")
+SAE_FLAGS = ("expansion_factor", "hidden_dim", "k", "l1_coefficient", "l0_coefficient", "target_l0")
+PROBE_FLAGS = ("concepts", "probe_k", "f1_threshold")
+
+
+def _given(a: argparse.Namespace, names: Sequence[str]) -> dict:
+    return {n: getattr(a, n) for n in names if getattr(a, n) is not None}
 
 
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     a = build_parser().parse_args(argv)
-    q = a.quick
-    d, s, t, lg = DataConfig(), SAEArmConfig(), TrainConfig(), LogConfig()
+    config = load_config_file(a.config) if a.config else {}
+    quick = {k: v for k, v in QUICK_DEFAULTS.items() if a.quick}
+    quick_train = {k: v for k, v in quick.items() if k in QUICK_TRAIN}
+    quick_data = {k: v for k, v in quick.items() if k not in QUICK_TRAIN}
 
-    data = DataConfig(
-        model_name=_pick(a.model_name, None, q, d.model_name),
-        layer=_pick(a.layer, None, q, d.layer),
-        hook=_pick(a.hook, None, q, d.hook),
-        hook_point=a.hook_point,
-        n_samples=_pick(a.n_samples, "n_samples", q, d.n_samples),
-        seq_len=_pick(a.seq_len, "seq_len", q, d.seq_len),
-        dataset=a.dataset,
-        normalize=_pick(a.normalize, None, q, d.normalize),
-    )
-    saes = [_arm_config(a, arch) for arch in _architectures(a.activation or s.architecture)]
-    for option, archs in OPTION_ARCHITECTURES.items():
-        if getattr(a, option) is not None and not any(c.architecture in archs for c in saes):
-            flag = "--" + option.replace("_", "-")
-            raise UsageError(f"{flag} applies to {', '.join(archs)}, not to {', '.join(c.architecture for c in saes)}")
-    train = TrainConfig(
-        lr=_pick(a.lr, None, q, t.lr),
-        batch_size=_pick(a.batch_size, "batch_size", q, t.batch_size),
-        epochs=_pick(a.epochs, None, q, t.epochs),
-        steps=_pick(a.steps, "steps", q, t.steps),
-        warmup_steps=_pick(None, "warmup_steps", q, t.warmup_steps),
-        seed=_pick(a.seed, None, q, t.seed),
-        dead_window=_pick(a.dead_window, "dead_window", q, t.dead_window),
-        dead_threshold=_pick(a.dead_threshold, None, q, t.dead_threshold),
-        eval_every=_pick(None, "eval_every", q, t.eval_every),
-        log_every=_pick(None, "log_every", q, t.log_every),
-        checkpoint_every=_pick(None, "checkpoint_every", q, t.checkpoint_every),
-        ce_eval_sequences=_pick(None, "ce_eval_sequences", q, t.ce_eval_sequences),
-        device=_pick(a.device, None, q, t.device),
-    )
-    log = LogConfig(
-        use_wandb=a.use_wandb or a.wandb_mode is not None,
-        wandb_project=a.wandb_project or lg.wandb_project,
-        wandb_mode=a.wandb_mode,
-        checkpoint_dir=a.checkpoint_dir or lg.checkpoint_dir,
-        progress=a.progress,
-    )
-    study = StudyConfig(study=a.study or StudyConfig().study, study_id=a.study_id, resume=a.resume, quick=q)
-    cfg = RunConfig(data=data, saes=saes, train=train, log=log, study=study)
-    validate_static(cfg)
-    return cfg
+    data = DataConfig(**{**quick_data, **config.get("data", {}), **_given(a, DATA_FLAGS)})
+    studies = parse_studies(a.study or config.get("study") or "all", "--study" if a.study else "study")
 
-
-def _architectures(text: str) -> list[str]:
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    if names == ["all"]:
-        return list(ARCHITECTURES)
-    out: list[str] = []
-    for name in names:
-        name = ALIASES.get(name, name)
-        if name not in ARCHITECTURES:
-            raise UsageError(f"unknown --activation {name!r}; choose from {', '.join(ARCHITECTURES)}, or all")
-        if name not in out:
-            out.append(name)
-    if not out:
-        raise UsageError("--activation needs at least one architecture")
-    return out
-
-
-def _arm_config(a: argparse.Namespace, architecture: str) -> SAEArmConfig:
-    """The arm for one architecture: its defaults, then the flags that apply to it."""
-    overrides: dict = {}
-    if a.expansion_factor is not None:
-        overrides["expansion_factor"] = a.expansion_factor
-    if a.hidden_dim is not None:
-        overrides["hidden_dim"] = a.hidden_dim
-    if a.k is not None and architecture in OPTION_ARCHITECTURES["k"]:
-        overrides["k"] = a.k
-    if a.l1_coefficient is not None and architecture in OPTION_ARCHITECTURES["l1_coefficient"]:
-        overrides["sparsity_coef"] = a.l1_coefficient
-    if a.l0_coefficient is not None and architecture in OPTION_ARCHITECTURES["l0_coefficient"]:
-        overrides["sparsity_coef"] = a.l0_coefficient
-    if a.target_l0 is not None and architecture in OPTION_ARCHITECTURES["target_l0"]:
-        overrides["target_l0"] = a.target_l0
-    cfg = SAEArmConfig.for_architecture(architecture, **overrides)
-    allowed = DEAD_HANDLING[architecture]
+    flag_sae = _given(a, SAE_FLAGS)
     if a.dead_handling is not None:
         if a.dead_resample is not None and (a.dead_handling == "none") == a.dead_resample:
             flag = "--dead-resample" if a.dead_resample else "--no-dead-resample"
             raise UsageError(f"{flag} contradicts --dead-handling {a.dead_handling}")
-        if a.dead_handling not in allowed:
-            raise UsageError(f"--dead-handling {a.dead_handling} does not apply to {architecture}; "
-                             f"it takes {', '.join(allowed)}")
-        cfg.dead_handling = a.dead_handling
-    elif a.dead_resample is False:
-        cfg.dead_handling = "none"
+        flag_sae["dead_handling"] = a.dead_handling
+    elif a.dead_resample is not None:
+        flag_sae["dead_handling"] = "default" if a.dead_resample else "none"
+    flags = {"sae": flag_sae, "train": _given(a, TRAIN_FLAGS),
+             "architectures": parse_architectures(a.activation, "--activation") if a.activation else None,
+             "sparsity_sweep": a.sparsity_sweep}
+    if a.sparsity_sweep and "activations" not in studies:
+        raise UsageError("--sparsity-sweep applies to the activations study, which is not part of this run")
+    plans = build_plans(studies, quick_train, config, flags)
+    arms = [arm.sae for plan in plans for arm in plan.arms]
+    for option, archs in OPTION_ARCHITECTURES.items():
+        if getattr(a, option) is not None and not any(s.architecture in archs for s in arms):
+            flag = "--" + option.replace("_", "-")
+            raise UsageError(f"{flag} applies to {', '.join(archs)}, not to "
+                             f"{', '.join(dict.fromkeys(s.architecture for s in arms))}")
+
+    lg = LogConfig(**config.get("log", {}))
+    log = LogConfig(
+        use_wandb=a.use_wandb or a.wandb_mode is not None or lg.use_wandb,
+        wandb_project=a.wandb_project or lg.wandb_project,
+        wandb_mode=a.wandb_mode or lg.wandb_mode,
+        checkpoint_dir=a.checkpoint_dir or lg.checkpoint_dir,
+        progress=a.progress and lg.progress,
+    )
+    probes = ProbeConfig(**{**config.get("probes", {}), **_given(a, PROBE_FLAGS)})
+    study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
+                        report=a.report)
+    cfg = RunConfig(data=data, plans=plans, train=run_wide_train(plans), probes=probes, log=log, study=study)
+    validate_static(cfg)
     return cfg
 
 
@@ -273,7 +257,8 @@ def validate_static(cfg: RunConfig) -> None:
     n_eval = int(cfg.data.n_samples * cfg.data.eval_fraction)
     if n_eval < 1 or cfg.data.n_samples - n_eval < 1:
         raise UsageError(f"--n-samples {cfg.data.n_samples} is too small to split into train and eval sequences")
-    for sae in cfg.saes:
+    for arm in cfg.arms:
+        sae = arm.sae
         if sae.architecture in OPTION_ARCHITECTURES["k"] and sae.hidden_dim is not None and sae.k > sae.hidden_dim:
             raise UsageError(f"--k {sae.k} exceeds --hidden-dim {sae.hidden_dim}")
     if cfg.study.study_id is not None and (not cfg.study.study_id or "/" in cfg.study.study_id
@@ -282,3 +267,5 @@ def validate_static(cfg: RunConfig) -> None:
         raise UsageError(f"--study-id {cfg.study.study_id!r} is not a usable folder name")
     if cfg.train.device != "cpu" and not cfg.train.device.startswith(("cuda", "mps")):
         raise UsageError(f"unknown --device {cfg.train.device!r}; use cpu, cuda or cuda:N")
+    if cfg.probes.concepts is not None and not Path(cfg.probes.concepts).is_file():
+        raise UsageError(f"--concepts {cfg.probes.concepts}: no such file")

@@ -114,30 +114,74 @@ class LogConfig:
     progress: bool = True
 
 
+STUDY_NAMES = ("activations", "emergence", "frequency", "resampling")
+
+
+@dataclass
+class ProbeConfig:
+    """What the probes measure at each eval step; they never change what an arm learns."""
+
+    concepts: str | None = None  # YAML of word lists; default: tinylm's grammar, or config/concepts/english.yaml
+    probe_k: int = 8  # latents in the k-sparse concept probe
+    f1_threshold: float = 0.8  # a concept has emerged once its held-out F1 reaches this
+    umap_evals: int = 3  # eval steps whose decoder directions get a UMAP embedding (first, ..., final)
+    ultra_low_density: float = 1e-4  # alive latents firing less often than this form the ultra-low cluster
+    dense_threshold: float = 0.1  # latents firing more often than this count as dense
+
+
 @dataclass
 class StudyConfig:
-    study: str = "activations"
+    names: list[str] = field(default_factory=lambda: list(STUDY_NAMES))
     study_id: str | None = None
     resume: bool = False
     quick: bool = False
+    report: str | None = None  # rebuild this study's report from its files, train nothing
+
+    @property
+    def label(self) -> str:
+        """Short name for folder names and messages: 'all' when every study runs."""
+        return "all" if list(self.names) == list(STUDY_NAMES) else "+".join(self.names)
+
+
+@dataclass
+class ArmSpec:
+    """One SAE to train: its architecture settings and its training settings."""
+
+    sae: SAEArmConfig
+    train: TrainConfig
+
+
+@dataclass
+class StudyPlan:
+    name: str
+    arms: list[ArmSpec]
 
 
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    saes: list[SAEArmConfig] = field(default_factory=lambda: [SAEArmConfig()])
-    train: TrainConfig = field(default_factory=TrainConfig)
+    plans: list[StudyPlan] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)  # run-wide: data seed, device, CE sequences
+    probes: ProbeConfig = field(default_factory=ProbeConfig)
     log: LogConfig = field(default_factory=LogConfig)
     study: StudyConfig = field(default_factory=StudyConfig)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
+    @property
+    def arms(self) -> list[ArmSpec]:
+        """Distinct arms over all studies, in order of first appearance."""
+        out: list[ArmSpec] = []
+        for plan in self.plans:
+            out.extend(arm for arm in plan.arms if arm not in out)
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def result_spec(self) -> dict[str, Any]:
         """Everything that changes a study's results (not where or how it is logged)."""
         spec = self.to_dict()
         del spec["log"]
-        spec["study"] = {"study": self.study.study, "quick": self.study.quick}
+        spec["study"] = {"names": list(self.study.names), "quick": self.study.quick}
         return spec
 
 

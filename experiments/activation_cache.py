@@ -63,6 +63,15 @@ class ActivationCache:
             stop = min(start + batch_size, self.acts.shape[0])
             yield torch.from_numpy(np.array(self.acts[start:stop]))  # a copy: memmaps are read-only
 
+    def eval_row_tokens(self) -> torch.Tensor:
+        """[n_eval_rows] int64: the token id at each eval row (rows follow eval_batches' order)."""
+        start = self.manifest["split"]["n_train_seq"]
+        return torch.from_numpy(np.asarray(self.tokens[start:, 1:], dtype=np.int64).reshape(-1))
+
+    def eval_row_sequence(self) -> torch.Tensor:
+        """[n_eval_rows] int64: which eval sequence each eval row belongs to (0, 1, ...)."""
+        return torch.arange(self.n_eval_rows) // self.tokens_per_seq
+
     def eval_tokens(self, n_seq: int) -> torch.Tensor:
         start = self.manifest["split"]["n_train_seq"]
         return torch.from_numpy(np.asarray(self.tokens[start:start + n_seq], dtype=np.int64))

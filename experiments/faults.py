@@ -1,13 +1,25 @@
 """Fault injection for reliability tests: `SAE_FAULT=<point>` kills the process with SIGKILL
 when the run reaches that point, e.g. `SAE_FAULT=step:57` right after training step 57 (before
-any checkpoint of that step). A no-op unless the variable is set.
+any checkpoint of that step) and `SAE_FAULT=arm-done:2` once the second arm is recorded complete.
+`<point>@<n>` waits for the n-th time the point is reached (`step:57@3`: in the third arm trained).
+A no-op unless the variable is set.
 """
 from __future__ import annotations
 
 import os
 import signal
+from collections import Counter
+
+_seen: Counter = Counter()
 
 
 def reached(point: str) -> None:
-    if os.environ.get("SAE_FAULT") == point:
+    fault = os.environ.get("SAE_FAULT")
+    if not fault:
+        return
+    target, _, nth = fault.partition("@")
+    if point != target:
+        return
+    _seen[point] += 1
+    if _seen[point] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -29,6 +29,7 @@ class EvalAccumulator:
         self._sums: dict[str, Tensor] = {}
         self._sum_x: Tensor | None = None
         self._fire: Tensor | None = None
+        self._act_sum: Tensor | None = None
 
     def update(self, x: Tensor, x_hat: Tensor, f: Tensor) -> None:
         """x, x_hat [..., d_in], f [..., d_sae]; leading dims are flattened into tokens."""
@@ -39,12 +40,18 @@ class EvalAccumulator:
             self.d_in = x.shape[-1]
             self._sum_x = torch.zeros(self.d_in, dtype=torch.float64, device=x.device)
             self._fire = torch.zeros(self.d_sae, dtype=torch.int64, device=f.device)
+            self._act_sum = torch.zeros(self.d_sae, dtype=torch.float64, device=f.device)
         x_norm = x.norm(dim=-1)
         x_hat_norm = x_hat.norm(dim=-1)
+        # Per-latent sums over the batch in float32 (0/1 counts are exact below 2**24 rows, a batch is far
+        # smaller), accumulated in float64: converting [B, d_sae] to float64 first costs more than the SAE.
+        fired = (f > 0).float()
+        counts = fired.sum(0)
+        act_sum = f.float().sum(0)
         batch = {
             "sq_err": (x - x_hat).pow(2).sum(),
             "x_sq": x.pow(2).sum(),
-            "l0": (f > 0).sum(dtype=torch.float64),
+            "l0": counts.double().sum(),
             "l1": f.abs().sum(dtype=torch.float64),
             # Clamps make a zero vector give cos 0 rather than NaN.
             "cos": ((x * x_hat).sum(-1) / (x_norm * x_hat_norm).clamp_min(_EPS)).sum(),
@@ -53,7 +60,8 @@ class EvalAccumulator:
         for k, v in batch.items():
             self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._sum_x += x.sum(0)
-        self._fire += (f > 0).sum(0)
+        self._fire += counts.long()
+        self._act_sum += act_sum.double()
         self.n_tokens += x.shape[0]
 
     def result(self) -> dict[str, float]:
@@ -78,6 +86,34 @@ class EvalAccumulator:
         if self._fire is None:
             return torch.zeros(self.d_sae, dtype=torch.int64)
         return self._fire.cpu()
+
+
+    def mean_activation(self) -> Tensor:
+        """[d_sae] float64 on CPU: mean activation of each latent over the tokens it fired on (0 if never)."""
+        if self._fire is None or self._act_sum is None:
+            return torch.zeros(self.d_sae, dtype=torch.float64)
+        return (self._act_sum / self._fire.clamp_min(1)).cpu()
+
+
+def rank_stability(previous: np.ndarray, current: np.ndarray) -> float:
+    """Spearman correlation of two firing-frequency vectors (ties get average ranks); NaN if either
+    is constant, e.g. every latent dead."""
+    from scipy.stats import rankdata
+
+    a, b = rankdata(previous), rankdata(current)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def frequency_stats(density: np.ndarray, ultra_low: float) -> dict[str, float]:
+    """ultra_low_frac: latents that fire, but on fewer than `ultra_low` of tokens (the ultra-low
+    density cluster); median_log10_density: over latents that fire at all."""
+    alive = density[density > 0]
+    return {
+        "ultra_low_frac": float(((density > 0) & (density < ultra_low)).mean()),
+        "median_log10_density": float(np.median(np.log10(alive))) if alive.size else float("nan"),
+    }
 
 
 def density_stats(fire_counts: Tensor, n_tokens: int, dense_threshold: float = 0.1) -> dict[str, float]:

@@ -1,27 +1,34 @@
-"""Run a study: resolve (or resume) its folder, build the activation cache, train its arms,
-write `study.json` and `summary.json`, print the comparison table.
+"""The study runner: resolve (or resume) the study folder, build the activation cache, train
+each distinct arm once with the probes its studies need, then analyse every study from the files
+and write `summary.json`, the report, W&B summary runs and the terminal tables.
 """
 from __future__ import annotations
 
 import os
 import shutil
+from collections import Counter
 import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from config.schema import (ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, RunConfig, SAEArmConfig, UsageError,
-                           flatten, stable_hash)
+from config.schema import (ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, ArmSpec, RunConfig, SAEArmConfig,
+                           TrainConfig, UsageError, flatten, stable_hash)
+from experiments import faults
+from experiments.concepts import tinylm_concepts, yaml_concepts
+from experiments.probes import PROBE_KINDS, ArmProbes, ConceptData, umap_steps
+from experiments.studies import analyse
 from experiments.activation_cache import build_or_open
 from experiments.sources import (dataset_fingerprint, harvester, load_subject_model, resolve_hook,
                                  token_sequences)
 from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer
 from visualization.local_sink import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
+from visualization.report import figure_file, write_report
 from visualization.terminal import boxed_table
 
-TABLE_METRICS = ("l0", "explained_variance", "mse", "cos", "dead_frac", "dense_frac", "ce_loss_recovered", "kl")
-
+DEFAULT_CONCEPTS = Path(__file__).resolve().parents[1] / "config" / "concepts" / "english.yaml"
 
 @dataclass
 class Arm:
@@ -70,18 +77,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _leaves(obj, prefix: str = "") -> dict:
+    """{"plans": [{"arms": [{"train": {"lr": 1}}]}]} -> {"plans.0.arms.0.train.lr": 1}"""
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, list):
+        items = enumerate(obj)
+    else:
+        return {prefix: obj}
+    out = {}
+    for key, value in items:
+        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
 def _first_difference(a: dict, b: dict) -> str:
-    fa, fb = flatten(a), flatten(b)
+    fa, fb = _leaves(a), _leaves(b)
     for key in sorted(set(fa) | set(fb)):
-        if fa.get(key) != fb.get(key):
-            return f"{key} was {fa.get(key)!r}, now {fb.get(key)!r}"
+        if fa.get(key, "<unset>") != fb.get(key, "<unset>"):
+            return f"{key} was {fa.get(key, '<unset>')!r}, now {fb.get(key, '<unset>')!r}"
     return "no difference"
 
 
 def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
     spec = cfg.result_spec()
     if not cfg.study.resume:
-        study_id = cfg.study.study_id or f"{cfg.study.study}-{time.strftime('%Y%m%d-%H%M%S')}"
+        study_id = cfg.study.study_id or f"{cfg.study.label}-{time.strftime('%Y%m%d-%H%M%S')}"
         path = root / study_id
         if (path / "study.json").exists():
             if cfg.study.study_id:
@@ -112,8 +133,9 @@ def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
     return max(candidates)[1]
 
 
-def arm_name(sae: SAEArmConfig) -> str:
-    """Readable, and distinct for the arms one study compares."""
+def arm_name(sae: SAEArmConfig, train: TrainConfig, common: dict) -> str:
+    """Readable, and distinct for the arms one run compares: the architecture and its sparsity,
+    plus the width, dead-latent handling and learning rate where they differ from most arms'."""
     defaults = ARCHITECTURE_DEFAULTS[sae.architecture]
     if sae.architecture in OPTION_ARCHITECTURES["k"]:
         name = f"{sae.architecture}-k{sae.k}"
@@ -121,20 +143,44 @@ def arm_name(sae: SAEArmConfig) -> str:
         name = f"{sae.architecture}-l0target{sae.target_l0:g}"
     else:
         name = f"{sae.architecture}-coef{sae.sparsity_coef:g}"
+    if _width(sae) != common["width"]:
+        name += f"-d{sae.hidden_dim}" if sae.hidden_dim is not None else f"-x{sae.expansion_factor}"
     if sae.dead_handling != defaults["dead_handling"]:
         name += f"-{sae.dead_handling}"
+    if train.lr != common["lr"]:
+        name += f"-lr{train.lr:g}"
     return name
 
 
-def arms_for(cfg: RunConfig, data_spec: dict) -> list[tuple[Arm, SAEArmConfig]]:
-    arms = []
-    for sae in cfg.saes:
-        identity = {"data": data_spec, "normalize": cfg.data.normalize, "sae": asdict(sae),
-                    "train": asdict(cfg.train)}
-        arm = Arm(f"{sae.architecture}-{stable_hash(identity, 8)}", arm_name(sae), sae.architecture,
-                  sae.dead_handling)
-        arms.append((arm, sae))
-    return arms
+def _width(sae: SAEArmConfig) -> tuple:
+    return sae.expansion_factor, sae.hidden_dim
+
+
+@dataclass
+class PlannedArm:
+    arm: Arm
+    spec: ArmSpec
+    studies: list[str]
+
+
+def plan_arms(cfg: RunConfig, data_spec: dict) -> list[PlannedArm]:
+    """The distinct arms of the run: an arm listed by several studies is trained once."""
+    specs = cfg.arms
+    common = {"width": Counter(_width(a.sae) for a in specs).most_common(1)[0][0],
+              "lr": Counter(a.train.lr for a in specs).most_common(1)[0][0]}
+    planned: dict[str, PlannedArm] = {}
+    for plan in cfg.plans:
+        for spec in plan.arms:
+            identity = {"data": data_spec, "normalize": cfg.data.normalize, "sae": asdict(spec.sae),
+                        "train": asdict(spec.train)}
+            arm_id = f"{spec.sae.architecture}-{stable_hash(identity, 8)}"
+            if arm_id not in planned:
+                arm = Arm(arm_id, arm_name(spec.sae, spec.train, common), spec.sae.architecture,
+                          spec.sae.dead_handling)
+                planned[arm_id] = PlannedArm(arm, spec, [])
+            if plan.name not in planned[arm_id].studies:
+                planned[arm_id].studies.append(plan.name)
+    return list(planned.values())
 
 
 def run_study(cfg: RunConfig, stop: StopFlag) -> int:
@@ -162,12 +208,24 @@ def run_study(cfg: RunConfig, stop: StopFlag) -> int:
         raise
 
 
+def _concept_data(cfg: RunConfig, model, cache) -> ConceptData | None:
+    if cfg.probes.concepts is None and model.name == "tinylm":
+        concepts = tinylm_concepts(model.tokenizer)
+    else:
+        concepts = yaml_concepts(cfg.probes.concepts or DEFAULT_CONCEPTS, model.tokenizer)
+    if concepts.skipped:
+        shown = ", ".join(concepts.skipped[:8]) + (" ..." if len(concepts.skipped) > 8 else "")
+        print(f"concepts: {len(concepts.skipped)} words are not single tokens here and are left out: {shown}")
+    return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
+
+
 def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     root = Path(cfg.log.checkpoint_dir)
     study_json = study_dir / "study.json"
     meta = read_json(study_json) if study_json.exists() else {
-        "study_id": study_dir.name, "study": cfg.study.study, "created": time.time(), "status": "running",
+        "study_id": study_dir.name, "studies": cfg.study.names, "created": time.time(), "status": "running",
         "spec": cfg.result_spec(), "arms": []}
+    meta["status"] = "running"
     write_json_atomic(study_json, meta)  # before the harvest, so a run killed there can be resumed
 
     device = cfg.train.device
@@ -188,11 +246,14 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     scale = cache.norm_scale(cfg.data.normalize)
     ctx = EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences)
 
-    arms = arms_for(cfg, data_spec)
+    planned = plan_arms(cfg, data_spec)
     previous = {a["arm_id"]: a for a in meta["arms"]}
-    meta["arms"] = [previous.get(a.arm_id, {**asdict(a), "status": "pending"}) for a, _ in arms]
+    meta["arms"] = [previous.get(p.arm.arm_id, {**asdict(p.arm), "studies": p.studies, "status": "pending"})
+                    for p in planned]
     meta["cache"] = str(cache.path)
     write_json_atomic(study_json, meta)
+    needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
+    concept_data = _concept_data(cfg, model, cache) if needs_concepts else None
 
     wandb = None
     if cfg.log.use_wandb:
@@ -201,29 +262,38 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode)
 
     failed = False
-    shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k != "saes"})
-    for (arm, sae_cfg), record in zip(arms, meta["arms"]):
+    shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
+    for index, (p, record) in enumerate(zip(planned, meta["arms"])):
+        arm, spec = p.arm, p.spec
         if record["status"] == "complete":
             print(f"arm {arm.name} ({arm.arm_id}) already complete; skipped")
             continue
         arm_dir = study_dir / arm.arm_id
-        run_config = {**shared_config, **flatten({"sae": asdict(sae_cfg)}), "arm_id": arm.arm_id,
-                      "study_id": study_dir.name, "d_in": cache.d_in, "d_sae": sae_cfg.d_sae(cache.d_in),
-                      "hook_name": hook_name, "norm_scale": scale}
-        sinks = ArmSinks(arm_dir, wandb, arm.name, group=study_dir.name, job_type=cfg.study.study, config=run_config)
-        trainer = Trainer(arm_dir, sae_cfg, cfg.train, cache, scale, ctx, sinks, stop, progress=cfg.log.progress)
+        run_config = {**shared_config, **flatten({"sae": asdict(spec.sae), "train": asdict(spec.train)}),
+                      "arm_id": arm.arm_id, "studies": p.studies, "study_id": study_dir.name, "d_in": cache.d_in,
+                      "d_sae": spec.sae.d_sae(cache.d_in), "hook_name": hook_name, "norm_scale": scale}
+        sinks = ArmSinks(arm_dir, wandb, arm.name, group=study_dir.name, job_type="+".join(p.studies),
+                         config=run_config)
+        trainer = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, progress=cfg.log.progress)
+        trainer.probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
+                                   umap_steps(trainer.eval_steps, cfg.probes.umap_evals), spec.train.seed,
+                                   cache.n_eval_rows)
         record.update(status="running", steps_total=trainer.n_steps)
         write_json_atomic(study_json, meta)
         try:
-            result = trainer.run(arm.name, resume=cfg.study.resume)
+            result = trainer.run(f"[{index + 1}/{len(planned)}] {arm.name}", resume=cfg.study.resume)
         except StopRequested as stopped:
             record.update(status="interrupted", steps=stopped.step)
             write_json_atomic(study_json, meta)
             stopped.study_id = study_dir.name
             raise
-        except (FloatingPointError, RuntimeError) as err:
-            print(f"arm {arm.name} failed: {type(err).__name__}: {err}", file=sys.stderr)
-            record.update(status="failed", reason=f"{type(err).__name__}: {err}")
+        except (UsageError, KeyboardInterrupt):
+            raise
+        except Exception as err:  # one arm failing must not take the others down
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            (arm_dir / "error.txt").write_text(traceback.format_exc())
+            print(f"arm {arm.name} failed: {reason} (traceback in {arm_dir / 'error.txt'})", file=sys.stderr)
+            record.update(status="failed", reason=reason, steps=trainer.step)
             write_json_atomic(study_json, meta)
             failed = True
             continue
@@ -231,19 +301,62 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
                       weights=str(arm_dir / "sae.safetensors"), wandb_run_id=result.wandb_run_id,
                       seconds=round(result.seconds, 2))
         write_json_atomic(study_json, meta)
+        faults.reached(f"arm-done:{index + 1}")
 
     meta["status"] = "failed" if failed else "complete"
-    write_json_atomic(study_json, meta)
+    results = analyse(study_dir, meta)
     summary = {"study_id": study_dir.name, "status": meta["status"], "arms": [
         {"arm_id": r["arm_id"], "name": r["name"], "architecture": r["architecture"],
-         "dead_handling": r["dead_handling"], "status": r["status"], "steps": r.get("steps"),
-         "tokens": r.get("tokens"), "final": r.get("final", {}), "weights": r.get("weights"),
+         "dead_handling": r["dead_handling"], "studies": r.get("studies", []), "status": r["status"],
+         "steps": r.get("steps"), "tokens": r.get("tokens"), "final": r.get("final", {}), "weights": r.get("weights"),
          "wandb_run_id": r.get("wandb_run_id"), "seconds": r.get("seconds"), "reason": r.get("reason")}
-        for r in meta["arms"]]}
+        for r in meta["arms"]], "studies": {res.name: res.summary for res in results}}
+    report = write_report(study_dir, meta, results)
+    if wandb is not None:
+        summary["summary_runs"] = meta["summary_runs"] = log_summary_runs(wandb, study_dir, results, shared_config)
     write_json_atomic(study_dir / "summary.json", summary)
-    print(boxed_table(
-        f"{cfg.study.study} study {study_dir.name}: eval split, {cache.n_eval_rows:,} tokens",
-        ["arm", *TABLE_METRICS, "steps", "time (s)"],
-        [[a["name"], *(a["final"].get(m) for m in TABLE_METRICS), a["steps"], a["seconds"]] for a in summary["arms"]]))
-    print(f"outputs: {study_dir}")
+    write_json_atomic(study_json, meta)  # "complete" only once every output exists
+    print_tables(results)
+    print(f"report: {report}\noutputs: {study_dir}")
     return 1 if failed else 0
+
+
+def _probe_kinds(studies: list[str]) -> set[str]:
+    return set().union(*(PROBE_KINDS[s] for s in studies))
+
+
+def log_summary_runs(wandb, study_dir: Path, results: list, config: dict) -> dict[str, str | None]:
+    """One W&B run per study (job type `summary`): its tables and the report's figures."""
+    ids = {}
+    for res in results:
+        tables = {key: (t.headers, t.rows) for key, t in res.tables.items()}
+        images = {key: study_dir / "report" / figure_file(res.name, key) for key in res.figures}
+        ids[res.name] = wandb.log_summary_run(name=f"{res.name}-summary", group=study_dir.name,
+                                              config={**config, "study": res.name}, tables=tables, figures=images)
+    return ids
+
+
+def print_tables(results: list) -> None:
+    for res in results:
+        table = next(iter(res.tables.values()), None)
+        if table is None:
+            continue
+        print(boxed_table(f"{res.name}: {table.title}", table.headers, table.rows))
+        for finding in res.findings[:6]:
+            print("  - " + finding.replace("**", ""))
+
+
+def rebuild_report(cfg: RunConfig) -> int:
+    """--report STUDY_ID: tables, figures and report.md again, from the study folder alone."""
+    study_dir = Path(cfg.log.checkpoint_dir) / cfg.study.report
+    if not (study_dir / "study.json").exists():
+        raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}")
+    try:
+        meta = read_json(study_dir / "study.json")
+    except ValueError:
+        raise UsageError(f"--report: {study_dir / 'study.json'} is not valid JSON") from None
+    results = analyse(study_dir, meta)
+    report = write_report(study_dir, meta, results)
+    print_tables(results)
+    print(f"report: {report}")
+    return 0

@@ -93,32 +93,45 @@ def build_arm_sae(arm: SAEArmConfig, train_cfg: TrainConfig, d_in: int, n_steps:
         init_threshold=arm.init_threshold, target_l0=arm.target_l0, seed=train_cfg.seed))
 
 
+@dataclass
+class EvalOutput:
+    metrics: dict[str, float]
+    density: np.ndarray  # [d_sae] firing frequency on the eval split
+    mean_act: np.ndarray  # [d_sae] mean activation when firing
+    fired: torch.Tensor | None  # [n_eval_rows, d_sae] bool, when asked for
+
+
 @torch.no_grad()
-def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext) -> tuple[dict[str, float], np.ndarray]:
+def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, keep_firing: bool = False,
+             dense_threshold: float = 0.1) -> EvalOutput:
     """Metrics on the held-out split, in the original activation scale, plus per-latent density.
 
     The SAE is evaluated in eval mode (BatchTopK then uses its inference threshold)."""
     was_training = sae.training
     sae.eval()
     acc = EvalAccumulator(sae.cfg.d_sae)
+    fired = []
     for x in cache.eval_batches(4096):
         f = sae.encode(x * scale)
         acc.update(x, sae.decode(f) / scale, f)
+        if keep_firing:
+            fired.append(f > 0)
     metrics = acc.result()
     counts = acc.firing_counts()
-    metrics.update(density_stats(counts, cache.n_eval_rows))
+    metrics.update(density_stats(counts, cache.n_eval_rows, dense_threshold))
     if ctx.bridge is not None:
         tokens = cache.eval_tokens(ctx.ce_sequences)
         metrics.update(spliced_lm_metrics(ctx.bridge, tokens, ctx.hook_name, lambda a: sae(a * scale) / scale))
     sae.train(was_training)
-    return metrics, feature_density(counts, cache.n_eval_rows)
+    return EvalOutput(metrics, feature_density(counts, cache.n_eval_rows), acc.mean_activation().numpy(),
+                      torch.cat(fired).cpu() if keep_firing else None)
 
 
 class Trainer:
     def __init__(self, arm_dir: Path, sae_cfg: SAEArmConfig, cfg: TrainConfig, cache: ActivationCache,
-                 scale: float, ctx: EvalContext, sinks, stop: StopFlag, progress: bool = True):
+                 scale: float, ctx: EvalContext, sinks, stop: StopFlag, probes=None, progress: bool = True):
         self.arm_dir, self.cfg, self.cache, self.scale, self.ctx = arm_dir, cfg, cache, scale, ctx
-        self.sinks, self.stop, self.progress = sinks, stop, progress
+        self.sinks, self.stop, self.probes, self.progress = sinks, stop, probes, progress
         self.arm = sae_cfg
         self.n_steps = total_steps(cfg, cache)
         self.spe = steps_per_epoch(cache, cfg.batch_size)
@@ -223,11 +236,25 @@ class Trainer:
                 "train/aux": out["aux"], "train/l0": fired.sum(1).float().mean(), "train/lr": lr,
                 "train/grad_norm": grad_norm, "train/dead_frac": self.dead_mask.float().mean()}
 
+    @property
+    def eval_steps(self) -> list[int]:
+        every = self.cfg.eval_every
+        return sorted({*range(every, self.n_steps + 1, every), self.n_steps})
+
     def run_eval(self) -> None:
-        metrics, density = evaluate(self.sae, self.cache, self.scale, self.ctx)
-        self.last_eval = metrics
-        self.sinks.log(self.step, self.tokens, {f"eval/{k}": v for k, v in metrics.items()})
-        self.sinks.log_density(self.step, self.tokens, density, self.cache.n_eval_rows)
+        probes = self.probes
+        out = evaluate(self.sae, self.cache, self.scale, self.ctx, keep_firing=probes is not None and probes.needs_firing,
+                       dense_threshold=probes.cfg.dense_threshold if probes is not None else 0.1)
+        self.last_eval = out.metrics
+        logs = {f"eval/{k}": v for k, v in out.metrics.items()}
+        embedding = None
+        if probes is not None:
+            probe_metrics, embedding = probes.run(self.step, self.tokens, self.sae, out.density, out.mean_act, out.fired)
+            logs.update(probe_metrics)
+        self.sinks.log(self.step, self.tokens, logs)
+        self.sinks.log_density(self.step, self.tokens, out.density, self.cache.n_eval_rows)
+        if embedding is not None:
+            self.sinks.log_embedding(self.step, self.tokens, embedding, self.cache.n_eval_rows)
 
     def run(self, name: str, resume: bool) -> ArmResult:
         from visualization.terminal import progress_bar
@@ -237,6 +264,8 @@ class Trainer:
         restored = resume and self.restore()
         if not restored:
             self.sae.init_b_dec_(self.cache.train_rows(self.batch_indices(0)) * self.scale)
+        if self.probes is not None:
+            self.probes.resume_at(self.step)
         self.wandb_run_id = self.sinks.start(self.wandb_run_id, resumed_at=self.step if restored else None)
         bar = progress_bar(total=self.n_steps, initial=self.step, desc=name, disable=not self.progress)
         cfg = self.cfg

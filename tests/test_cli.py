@@ -14,15 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_defaults():
     cfg = parse_args([])
     assert cfg.data.model_name == "tinylm" and cfg.data.hook_name == "blocks.0.hook_resid_post"
-    (sae,) = cfg.saes
+    assert cfg.study.names == ["activations", "emergence", "frequency", "resampling"] and cfg.study.label == "all"
+    sae = cfg.arms[0].sae
     assert sae.architecture == "topk" and sae.dead_handling == "auxk" and sae.k == 32
-    assert cfg.data.normalize and not cfg.log.use_wandb and cfg.study.study == "activations"
+    assert cfg.data.normalize and not cfg.log.use_wandb
 
 
 @pytest.mark.parametrize("argv, path, expected", [
-    (["--hidden-dim", "300"], "saes.0.hidden_dim", 300),
-    (["--expansion-factor", "4"], "saes.0.expansion_factor", 4),
-    (["--k", "16"], "saes.0.k", 16),
+    (["--hidden-dim", "300"], "arms.0.sae.hidden_dim", 300),
+    (["--expansion-factor", "4"], "arms.0.sae.expansion_factor", 4),
+    (["--k", "16"], "arms.0.sae.k", 16),
     (["--lr", "3e-4"], "train.lr", 3e-4),
     (["--epochs", "3"], "train.epochs", 3),
     (["--steps", "77"], "train.steps", 77),
@@ -36,9 +37,9 @@ def test_defaults():
     (["--model-name", "gpt2"], "data.model_name", "gpt2"),
     (["--no-normalize"], "data.normalize", False),
     (["--normalize-activations"], "data.normalize", True),
-    (["--no-dead-resample"], "saes.0.dead_handling", "none"),
-    (["--dead-resample"], "saes.0.dead_handling", "auxk"),
-    (["--dead-handling", "none"], "saes.0.dead_handling", "none"),
+    (["--no-dead-resample"], "arms.0.sae.dead_handling", "none"),
+    (["--dead-resample"], "arms.0.sae.dead_handling", "auxk"),
+    (["--dead-handling", "none"], "arms.0.sae.dead_handling", "none"),
     (["--dead-threshold", "0.01"], "train.dead_threshold", 0.01),
     (["--dead-window", "4096"], "train.dead_window", 4096),
     (["--use-wandb"], "log.use_wandb", True),
@@ -47,38 +48,44 @@ def test_defaults():
     (["--checkpoint-dir", "/tmp/x"], "log.checkpoint_dir", "/tmp/x"),
     (["--study-id", "mine"], "study.study_id", "mine"),
     (["--resume"], "study.resume", True),
-    (["--study", "activations"], "study.study", "activations"),
-    (["--activation", "topk"], "saes.0.architecture", "topk"),
-    (["--activation", "jump_relu"], "saes.0.architecture", "jumprelu"),
-    (["--activation", "relu", "--l1-coefficient", "0.2"], "saes.0.sparsity_coef", 0.2),
-    (["--activation", "gated", "--l1-coefficient", "0.3"], "saes.0.sparsity_coef", 0.3),
-    (["--activation", "jumprelu", "--l0-coefficient", "0.01"], "saes.0.sparsity_coef", 0.01),
-    (["--activation", "jumprelu", "--target-l0", "20"], "saes.0.target_l0", 20.0),
-    (["--activation", "relu"], "saes.0.dead_handling", "resample"),
-    (["--activation", "relu", "--no-dead-resample"], "saes.0.dead_handling", "none"),
-    (["--activation", "topk", "--dead-handling", "resample"], "saes.0.dead_handling", "resample"),
-    (["--activation", "gated"], "saes.0.aux_coef", 1.0),
+    (["--study", "activations"], "study.names", ["activations"]),
+    (["--study", "resampling,emergence"], "study.names", ["emergence", "resampling"]),
+    (["--study", "all"], "study.label", "all"),
+    (["--report", "s1"], "study.report", "s1"),
+    (["--probe-k", "4"], "probes.probe_k", 4),
+    (["--f1-threshold", "0.6"], "probes.f1_threshold", 0.6),
+    (["--study", "activations", "--sparsity-sweep", "0.5,2"], "arms.1.sae.k", 64),
+    (["--activation", "topk"], "arms.0.sae.architecture", "topk"),
+    (["--activation", "jump_relu"], "arms.0.sae.architecture", "jumprelu"),
+    (["--activation", "relu", "--l1-coefficient", "0.2"], "arms.0.sae.sparsity_coef", 0.2),
+    (["--activation", "gated", "--l1-coefficient", "0.3"], "arms.0.sae.sparsity_coef", 0.3),
+    (["--activation", "jumprelu", "--l0-coefficient", "0.01"], "arms.0.sae.sparsity_coef", 0.01),
+    (["--activation", "jumprelu", "--target-l0", "20"], "arms.0.sae.target_l0", 20.0),
+    (["--activation", "relu"], "arms.0.sae.dead_handling", "resample"),
+    (["--activation", "relu", "--no-dead-resample"], "arms.0.sae.dead_handling", "none"),
+    (["--activation", "topk", "--dead-handling", "resample"], "arms.0.sae.dead_handling", "resample"),
+    (["--activation", "gated"], "arms.0.sae.aux_coef", 1.0),
     (["--dataset", "f.txt"], "data.dataset", "f.txt"),
     (["--no-progress"], "log.progress", False),
 ])
 def test_flag_sets_its_field(argv, path, expected):
-    obj = parse_args(argv)
+    obj = parse_args(["--study", "activations", *argv] if "--study" not in argv else argv)
     for part in path.split("."):
         obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
     assert obj == expected
 
 
 def test_several_architectures_and_all():
-    cfg = parse_args(["--activation", "relu,topk,jump_relu,topk"])
-    assert [s.architecture for s in cfg.saes] == ["relu", "topk", "jumprelu"]
-    everything = parse_args(["--activation", "all", "--k", "16", "--l1-coefficient", "0.2"])
-    by_arch = {s.architecture: s for s in everything.saes}
+    cfg = parse_args(["--study", "activations", "--activation", "relu,topk,jump_relu,topk"])
+    assert [a.sae.architecture for a in cfg.arms] == ["relu", "topk", "jumprelu"]
+    everything = parse_args(["--study", "activations", "--activation", "all", "--k", "16", "--l1-coefficient", "0.2"])
+    by_arch = {a.sae.architecture: a.sae for a in everything.arms}
     assert set(by_arch) == {"relu", "jumprelu", "topk", "batchtopk", "gated"}
     # each option reaches only the architectures it applies to
     assert by_arch["topk"].k == by_arch["batchtopk"].k == 16 and by_arch["relu"].sparsity_coef == 0.2
     assert by_arch["gated"].sparsity_coef == 0.2 and by_arch["jumprelu"].sparsity_coef != 0.2
     assert by_arch["topk"].dead_handling == "auxk" and by_arch["relu"].dead_handling == "resample"
-    assert all(s.dead_handling == "none" for s in parse_args(["--activation", "all", "--no-dead-resample"]).saes)
+    assert all(a.sae.dead_handling == "none" for a in parse_args(["--activation", "all", "--no-dead-resample"]).arms)
 
 
 def test_quick_changes_defaults_but_explicit_flags_win():
@@ -88,8 +95,8 @@ def test_quick_changes_defaults_but_explicit_flags_win():
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--activation", "nope"], "unknown --activation"),
-    (["--activation", "relu,nope"], "unknown --activation"),
+    (["--activation", "nope"], "--activation: unknown architecture"),
+    (["--activation", "relu,nope"], "--activation: unknown architecture"),
     (["--activation", "relu", "--k", "16"], "--k applies to topk, batchtopk, not to relu"),
     (["--activation", "topk", "--l1-coefficient", "0.1"], "--l1-coefficient applies to relu, gated"),
     (["--activation", "relu", "--l0-coefficient", "0.1"], "--l0-coefficient applies to jumprelu"),
@@ -109,7 +116,13 @@ def test_quick_changes_defaults_but_explicit_flags_win():
     (["--dead-threshold", "1.5"], "[0, 1)"),
     (["--hook", "resid_sideways"], "invalid choice"),
     (["--wandb-mode", "loud"], "invalid choice"),
-    (["--study", "bogus"], "invalid choice"),
+    (["--study", "bogus"], "unknown study 'bogus'"),
+    (["--study", "resampling", "--sparsity-sweep", "2"], "applies to the activations study"),
+    (["--sparsity-sweep", "0,1"], "positive number"),
+    (["--probe-k", "0"], "positive integer"),
+    (["--f1-threshold", "1.5"], "(0, 1]"),
+    (["--concepts", "/nonexistent.yaml"], "no such file"),
+    (["--config", "/nonexistent.yaml"], "cannot read --config file"),
     (["--dead-handling", "auxk", "--no-dead-resample"], "contradicts"),
     (["--study-id", "../escape"], "not a usable folder name"),
     (["--device", "tpu"], "unknown --device"),

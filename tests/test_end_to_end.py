@@ -17,7 +17,7 @@ from tests.wandb_readback import read_offline_run, read_offline_runs
 pytestmark = pytest.mark.slow  # real subprocess runs; about a minute together
 ROOT = Path(__file__).resolve().parents[1]
 # A small but real run: 48 sequences of 33 tokens, TopK with 256 latents.
-TINY = ["--n-samples", "64", "--seq-len", "33", "--batch-size", "128", "--expansion-factor", "2", "--k", "8",
+TINY = ["--study", "activations", "--activation", "topk", "--n-samples", "64", "--seq-len", "33", "--batch-size", "128", "--expansion-factor", "2", "--k", "8",
         "--no-progress"]
 
 
@@ -51,7 +51,7 @@ def summary(study_dir: Path) -> dict:
 
 def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     start = time.time()
-    out = run(["--activation", "topk", "--use-wandb", "--quick", "--checkpoint-dir", str(ckpt), "--study-id", "q"],
+    out = run(["--study", "activations", "--activation", "topk", "--use-wandb", "--quick", "--checkpoint-dir", str(ckpt), "--study-id", "q"],
               env=wandb_env)
     seconds = time.time() - start
     assert out.returncode == 0, out.stderr[-3000:]

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from run_experiments import main
 from visualization.local_sink import MetricsCSV
 
-COMMON = ["--n-samples", "40", "--seq-len", "17", "--batch-size", "64", "--expansion-factor", "2", "--no-progress"]
+COMMON = ["--study", "activations", "--activation", "topk", "--n-samples", "40", "--seq-len", "17", "--batch-size", "64", "--expansion-factor", "2", "--no-progress"]
 UNTIMED = [*COMMON, "--k", "8"]
 BASE = [*UNTIMED, "--steps", "12"]
 
@@ -192,4 +192,4 @@ def test_existing_study_id_without_resume_exits_2(ckpt, base, capsys):
 
 def test_resume_with_different_settings_exits_2(ckpt, base, capsys):
     assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "base", "--resume", "--lr", "0.5"]) == 2
-    assert "different settings: train.lr" in capsys.readouterr().err
+    assert "different settings: plans.0.arms.0.train.lr was 0.001, now 0.5" in capsys.readouterr().err

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from visualization.local_sink import MetricsCSV
+from visualization.plots import log10_density
 
 
 class ArmSinks:
@@ -43,6 +44,11 @@ class ArmSinks:
     def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int) -> None:
         if self.wandb is not None:
             self.wandb.log_density(step, tokens, density, n_tokens)
+
+    def log_embedding(self, step: int, tokens: int, embedding: dict, n_tokens: int) -> None:
+        if self.wandb is not None:
+            log_freq = log10_density(embedding["density"], n_tokens)
+            self.wandb.log_embedding(step, tokens, embedding["xy"], log_freq, embedding["concept"])
 
     def finish(self, summary: dict[str, float]) -> None:
         if self.wandb is not None:

@@ -17,6 +17,7 @@ import numpy as np
 import wandb
 
 from visualization.plots import density_floor, density_histogram, log10_density
+from visualization.study_plots import umap_scatter
 
 DEFAULT_HOST = "https://api.wandb.ai"
 HIST_BINS = 64
@@ -50,6 +51,11 @@ def _resolve_mode(mode: str | None) -> tuple[str, str]:
 def _new_run_id() -> str:
     # Same shape as wandb's own ids (8 chars, lowercase alphanumerics).
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def _cell(value):
+    """Table cells: numbers, strings and None (a missing value) as they are, anything else as text."""
+    return value if value is None or isinstance(value, (int, float, str)) else str(value)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -129,7 +135,7 @@ class WandbSink:
         try:
             self._run_dir = Path(run.settings.sync_dir)
             run.define_metric("tokens")
-            for prefix in ("train", "eval", "density"):
+            for prefix in ("train", "eval", "density", "concepts", "freq", "umap"):
                 run.define_metric(f"{prefix}/*", step_metric="tokens")
             if run.offline:
                 why = f" ({why_offline})" if why_offline else ""
@@ -164,6 +170,40 @@ class WandbSink:
             self._fail("log_density", exc)
         finally:
             plt.close(fig)
+
+    def log_embedding(self, step: int, tokens: int, xy: np.ndarray, log10_freq: np.ndarray,
+                      concept: list[str | None]) -> None:
+        """UMAP of decoder directions: a table (one row per latent), a scatter of it and an image
+        with both colourings (matched concept, log10 frequency)."""
+        if self._run is None or self._failed:
+            return
+        fig = umap_scatter(xy, concept, log10_freq, title=f"{self._run.name} · decoder directions, step {step:,}")
+        try:
+            table = wandb.Table(columns=["latent", "x", "y", "log10_frequency", "concept"],
+                                data=[[i, float(x), float(y), float(f), c or "unmatched"]
+                                      for i, ((x, y), f, c) in enumerate(zip(xy, log10_freq, concept))])
+            self._run.log({"umap/table": table,
+                           "umap/scatter": wandb.plot.scatter(table, "x", "y", title=f"UMAP of decoder directions, step {step:,}"),
+                           "umap/image": wandb.Image(fig), "tokens": tokens}, step=step)
+        except Exception as exc:
+            self._fail("log_embedding", exc)
+        finally:
+            plt.close(fig)
+
+    def log_summary_run(self, *, name: str, group: str, config: dict, tables: dict[str, tuple[list[str], list[list]]],
+                        figures: dict) -> str | None:
+        """One run (job type `summary`) holding a study's comparison tables and plots."""
+        run_id = self.start(name=name, group=group, job_type="summary", config=config)
+        if self._run is not None and not self._failed:
+            try:
+                payload = {f"tables/{key}": wandb.Table(columns=headers, data=[[_cell(v) for v in row] for row in rows])
+                           for key, (headers, rows) in tables.items()}
+                payload.update({f"plots/{key}": wandb.Image(fig) for key, fig in figures.items()})
+                self._run.log(payload)
+            except Exception as exc:
+                self._fail("log_summary_run", exc)
+        self.finish({})
+        return run_id
 
     def finish(self, summary: dict[str, float]) -> None:
         """Write final metrics (e.g. "final/explained_variance") to the run summary and close the run."""

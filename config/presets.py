@@ -1,0 +1,310 @@
+"""Study presets (`config/studies/<study>.yaml`) and `--config FILE`, merged into study plans.
+
+Settings come in layers, later ones winning:
+    dataclass defaults < study preset < --quick < --config FILE < command-line flags.
+A preset describes one study: which architectures, which dead-latent handling modes, an optional
+sparsity sweep, and `sae`/`train` settings of its own (the resampling preset raises the learning
+rate, for instance). A `--config` file holds any of the groups `data`, `train`, `sae`, `probes`,
+`log`, `study`, plus `studies: {<study>: <preset keys>}` to change one study only.
+
+Identical arms in different studies (same SAE and training settings) are one arm: the runner
+trains it once and every study that lists it reads its results.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, STUDY_NAMES, ArmSpec,
+                           DataConfig, LogConfig, ProbeConfig, SAEArmConfig, StudyPlan, TrainConfig, UsageError)
+
+PRESET_DIR = Path(__file__).resolve().parent / "studies"
+ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
+ALIASES = {"jump_relu": "jumprelu", "batch_topk": "batchtopk"}
+
+# User-facing SAE settings. The penalty coefficients are named as the flags name them, because one
+# value means different things per architecture (an L1 weight, an L0 weight).
+SAE_KEYS = ("expansion_factor", "hidden_dim", "k", "l1_coefficient", "l0_coefficient", "target_l0",
+            "dead_handling", "aux_coef", "bandwidth", "init_threshold")
+SAE_KEY_FIELD = {"l1_coefficient": "sparsity_coef", "l0_coefficient": "sparsity_coef"}
+PRESET_KEYS = ("description", "architectures", "dead_handling", "sparsity_sweep", "sae", "train")
+GROUPS = {"data": DataConfig, "train": TrainConfig, "probes": ProbeConfig, "log": LogConfig}
+STUDY_KEYS = ("study", "study_id")
+# Settings that must stay the same for every arm of a run (one cache, one device).
+RUN_WIDE_TRAIN = ("seed", "device", "ce_eval_sequences")
+# Numbers must be >= 0; integers and the settings in POSITIVE must be > 0, except these.
+NON_NEGATIVE = {"layer", "warmup_steps", "umap_evals"}
+POSITIVE = {"lr", "target_l0", "bandwidth", "init_threshold", "sparsity_sweep", "ultra_low_density", "dense_threshold",
+            "f1_threshold"}
+FRACTIONS = {"dead_threshold", "decay_fraction", "eval_fraction", "sparsity_warmup_fraction"}
+
+
+def _where(source: str, path: str) -> str:
+    return f"{source}: {path}" if source else path
+
+
+def check_value(key: str, value: Any, kind: str, source: str = "", path: str = "") -> Any:
+    """Value of setting `key` checked against its kind ('int', 'float', 'bool', 'str', optional
+    with '?'); returns it converted (ints are accepted for floats)."""
+    where = _where(source, path or key)
+    optional = kind.endswith("?")
+    kind = kind.rstrip("?")
+    if value is None:
+        if optional:
+            return None
+        raise UsageError(f"{where} must not be empty")
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise UsageError(f"{where} must be true or false, got {value!r}")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise UsageError(f"{where} must be a string, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
+        raise UsageError(f"{where} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
+    value = float(value) if kind == "float" else value
+    if value != value or value in (float("inf"), float("-inf")):
+        raise UsageError(f"{where} must be finite, got {value!r}")
+    if key in FRACTIONS and not 0 <= value < 1:
+        raise UsageError(f"{where} must be in [0, 1), got {value!r}")
+    if key == "f1_threshold" and value > 1:
+        raise UsageError(f"{where} must be at most 1, got {value!r}")
+    if key in NON_NEGATIVE and value < 0:
+        raise UsageError(f"{where} must be >= 0, got {value!r}")
+    if key not in NON_NEGATIVE and key != "seed" and (value <= 0 if kind == "int" or key in POSITIVE else value < 0):
+        raise UsageError(f"{where} must be {'positive' if kind == 'int' or key in POSITIVE else '>= 0'}, got {value!r}")
+    return value
+
+
+def _kind(cls, name: str) -> str:
+    annotation = str({f.name: f.type for f in dataclasses.fields(cls)}[name])
+    base = annotation.split("|")[0].strip()
+    return base + ("?" if "None" in annotation else "")
+
+
+SAE_KINDS = {"expansion_factor": "int", "hidden_dim": "int?", "k": "int", "l1_coefficient": "float",
+             "l0_coefficient": "float", "target_l0": "float?", "dead_handling": "str", "aux_coef": "float",
+             "bandwidth": "float", "init_threshold": "float"}
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise UsageError(f"{where} must be a mapping of settings, got {type(value).__name__}")
+    return value
+
+
+def _check_group(values: Any, cls, source: str, path: str) -> dict:
+    values = _mapping(values, _where(source, path))
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in values.items():
+        if key not in names:
+            raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes {', '.join(names)}")
+        out[key] = check_value(key, value, _kind(cls, key), source, f"{path}.{key}")
+    return out
+
+
+def _check_sae(values: Any, source: str, path: str) -> dict:
+    values = _mapping(values, _where(source, path))
+    out = {}
+    for key, value in values.items():
+        if key not in SAE_KINDS:
+            raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes {', '.join(SAE_KEYS)}")
+        out[key] = check_value(key, value, SAE_KINDS[key], source, f"{path}.{key}")
+    return out
+
+
+def parse_architectures(value: Any, where: str) -> list[str]:
+    """'all', 'topk,relu' or a list of names (aliases allowed) -> distinct architecture names."""
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{where} must be 'all' or a list of architecture names, got {value!r}")
+    names = [n.strip().lower() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(ARCHITECTURES)
+    out: list[str] = []
+    for name in names:
+        name = ALIASES.get(name, name)
+        if name not in ARCHITECTURES:
+            raise UsageError(f"{where}: unknown architecture {name!r}; choose from {', '.join(ARCHITECTURES)}, or all")
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise UsageError(f"{where} needs at least one architecture")
+    return out
+
+
+def _float_list(value: Any, where: str) -> list[float]:
+    if not isinstance(value, list) or not value:
+        raise UsageError(f"{where} must be a non-empty list of positive numbers, got {value!r}")
+    return [check_value("sparsity_sweep", v, "float", "", f"{where}[{i}]") for i, v in enumerate(value)]
+
+
+def check_preset(values: Any, source: str, path: str) -> dict:
+    values = _mapping(values, _where(source, path))
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        where = _where(source, f"{path}.{key}")
+        if key not in PRESET_KEYS:
+            raise UsageError(f"{where}: unknown setting; a study takes {', '.join(PRESET_KEYS)}")
+        if key == "architectures":
+            out[key] = parse_architectures(value, where)
+        elif key == "dead_handling":
+            modes = value if isinstance(value, list) else [value]
+            allowed = sorted({m for ms in DEAD_HANDLING.values() for m in ms})
+            if not modes or any(m not in allowed for m in modes):
+                raise UsageError(f"{where} must list modes from {', '.join(allowed)}, got {value!r}")
+            out[key] = modes
+        elif key == "sparsity_sweep":
+            out[key] = _float_list(value, where)
+        elif key == "sae":
+            out[key] = _check_sae(value, source, f"{path}.sae")
+        elif key == "train":
+            out[key] = _check_group(value, TrainConfig, source, f"{path}.train")
+        else:
+            out[key] = check_value(key, value, "str", source, f"{path}.{key}")
+    return out
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """Parsed YAML (safe_load); an unreadable or malformed file is one UsageError line naming `what`."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise UsageError(f"cannot read {what} {path}: {reason}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"{what} {path} is not valid YAML{at}: {problem}") from None
+
+
+def load_yaml(path: Path, what: str) -> dict:
+    return _mapping(read_yaml(path, what), f"{what} {path}")
+
+
+def load_preset(study: str) -> dict:
+    return check_preset(load_yaml(PRESET_DIR / f"{study}.yaml", "study preset"), f"preset {study}.yaml", study)
+
+
+def load_config_file(path: str) -> dict:
+    """A --config file, checked: unknown groups or keys and wrongly typed values are errors."""
+    raw = load_yaml(Path(path), "--config file")
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in GROUPS:
+            out[key] = _check_group(value, GROUPS[key], path, key)
+        elif key == "sae":
+            out[key] = _check_sae(value, path, "sae")
+        elif key == "study":
+            out[key] = value if isinstance(value, (str, list)) else check_value("study", value, "str", path, "study")
+        elif key == "study_id":
+            out[key] = check_value(key, value, "str", path, key)
+        elif key == "studies":
+            studies = _mapping(value, f"{path}: studies")
+            for name in studies:
+                if name not in STUDY_NAMES:
+                    raise UsageError(f"{path}: studies.{name}: unknown study; choose from {', '.join(STUDY_NAMES)}")
+            out[key] = {name: check_preset(v, path, f"studies.{name}") for name, v in studies.items()}
+        else:
+            raise UsageError(f"{path}: unknown key {key!r}; a config file takes "
+                             f"{', '.join([*GROUPS, 'sae', *STUDY_KEYS, 'studies'])}")
+    return out
+
+
+def parse_studies(value: Any, where: str) -> list[str]:
+    names = value.split(",") if isinstance(value, str) else value
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise UsageError(f"{where} must be 'all' or study names, got {value!r}")
+    names = [n.strip() for n in names if n.strip()]
+    if names == ["all"]:
+        return list(STUDY_NAMES)
+    for name in names:
+        if name not in STUDY_NAMES:
+            raise UsageError(f"{where}: unknown study {name!r}; choose from {', '.join(STUDY_NAMES)}, or all")
+    if not names:
+        raise UsageError(f"{where} needs at least one study")
+    return [n for n in STUDY_NAMES if n in names]
+
+
+def _arm_sae(architecture: str, overrides: dict, mode: str | None, multiplier: float) -> SAEArmConfig:
+    fields: dict[str, Any] = {}
+    for key, value in overrides.items():
+        applies_to = OPTION_ARCHITECTURES.get(key)
+        if key == "dead_handling" or (applies_to is not None and architecture not in applies_to):
+            continue
+        fields[SAE_KEY_FIELD.get(key, key)] = value
+    sae = SAEArmConfig.for_architecture(architecture, **fields)
+    if mode is not None:
+        sae.dead_handling = mode
+    if multiplier != 1:
+        # A sweep multiplies the sparsity budget: more active latents for a larger multiplier.
+        if architecture in OPTION_ARCHITECTURES["k"]:
+            sae.k = max(1, round(sae.k * multiplier))
+        elif sae.target_l0 is not None:
+            sae.target_l0 *= multiplier
+        else:
+            sae.sparsity_coef /= multiplier
+    return sae
+
+
+def _modes(architecture: str, user_mode: str | None, preset_modes: list[str] | None, where: str) -> list[str | None]:
+    allowed = DEAD_HANDLING[architecture]
+    if user_mode is not None:
+        if user_mode == "default":
+            return [None]
+        if user_mode not in allowed:
+            raise UsageError(f"{where} {user_mode} does not apply to {architecture}; it takes {', '.join(allowed)}")
+        return [user_mode]
+    if preset_modes is None:
+        return [None]
+    return [m for m in preset_modes if m in allowed]
+
+
+def build_plans(studies: list[str], quick_train: dict, config: dict, flags: dict) -> list[StudyPlan]:
+    """One plan per study. `flags` holds the command-line layer: 'architectures', 'sparsity_sweep'
+    (activations only), 'sae' and 'train' dicts of explicitly given values."""
+    plans = []
+    for study in studies:
+        preset = load_preset(study)
+        study_cfg = config.get("studies", {}).get(study, {})
+        arches = flags.get("architectures") or study_cfg.get("architectures") or preset.get("architectures")
+        arches = arches or ["topk"]
+        sweep = ((flags.get("sparsity_sweep") if study == "activations" else None)
+                 or study_cfg.get("sparsity_sweep") or preset.get("sparsity_sweep") or [1.0])
+        sae_over = {**preset.get("sae", {}), **config.get("sae", {}), **study_cfg.get("sae", {}), **flags.get("sae", {})}
+        user_mode = next((layer["dead_handling"] for layer in (flags.get("sae", {}), study_cfg.get("sae", {}),
+                                                                config.get("sae", {}))
+                          if "dead_handling" in layer), None)
+        preset_modes = study_cfg.get("dead_handling") or preset.get("dead_handling")
+        train = TrainConfig(**{**preset.get("train", {}), **quick_train, **config.get("train", {}),
+                               **study_cfg.get("train", {}), **flags.get("train", {})})
+        where = "--dead-handling" if "dead_handling" in flags.get("sae", {}) else f"{study}: dead_handling"
+        arms = [ArmSpec(_arm_sae(arch, sae_over, mode, m), train)
+                for arch in arches for mode in _modes(arch, user_mode, preset_modes, where) for m in sweep]
+        if not arms:
+            raise UsageError(f"study {study}: no arm left (no dead-latent handling mode applies to "
+                             f"{', '.join(arches)})")
+        plans.append(StudyPlan(study, arms))
+    return plans
+
+
+def run_wide_train(plans: list[StudyPlan]) -> TrainConfig:
+    """Training settings shared by the whole run; arms may not disagree on them."""
+    first = plans[0].arms[0].train
+    for plan in plans:
+        for arm in plan.arms:
+            for key in RUN_WIDE_TRAIN:
+                if getattr(arm.train, key) != getattr(first, key):
+                    raise UsageError(f"study {plan.name} sets train.{key} = {getattr(arm.train, key)!r}, but it must "
+                                     f"be the same for every study of a run ({getattr(first, key)!r})")
+    return first

@@ -1,0 +1,159 @@
+"""Probes that run at every eval step of an arm and record time series for the studies.
+
+What an arm is probed for is the union of what the studies listing it need:
+  frequency  firing-frequency statistics (rank stability between evals, ultra-low cluster)
+  concepts   held-out F1 of the best single latent and of a k-sparse probe per concept (§7.2)
+  umap       UMAP embedding of the decoder directions at a few eval steps, coloured by concept
+
+Each eval leaves `<arm>/probes/eval-<step>.npz` (plain arrays, read back with allow_pickle=False):
+density and mean activation per latent always, concept scores and the embedding when probed.
+Studies and `--report` read these files; nothing is recomputed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from config.schema import ProbeConfig
+from experiments.concepts import ConceptSet, score_concepts
+from experiments.metrics import frequency_stats, rank_stability
+from visualization.local_sink import read_json, write_json_atomic
+
+PROBE_KINDS = {"activations": set(), "emergence": {"concepts", "umap"}, "frequency": {"frequency"},
+               "resampling": set()}
+MATCH_PRECISION = 0.5  # a latent is matched to a concept category when most of its firings are on it
+
+
+@dataclass
+class ConceptData:
+    """A concept set with its labels on the eval split and the tokens used to select latents."""
+
+    concepts: ConceptSet
+    labels: torch.Tensor  # [n_eval_rows, C] bool
+    fit_mask: torch.Tensor  # [n_eval_rows] bool: even eval sequences select, odd ones score
+
+    @classmethod
+    def build(cls, concepts: ConceptSet, row_tokens: torch.Tensor, row_sequence: torch.Tensor) -> "ConceptData":
+        # Split by sequence, not by token: a story repeats its names, so tokens of one sequence are not independent.
+        return cls(concepts, concepts.labels(row_tokens), row_sequence % 2 == 0)
+
+
+def eval_file(arm_dir: Path, step: int) -> Path:
+    return arm_dir / "probes" / f"eval-{step:08d}.npz"
+
+
+def read_evals(arm_dir: Path) -> list[dict[str, np.ndarray]]:
+    """Every eval's probe arrays, in step order."""
+    out = []
+    for path in sorted((arm_dir / "probes").glob("eval-*.npz")):
+        with np.load(path, allow_pickle=False) as data:
+            out.append({k: data[k] for k in data.files})
+    return out
+
+
+def umap_steps(eval_steps: list[int], count: int) -> set[int]:
+    """`count` eval steps spread evenly from the first to the final one."""
+    if count <= 0 or not eval_steps:
+        return set()
+    picks = np.unique(np.round(np.linspace(0, len(eval_steps) - 1, count)).astype(int))
+    return {eval_steps[i] for i in picks}
+
+
+def matched_categories(fired: torch.Tensor, labels: torch.Tensor, kinds: list[str]) -> np.ndarray:
+    """Per latent, the index of the category concept it fires on most precisely, or -1 when no
+    category holds at least MATCH_PRECISION of its firings (or it never fires)."""
+    cats = [i for i, kind in enumerate(kinds) if kind == "category"]
+    if not cats:
+        return np.full(fired.shape[1], -1, dtype=np.int64)
+    tp = labels[:, cats].T.float() @ fired.float()  # [n_cat, d_sae], exact counts below 2**24
+    n_fire = fired.sum(0).float().clamp_min(1)
+    best, idx = (tp / n_fire).max(0)
+    return torch.where(best >= MATCH_PRECISION, torch.tensor(cats)[idx], -1).numpy()
+
+
+class ArmProbes:
+    def __init__(self, arm_dir: Path, kinds: set[str], cfg: ProbeConfig, concept_data: ConceptData | None,
+                 umap_at: set[int], seed: int, n_eval_tokens: int):
+        self.arm_dir, self.kinds, self.cfg, self.seed = arm_dir, kinds, cfg, seed
+        self.n_eval_tokens = n_eval_tokens
+        self.concepts = concept_data if "concepts" in kinds or "umap" in kinds else None
+        self.umap_at = umap_at if "umap" in kinds else set()
+        self._previous: np.ndarray | None = None
+        if self.concepts is not None:
+            c = self.concepts.concepts
+            write_json_atomic(arm_dir / "probes" / "concepts.json",
+                              {"names": c.names, "kinds": c.kinds, "skipped": c.skipped})
+
+    @property
+    def needs_firing(self) -> bool:
+        return self.concepts is not None
+
+    def resume_at(self, step: int) -> None:
+        """Continue after a checkpoint: the previous density is that of the last eval at or before it."""
+        self._previous = None
+        for path in sorted((self.arm_dir / "probes").glob("eval-*.npz")):
+            if int(path.stem.split("-")[1]) <= step:
+                with np.load(path, allow_pickle=False) as data:
+                    self._previous = data["density"]
+
+    def run(self, step: int, tokens: int, sae, density: np.ndarray, mean_act: np.ndarray,
+            fired: torch.Tensor | None) -> tuple[dict[str, float], dict | None]:
+        """Probe one eval. Returns scalar metrics to log and, at UMAP steps, the embedding to log."""
+        arrays: dict[str, np.ndarray] = {"step": np.array(step), "tokens": np.array(tokens),
+                                         "n_tokens": np.array(self.n_eval_tokens),
+                                         "density": density, "mean_act": mean_act}
+        metrics: dict[str, float] = {}
+        if "frequency" in self.kinds:
+            stats = frequency_stats(density, self.cfg.ultra_low_density)
+            if self._previous is not None:
+                stats["rank_spearman"] = rank_stability(self._previous, density)
+            metrics.update({f"freq/{k}": v for k, v in stats.items()})
+        self._previous = density
+        if self.concepts is not None and fired is not None and "concepts" in self.kinds:
+            scores = score_concepts(fired, self.concepts.labels, self.concepts.fit_mask, self.cfg.probe_k)
+            arrays.update(scores)
+            metrics.update(self._concept_metrics(scores))
+        embedding = None
+        if step in self.umap_at:
+            from experiments.embedding import decoder_embedding
+
+            xy = decoder_embedding(sae.W_dec.detach().cpu().numpy(), self.seed)
+            if self.concepts is not None:
+                matched = matched_categories(fired, self.concepts.labels, self.concepts.concepts.kinds)
+                names = self.concepts.concepts.names
+            else:
+                matched, names = np.full(len(xy), -1, dtype=np.int64), []
+            arrays.update(umap_xy=xy, umap_concept=matched)
+            embedding = {"xy": xy, "density": density,
+                         "concept": [names[i].split(":", 1)[1] if i >= 0 else None for i in matched]}
+        path = eval_file(self.arm_dir, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+            np.savez(f, **arrays)
+        tmp.replace(path)
+        return metrics, embedding
+
+    def _concept_metrics(self, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        c = self.concepts.concepts
+        out: dict[str, float] = {}
+        kinds = np.array(c.kinds)
+        for kind in ("category", "word"):
+            mask = kinds == kind
+            for score in ("single", "probe"):
+                values = scores[f"{score}_f1"][mask]
+                out[f"concepts/{kind}_emerged_{score}"] = float(np.sum(values >= self.cfg.f1_threshold))
+        # Per-concept curves for categories only: a W&B panel per word would bury the dashboard.
+        for i, name in enumerate(c.names):
+            if c.kinds[i] == "category":
+                out[f"concepts/{name.split(':', 1)[1]}/single_f1"] = float(scores["single_f1"][i])
+                out[f"concepts/{name.split(':', 1)[1]}/probe_f1"] = float(scores["probe_f1"][i])
+        return out
+
+
+def read_concepts(arm_dir: Path) -> dict | None:
+    path = arm_dir / "probes" / "concepts.json"
+    return read_json(path) if path.exists() else None

@@ -1,0 +1,297 @@
+"""The four studies (§6, §7): each reads the files its arms left behind (study.json, metrics.csv,
+probes/eval-*.npz) and turns them into tables, figures and findings. Nothing here trains or
+recomputes a probe, so `--report` can rebuild every result from the study folder alone.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from experiments.probes import read_concepts, read_evals
+from visualization import study_plots
+from visualization.local_sink import MetricsCSV
+from visualization.plots import density_floor, log10_density
+
+FINAL_METRICS = ("l0", "explained_variance", "mse", "cos", "dead_frac", "dense_frac", "ce_loss_recovered", "kl")
+
+
+@dataclass
+class Table:
+    title: str
+    headers: list[str]
+    rows: list[list]
+
+
+@dataclass
+class StudyResult:
+    name: str
+    question: str
+    tables: dict[str, Table] = field(default_factory=dict)
+    figures: dict[str, Callable[[], Figure]] = field(default_factory=dict)  # drawn when the report is written
+    findings: list[str] = field(default_factory=list)  # one Markdown sentence each
+    summary: dict = field(default_factory=dict)  # goes to summary.json["studies"][name]
+
+
+@dataclass
+class ArmData:
+    record: dict  # the arm's entry in study.json
+    series: dict[str, tuple[np.ndarray, np.ndarray]]  # metric -> (tokens, values), from metrics.csv
+    evals: list[dict[str, np.ndarray]]  # probe arrays per eval, in step order
+    concepts: dict | None  # names, kinds, skipped
+
+    @property
+    def name(self) -> str:
+        return self.record["name"]
+
+    @property
+    def architecture(self) -> str:
+        return self.record["architecture"]
+
+    @property
+    def final(self) -> dict:
+        return self.record.get("final") or {}
+
+    def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        return self.series.get(metric, (np.zeros(0), np.zeros(0)))
+
+
+def load_arm(study_dir: Path, record: dict) -> ArmData:
+    arm_dir = study_dir / record["arm_id"]
+    series: dict[str, tuple[list, list]] = {}
+    csv = arm_dir / "metrics.csv"
+    for row in MetricsCSV.read(csv) if csv.exists() else []:
+        tokens, values = series.setdefault(row["name"], ([], []))
+        tokens.append(row["tokens"])
+        values.append(row["value"])
+    arrays = {k: (np.array(t, dtype=np.float64), np.array(v, dtype=np.float64)) for k, (t, v) in series.items()}
+    return ArmData(record, arrays, read_evals(arm_dir), read_concepts(arm_dir))
+
+
+def _r(value, digits: int = 4):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), digits)
+
+
+def _tokens_text(tokens: float) -> str:
+    if tokens is None or math.isnan(tokens):
+        return "never"
+    return f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}k"
+
+
+# -- activations ------------------------------------------------------------------------------
+def activations(arms: list[ArmData], probes: dict) -> StudyResult:
+    res = StudyResult("activations", "How do the sparsity mechanisms trade reconstruction against sparsity?")
+    rows = [[a.name, a.record.get("status"), *(_r(a.final.get(m)) for m in FINAL_METRICS), a.record.get("steps"),
+             a.record.get("seconds")] for a in arms]
+    res.tables["final"] = Table("Final metrics on the eval split", ["arm", "status", *FINAL_METRICS, "steps", "time (s)"],
+                                rows)
+    done = [a for a in arms if a.final]
+    if done:
+        res.figures["frontier"] = partial(study_plots.frontier, [
+            {"name": a.name, "architecture": a.architecture, **{m: a.final.get(m) for m in
+                                                                 ("l0", "explained_variance", "ce_loss_recovered", "kl")}}
+            for a in done])
+        best = max(done, key=lambda a: a.final.get("explained_variance", -1))
+        res.findings.append(f"Highest explained variance: **{best.name}**, {best.final['explained_variance']:.4f} "
+                            f"at L0 {best.final['l0']:.1f}.")
+        l0s = [a.final["l0"] for a in done]
+        res.findings.append(f"L0 ranges from {min(l0s):.1f} to {max(l0s):.1f} across arms; compare explained "
+                            f"variance only between arms of similar L0 (the frontier plot shows both).")
+    res.summary = {"arms": [{"name": a.name, "arm_id": a.record["arm_id"], **{m: a.final.get(m) for m in FINAL_METRICS}}
+                            for a in arms]}
+    return res
+
+
+# -- emergence --------------------------------------------------------------------------------
+def _nanmax(scores: np.ndarray) -> np.ndarray:
+    """Column maxima ignoring NaN; NaN (without numpy's warning) where a column is all NaN."""
+    filled = np.where(np.isnan(scores), -np.inf, scores).max(0)
+    return np.where(np.isneginf(filled), np.nan, filled)
+
+
+def _first_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """[C] tokens at the first eval whose score reaches threshold (NaN: never). scores [E, C]."""
+    reached = np.nan_to_num(scores, nan=-1.0) >= threshold
+    first = reached.argmax(0)
+    return np.where(reached.any(0), tokens[first], np.nan)
+
+
+def emergence(arms: list[ArmData], probes: dict) -> StudyResult:
+    threshold = probes["f1_threshold"]
+    res = StudyResult("emergence", "When do latents come to represent known concepts, and in what order?")
+    scored = [a for a in arms if a.concepts and a.evals and "single_f1" in a.evals[0]]
+    if not scored:
+        res.findings.append("No arm has concept scores (the subject model has no concept vocabulary here).")
+        return res
+    curves, per_arm, summary_arms = {}, {}, []
+    names, kinds = scored[0].concepts["names"], scored[0].concepts["kinds"]
+    cat = [i for i, k in enumerate(kinds) if k == "category"]
+    word = [i for i, k in enumerate(kinds) if k == "word"]
+    label = [n.split(":", 1)[1] for n in names]
+    rows, detail = [], []
+    for a in scored:
+        tokens = np.array([float(e["tokens"]) for e in a.evals])
+        single = np.stack([e["single_f1"] for e in a.evals])
+        probe = np.stack([e["probe_f1"] for e in a.evals])
+        curves[a.name] = {"architecture": a.architecture, "tokens": tokens, "kinds": kinds, "single": single,
+                          "probe": probe}
+        first_single, first_probe = _first_reach(tokens, single, threshold), _first_reach(tokens, probe, threshold)
+        best_single, best_probe = _nanmax(single), _nanmax(probe)
+        per_arm[a.name] = (first_single, first_probe, best_single, best_probe)
+        n = lambda first, idx: int(np.sum(~np.isnan(first[idx])))  # noqa: E731
+        rows.append([a.name, f"{n(first_single, cat)}/{len(cat)}", f"{n(first_probe, cat)}/{len(cat)}",
+                     f"{n(first_single, word)}/{len(word)}", f"{n(first_probe, word)}/{len(word)}",
+                     _tokens_text(np.nanmin(first_single[cat]) if n(first_single, cat) else np.nan),
+                     _r(np.nanmedian(best_single[cat]), 3), _r(np.nanmedian(best_probe[cat]), 3)])
+        last = a.evals[-1]
+        concepts_out = []
+        for i in range(len(names)):
+            entry = {"concept": names[i], "emerged_single_tokens": _r(first_single[i], 0),
+                     "emerged_probe_tokens": _r(first_probe[i], 0), "best_single_f1": _r(best_single[i]),
+                     "best_probe_f1": _r(best_probe[i]), "final_single_latent": int(last["single_latent"][i]),
+                     "final_probe_latents": [int(x) for x in last["probe_latents"][i] if x >= 0]}
+            concepts_out.append(entry)
+            if kinds[i] == "category":
+                detail.append([a.name, label[i], _tokens_text(first_single[i]), _r(best_single[i], 3),
+                               _tokens_text(first_probe[i]), _r(best_probe[i], 3), len(entry["final_probe_latents"])])
+        summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "concepts": concepts_out})
+    k = probes["probe_k"]
+    res.tables["counts"] = Table(
+        f"Concepts emerged (held-out F1 >= {threshold}): best single latent / {k}-sparse probe",
+        ["arm", "categories (single)", f"categories (probe)", "words (single)", "words (probe)",
+         "first category at", "median best cat. F1 (single)", "median best cat. F1 (probe)"], rows)
+    res.tables["categories"] = Table(
+        "Category concepts: when each emerged (training tokens) and the best held-out F1 reached",
+        ["arm", "category", "emerged (single)", "best F1 (single)", "emerged (probe)", "best F1 (probe)",
+         "probe latents"], detail)
+    res.figures["curves"] = partial(study_plots.emergence_curves, curves, threshold)
+    cat_names = [label[i] for i in cat]
+    for kind, index in (("single", 0), ("probe", 1)):
+        res.figures[f"steps_{kind}"] = partial(study_plots.emergence_steps,
+            {a.name: {"architecture": a.architecture, "emerged_tokens": per_arm[a.name][index][cat],
+                      "best": per_arm[a.name][index + 2][cat]} for a in scored}, cat_names, threshold)
+        final = np.stack([curves[a.name][kind][-1][cat] for a in scored])
+        what = "best single latent" if kind == "single" else f"{k}-sparse probe"
+        res.figures[f"final_f1_{kind}"] = partial(study_plots.score_heatmap,
+            [a.name for a in scored], cat_names, final, f"Final held-out F1 per category, {what}")
+    for a in scored:
+        for e in a.evals:
+            if "umap_xy" in e:
+                concept = [label[i] if i >= 0 else None for i in e["umap_concept"]]
+                res.figures[f"umap_{a.name}_step{int(e['step'])}"] = partial(study_plots.umap_scatter,
+                    e["umap_xy"], concept, log10_density(e["density"], int(e["n_tokens"])),
+                    f"{a.name}: decoder directions at {_tokens_text(float(e['tokens']))} tokens")
+    for a in scored:
+        first_single, first_probe, best_single, best_probe = per_arm[a.name]
+        emerged = [label[i] for i in sorted(cat, key=lambda i: first_single[i]) if not np.isnan(first_single[i])]
+        missing = [f"{label[i]} ({best_single[i]:.2f} single, {best_probe[i]:.2f} probe)" for i in cat
+                   if np.isnan(first_probe[i])]
+        res.findings.append(
+            f"**{a.name}**: {len(emerged)}/{len(cat)} categories emerged in a single latent"
+            + (f" (first: {', '.join(emerged[:4])})" if emerged else "")
+            + f", {int(np.sum(~np.isnan(first_probe[cat])))}/{len(cat)} with the {k}-sparse probe"
+            + (f"; never emerged, best F1: {', '.join(missing)}" if missing else "") + ".")
+    res.summary = {"threshold": threshold, "probe_k": k, "skipped_words": scored[0].concepts.get("skipped", []),
+                   "arms": summary_arms}
+    return res
+
+
+# -- frequency --------------------------------------------------------------------------------
+def frequency(arms: list[ArmData], probes: dict) -> StudyResult:
+    res = StudyResult("frequency", "How are firing frequencies distributed, and how do they move in training?")
+    with_evals = [a for a in arms if a.evals]
+    rows, over_time, stability, magnitude = [], {}, {}, {}
+    for a in with_evals:
+        last = a.evals[-1]
+        tokens, dead = a.curve("eval/dead_frac")
+        _, dense = a.curve("eval/dense_frac")
+        over_time[a.name] = {"architecture": a.architecture, "tokens": tokens, "dead_frac": dead, "dense_frac": dense}
+        st_tokens, spearman = a.curve("freq/rank_spearman")
+        stability[a.name] = {"architecture": a.architecture, "tokens": st_tokens, "spearman": spearman}
+        magnitude[a.name] = {"architecture": a.architecture, "density": last["density"], "mean_act": last["mean_act"]}
+        _, ultra = a.curve("freq/ultra_low_frac")
+        _, median = a.curve("freq/median_log10_density")
+        rows.append([a.name, _r(dead[-1] if dead.size else None), _r(dense[-1] if dense.size else None),
+                     _r(ultra[-1] if ultra.size else None), _r(median[-1] if median.size else None, 3),
+                     _r(spearman[-1] if spearman.size else None), _r(np.nanmin(spearman) if spearman.size else None)])
+        n_tokens = int(last["n_tokens"])
+        res.figures[f"density_{a.name}"] = partial(study_plots.density_over_training,
+            a.name, np.array([float(e["tokens"]) for e in a.evals]),
+            np.stack([log10_density(e["density"], n_tokens) for e in a.evals]), density_floor(n_tokens))
+    res.tables["final"] = Table(
+        f"Firing frequencies on the eval split (ultra-low: alive but below {probes['ultra_low_density']:g}; "
+        f"dense: above {probes['dense_threshold']:g})",
+        ["arm", "dead", "dense", "ultra-low", "median log10 freq", "rank Spearman (last)", "rank Spearman (min)"], rows)
+    if with_evals:
+        res.figures["dead_dense"] = partial(study_plots.dead_dense_over_time, over_time)
+        res.figures["rank_stability"] = partial(study_plots.rank_stability, stability)
+        res.figures["freq_vs_magnitude"] = partial(study_plots.freq_vs_magnitude, magnitude)
+        for row in rows:
+            res.findings.append(f"**{row[0]}**: {_pct(row[1])} dead, {_pct(row[2])} dense, {_pct(row[3])} ultra-low; "
+                                f"frequency ranks between the last two evals correlate at {row[5]}.")
+    res.summary = {"arms": [dict(zip(["name", "dead_frac", "dense_frac", "ultra_low_frac", "median_log10_density",
+                                      "rank_spearman_last", "rank_spearman_min"], row)) for row in rows]}
+    return res
+
+
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}%"
+
+
+# -- resampling -------------------------------------------------------------------------------
+def resampling(arms: list[ArmData], probes: dict) -> StudyResult:
+    res = StudyResult("resampling", "What does dead-latent handling do to dead latents and reconstruction?")
+    rows, curves = [], {}
+    for a in arms:
+        tokens, dead = a.curve("eval/dead_frac")
+        _, ev = a.curve("eval/explained_variance")
+        _, train_dead = a.curve("train/dead_frac")
+        _, resampled = a.curve("train/resampled")
+        curves[a.name] = {"architecture": a.architecture, "dead_handling": a.record["dead_handling"],
+                          "tokens": tokens, "dead_frac": dead, "explained_variance": ev}
+        rows.append([a.name, a.record["dead_handling"], _r(a.final.get("dead_frac")),
+                     _r(np.max(dead) if dead.size else None), _r(train_dead[-1] if train_dead.size else None),
+                     int(resampled.sum()) if resampled.size else 0, _r(a.final.get("explained_variance")),
+                     _r(a.final.get("l0"), 2)])
+    res.tables["final"] = Table(
+        "Dead latents by handling mode (dead: never fired on the eval split; window-dead: below the dead "
+        "threshold in the last training window)",
+        ["arm", "handling", "dead (final)", "dead (peak)", "window-dead (final)", "resampled", "explained variance",
+         "l0"], rows)
+    if curves:
+        res.figures["curves"] = partial(study_plots.resampling_curves, curves)
+        by_mode = {r[1]: r for r in rows}
+        if "none" in by_mode:
+            base = by_mode["none"]
+            for mode in ("resample", "auxk"):
+                if mode in by_mode and base[2] is not None and by_mode[mode][2] is not None:
+                    r = by_mode[mode]
+                    res.findings.append(f"{mode}: {_pct(r[2])} dead at the end against {_pct(base[2])} without "
+                                        f"handling; explained variance {r[6]} against {base[6]}.")
+    res.summary = {"arms": [dict(zip(["name", "dead_handling", "dead_frac", "dead_frac_peak", "window_dead_frac",
+                                      "resampled", "explained_variance", "l0"], row)) for row in rows]}
+    return res
+
+
+ANALYSES = {"activations": activations, "emergence": emergence, "frequency": frequency, "resampling": resampling}
+
+
+def analyse(study_dir: Path, meta: dict) -> list[StudyResult]:
+    """Every study of the run, from its files. `meta` is the study.json content."""
+    probes = meta["spec"]["probes"]
+    loaded: dict[str, ArmData] = {}
+    results = []
+    for name in meta["spec"]["study"]["names"]:
+        records = [r for r in meta["arms"] if name in r.get("studies", [])]
+        arms = []
+        for r in records:
+            if r["arm_id"] not in loaded:
+                loaded[r["arm_id"]] = load_arm(study_dir, r)
+            arms.append(loaded[r["arm_id"]])
+        results.append(ANALYSES[name](arms, probes))
+    return results

@@ -1,0 +1,107 @@
+"""Study presets and --config files: layering, arm sharing between studies, one-line errors."""
+import pytest
+
+from config.cli import QUICK_DEFAULTS, parse_args
+from config.presets import PRESET_DIR, load_preset
+from config.schema import STUDY_NAMES, UsageError
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_every_study_has_a_valid_preset():
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(STUDY_NAMES)
+    for name in STUDY_NAMES:
+        assert load_preset(name)["description"]
+
+
+def test_default_run_shares_arms_between_studies():
+    cfg = parse_args([])
+    by_study = {p.name: p.arms for p in cfg.plans}
+    # emergence and frequency read exactly the activations arms: nothing is trained twice
+    assert by_study["emergence"] == by_study["activations"] == by_study["frequency"]
+    assert [a.sae.architecture for a in by_study["activations"]] == ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+    modes = [a.sae.dead_handling for a in by_study["resampling"]]
+    assert modes == ["none", "resample", "auxk"]
+    resampling = by_study["resampling"][0]
+    assert resampling.sae.expansion_factor == 16 and resampling.train.lr == 0.004
+    assert len(cfg.arms) == 8  # 5 shared + 3 resampling arms
+
+
+def test_layers_preset_then_quick_then_config_then_flags(tmp_path):
+    path = write(tmp_path, "train: {lr: 0.002, steps: 50}\nstudies:\n  resampling:\n    train: {lr: 0.01}\n")
+    cfg = parse_args(["--quick", "--config", path])
+    lr = {p.name: p.arms[0].train.lr for p in cfg.plans}
+    # config beats the resampling preset's lr, a study-specific config beats the config's train group
+    assert lr == {"activations": 0.002, "emergence": 0.002, "frequency": 0.002, "resampling": 0.01}
+    assert cfg.arms[0].train.steps == 50  # config beats --quick
+    assert cfg.arms[0].train.batch_size == QUICK_DEFAULTS["batch_size"]  # --quick beats the dataclass default
+    flagged = parse_args(["--quick", "--config", path, "--lr", "0.003", "--steps", "9"])
+    assert {a.train.lr for a in flagged.arms} == {0.003} and {a.train.steps for a in flagged.arms} == {9}
+
+
+def test_config_file_groups(tmp_path):
+    path = write(tmp_path, """
+study: [activations, resampling]
+study_id: mine
+data: {layer: 1, n_samples: 300}
+sae: {k: 16, expansion_factor: 4}
+probes: {probe_k: 3}
+log: {use_wandb: true, wandb_project: proj}
+studies:
+  activations: {architectures: [topk, relu], sparsity_sweep: [1, 2]}
+  resampling: {dead_handling: [none, auxk]}
+""")
+    cfg = parse_args(["--config", path])
+    assert cfg.study.names == ["activations", "resampling"] and cfg.study.study_id == "mine"
+    assert cfg.data.layer == 1 and cfg.data.n_samples == 300 and cfg.probes.probe_k == 3
+    assert cfg.log.use_wandb and cfg.log.wandb_project == "proj"
+    acts = cfg.plans[0].arms
+    assert [(a.sae.architecture, a.sae.k, a.sae.sparsity_coef) for a in acts] == [
+        ("topk", 16, 0.0), ("topk", 32, 0.0), ("relu", 32, 0.007), ("relu", 32, 0.0035)]
+    assert all(a.sae.expansion_factor == 4 for a in acts)
+    res = cfg.plans[1].arms
+    assert [a.sae.dead_handling for a in res] == ["none", "auxk"]
+    assert all(a.sae.expansion_factor == 4 for a in res)  # the user's sae group beats the preset's
+
+
+def test_flags_beat_config_for_architectures_and_study(tmp_path):
+    path = write(tmp_path, "study: resampling\nstudies:\n  resampling: {architectures: [relu]}\n")
+    cfg = parse_args(["--config", path, "--activation", "batchtopk"])
+    assert [a.sae.architecture for a in cfg.arms] == ["batchtopk"] * 3
+    assert parse_args(["--config", path, "--study", "activations"]).study.names == ["activations"]
+    relu = parse_args(["--config", path])
+    assert [a.sae.dead_handling for a in relu.arms] == ["none", "resample"]  # auxk does not apply to relu
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("train: {lrr: 1}", "train.lrr: unknown setting"),
+    ("bogus: 1", "unknown key 'bogus'"),
+    ("train: {lr: fast}", "train.lr must be a number"),
+    ("train: {steps: 1.5}", "train.steps must be an integer"),
+    ("train: {batch_size: 0}", "must be positive"),
+    ("train: {lr: -1}", "must be positive"),
+    ("train: {dead_threshold: 2}", "must be in [0, 1)"),
+    ("data: {normalize: maybe}", "must be true or false"),
+    ("data: [1, 2]", "must be a mapping"),
+    ("sae: {k: 0}", "sae.k must be positive"),
+    ("sae: {typo: 1}", "sae.typo: unknown setting"),
+    ("studies: {nope: {}}", "studies.nope: unknown study"),
+    ("studies: {activations: {architectures: [nope]}}", "unknown architecture 'nope'"),
+    ("studies: {activations: {sparsity_sweep: [0]}}", "must be positive"),
+    ("studies: {activations: {sparsity_sweep: 2}}", "non-empty list"),
+    ("studies: {resampling: {dead_handling: [sometimes]}}", "must list modes"),
+    ("studies: {activations: {extra: 1}}", "unknown setting; a study takes"),
+    ("study: nope", "unknown study 'nope'"),
+    ("- just\n- a list", "must be a mapping"),
+    ("train: {lr: [unclosed", "not valid YAML"),
+    ("studies: {resampling: {train: {seed: 3}}}", "must be the same for every study"),
+    ("studies: {activations: {sae: {dead_handling: auxk}}}\nstudy: activations", "does not apply to relu"),
+])
+def test_bad_config_files_raise_one_line(tmp_path, text, fragment):
+    with pytest.raises(UsageError) as info:
+        parse_args(["--config", write(tmp_path, text)])
+    assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)

@@ -1,0 +1,249 @@
+"""Study report figures (visualization/study_plots.py) and the decoder UMAP (experiments/embedding.py).
+
+Figures are built from small synthetic inputs, including edge cases (NaN, a single eval, arms that
+never emerge, an all-dead arm, no CE), checked for axes, labels and titles, and saved as PNG.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.figure import Figure
+
+from experiments.embedding import decoder_embedding
+from visualization import study_plots as sp
+from visualization.plots import density_floor, log10_density, save_figure
+
+ARMS = {"topk-k32": "topk", "batchtopk-k32": "batchtopk", "relu": "relu", "jumprelu": "jumprelu", "gated": "gated"}
+
+
+def _data_axes(fig: Figure) -> list:
+    """Axes that are not colorbars."""
+    return [ax for ax in fig.axes if not hasattr(ax, "_colorbar")]
+
+
+def _check(fig: Figure, tmp_path: Path, n_axes: int, name: str) -> None:
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == n_axes, [ax.get_title() for ax in fig.axes]
+    titles = [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]
+    assert any(t.strip() for t in titles)
+    for ax in _data_axes(fig):
+        assert ax.get_title().strip(), "every panel has a title"
+    assert any(ax.get_xlabel().strip() for ax in fig.axes)
+    assert any(ax.get_ylabel().strip() for ax in fig.axes)
+    width, _ = fig.get_size_inches()
+    assert width <= 12.0 + 1e-9
+    path = tmp_path / f"{name}.png"
+    save_figure(fig, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_format_tokens_and_palette():
+    assert sp.format_tokens(0) == "0"
+    assert sp.format_tokens(500) == "500"
+    assert sp.format_tokens(1500) == "1.5k"
+    assert sp.format_tokens(100_000) == "100k"
+    assert sp.format_tokens(1_200_000) == "1.2M"
+    assert sp.format_tokens(float("nan")) == ""
+    assert sp.arch_color("topk") == sp.ARCH_COLORS["topk"]
+    assert sp.arch_color("mystery") == sp.arch_color("mystery")  # stable
+    assert sp.arch_color("mystery") not in sp.ARCH_COLORS.values()
+    styles = sp.arm_styles({"topk-k16": "topk", "topk-k64": "topk", "relu": "relu"})
+    assert styles["topk-k16"]["color"] != styles["topk-k64"]["color"]
+    assert styles["topk-k16"]["marker"] != styles["topk-k64"]["marker"]
+
+
+def test_frontier(tmp_path):
+    pts = [{"name": f"{a}-k{k}", "architecture": a, "l0": k * (1 + 0.1 * i), "explained_variance": 0.6 + k / 200,
+            "ce_loss_recovered": 0.5 + k / 200, "kl": 0.1} for i, a in enumerate(ARMS.values()) for k in (16, 32, 64)]
+    pts.append({"name": "odd", "architecture": "newarch", "l0": 20.0, "explained_variance": float("nan"),
+                "ce_loss_recovered": None, "kl": None})
+    _check(sp.frontier(pts), tmp_path, 2, "frontier")
+    # No language model: only the explained-variance panel.
+    no_lm = [dict(p, ce_loss_recovered=None, kl=float("nan")) for p in pts]
+    fig = sp.frontier(no_lm)
+    assert "explained variance" in fig.axes[0].get_ylabel()
+    _check(fig, tmp_path, 1, "frontier_no_lm")
+    # KL only.
+    fig = sp.frontier([dict(p, ce_loss_recovered=None) for p in pts])
+    assert "KL" in fig.axes[1].get_ylabel()
+    _check(fig, tmp_path, 2, "frontier_kl")
+    _check(sp.frontier(pts[:1]), tmp_path, 2, "frontier_one_point")
+
+
+def _curves(n_evals: int, never: bool = False) -> dict:
+    rng = np.random.default_rng(0)
+    kinds = ["category"] * 4 + ["word"] * 10
+    tokens = np.linspace(1e5, 1e6, n_evals)
+    out = {}
+    for name, arch in ARMS.items():
+        single = rng.uniform(0, 1, (n_evals, len(kinds))) * (0.1 if never else 1.0)
+        single[0, 0] = np.nan
+        out[name] = {"architecture": arch, "tokens": tokens, "kinds": kinds, "single": single,
+                     "probe": np.minimum(single + 0.1, 1.0)}
+    return out
+
+
+@pytest.mark.parametrize("n_evals,never", [(6, False), (1, False), (4, True)])
+def test_emergence_curves(tmp_path, n_evals, never):
+    fig = sp.emergence_curves(_curves(n_evals, never), 0.8)
+    _check(fig, tmp_path, 2, f"curves_{n_evals}_{never}")
+
+
+def test_emergence_curves_single_kind(tmp_path):
+    arms = _curves(3)
+    for arm in arms.values():
+        arm["kinds"] = ["category"] * len(arm["kinds"])
+    _check(sp.emergence_curves(arms, 0.8), tmp_path, 1, "curves_one_kind")
+
+
+def test_emergence_steps(tmp_path):
+    concepts = [f"CAT_{i}" for i in range(12)]
+    rng = np.random.default_rng(1)
+    arms = {}
+    for j, (name, arch) in enumerate(ARMS.items()):
+        emerged = rng.choice([1e5, 3e5, 6e5, np.nan], size=12)
+        if j == 4:
+            emerged[:] = np.nan  # an arm where nothing emerges
+        arms[name] = {"architecture": arch, "emerged_tokens": emerged, "best": rng.uniform(0.3, 1.0, 12)}
+    fig = sp.emergence_steps(arms, concepts, 0.8)
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == concepts
+    # Not-emerged entries carry their best score as text.
+    n_missing = sum(int(np.isnan(a["emerged_tokens"]).sum()) for a in arms.values())
+    assert len(fig.axes[1].texts) == n_missing
+    _check(fig, tmp_path, 2, "steps")
+    nothing = {n: dict(a, emerged_tokens=np.full(12, np.nan)) for n, a in arms.items()}
+    _check(sp.emergence_steps(nothing, concepts, 0.8), tmp_path, 2, "steps_nothing")
+
+
+def test_score_heatmap(tmp_path):
+    scores = np.random.default_rng(2).uniform(0, 1, (5, 12))
+    scores[1, 3] = np.nan
+    fig = sp.score_heatmap(list(ARMS), [f"C{i}" for i in range(12)], scores, "Final F1")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert f"{scores[0, 0]:.2f}" in texts and "–" in texts
+    _check(fig, tmp_path, 2, "heatmap")  # heatmap + colorbar
+
+
+def _over_time(n_evals: int) -> dict:
+    tokens = np.linspace(1e5, 1e6, n_evals)
+    out = {}
+    for j, (name, arch) in enumerate(ARMS.items()):
+        dead = np.linspace(0.3, 0.05, n_evals) * (j + 1) / 5
+        if j == 2:
+            dead = np.ones(n_evals)  # all dead
+        dense = np.full(n_evals, 0.01 * j)
+        dense[0] = np.nan
+        out[name] = {"architecture": arch, "tokens": tokens, "dead_frac": dead, "dense_frac": dense}
+    return out
+
+
+@pytest.mark.parametrize("n_evals", [1, 6])
+def test_dead_dense_and_rank_stability(tmp_path, n_evals):
+    _check(sp.dead_dense_over_time(_over_time(n_evals)), tmp_path, 2, f"dead_dense_{n_evals}")
+    tokens = np.linspace(1e5, 1e6, n_evals)
+    stab = {}
+    for j, (name, arch) in enumerate(ARMS.items()):
+        if j % 2:  # series one shorter than tokens
+            stab[name] = {"architecture": arch, "tokens": tokens, "spearman": np.linspace(0.8, 0.99, n_evals - 1)}
+        else:  # NaN at the first eval
+            stab[name] = {"architecture": arch, "tokens": tokens,
+                          "spearman": np.concatenate([[np.nan], np.linspace(0.8, 0.99, n_evals - 1)])}
+    _check(sp.rank_stability(stab), tmp_path, 1, f"rank_{n_evals}")
+    _check(sp.rank_stability({"x": {"architecture": "topk", "tokens": [], "spearman": []}}), tmp_path, 1, "rank_empty")
+
+
+def test_freq_vs_magnitude(tmp_path):
+    rng = np.random.default_rng(3)
+    arms = {}
+    for j, (name, arch) in enumerate(ARMS.items()):
+        density = 10 ** rng.uniform(-5, -1, 300)
+        density[: 20 * j] = 0
+        mean_act = np.where(density > 0, rng.uniform(0.1, 5, 300), np.nan)
+        arms[name] = {"architecture": arch, "density": density, "mean_act": mean_act}
+    arms["relu"] = {"architecture": "relu", "density": np.zeros(300), "mean_act": np.full(300, np.nan)}  # all dead
+    fig = sp.freq_vs_magnitude(arms)
+    assert "300 never fired" in fig.axes[2].get_title()
+    assert "0 never fired" in fig.axes[0].get_title()
+    _check(fig, tmp_path, 5, "freq_mag")
+    _check(sp.freq_vs_magnitude({"topk-k32": arms["topk-k32"]}), tmp_path, 1, "freq_mag_one")
+
+
+@pytest.mark.parametrize("n_evals", [1, 8])
+def test_density_over_training(tmp_path, n_evals):
+    n_tokens = 50_000
+    rng = np.random.default_rng(4)
+    dens = np.clip(np.round(10 ** rng.normal(-2.5, 0.8, (n_evals, 256)) * n_tokens) / n_tokens, 1 / n_tokens, 1)
+    dens[:, :30] = 0
+    ld = np.stack([log10_density(d, n_tokens) for d in dens])
+    fig = sp.density_over_training("topk-k32", np.linspace(1e5, 1e6, n_evals), ld, density_floor(n_tokens))
+    never_counts = [t.get_text() for t in fig.axes[0].texts]
+    assert never_counts == ["30"] * n_evals
+    _check(fig, tmp_path, 3, f"density_{n_evals}")  # never-fired column + histogram + colorbar
+    all_dead = np.full((n_evals, 256), density_floor(n_tokens))
+    _check(sp.density_over_training("dead", np.linspace(1e5, 1e6, n_evals), all_dead, density_floor(n_tokens)),
+           tmp_path, 3, f"density_dead_{n_evals}")
+
+
+def test_resampling_curves(tmp_path):
+    tokens = np.linspace(1e5, 1e6, 5)
+    arms = {f"topk-{m}": {"architecture": "topk", "dead_handling": m, "tokens": tokens,
+                          "dead_frac": np.linspace(0.1, f, 5), "explained_variance": np.linspace(0.5, 0.9 - f / 4, 5)}
+            for m, f in (("none", 0.6), ("resample", 0.2), ("auxk", 0.05))}
+    arms["relu-none"] = dict(arms["topk-none"], architecture="relu", explained_variance=[np.nan] * 5)
+    fig = sp.resampling_curves(arms)
+    colors = {line.get_color() for line in fig.axes[0].get_lines()}
+    assert colors == {sp.DEAD_HANDLING_COLORS[m] for m in ("none", "resample", "auxk")}
+    _check(fig, tmp_path, 2, "resampling")
+
+
+def test_umap_scatter(tmp_path):
+    rng = np.random.default_rng(5)
+    xy = rng.normal(size=(400, 2))
+    cats = [f"CAT_{i}" for i in range(15)]  # more than the 12 that get colours
+    concept = [None if rng.random() < 0.4 else cats[rng.integers(0, 15)] for _ in range(400)]
+    freq = rng.uniform(-5, -1, 400)
+    freq[:10] = np.nan
+    fig = sp.umap_scatter(xy, concept, freq, "decoder directions")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend[0].startswith("unmatched") and any("other concepts" in t for t in legend)
+    assert len(legend) <= sp.MAX_CATEGORIES + 1
+    assert fig.axes[2].get_ylabel() == "log10 firing frequency"  # colorbar
+    _check(fig, tmp_path, 3, "umap")
+    _check(sp.umap_scatter(xy[:5], [None] * 5, freq[:5], "all unmatched"), tmp_path, 3, "umap_unmatched")
+
+
+def test_decoder_embedding():
+    rng = np.random.default_rng(6)
+    d_in, per = 16, 60
+    basis = np.eye(d_in)[:3] * 3.0
+    groups = np.repeat(np.arange(3), per)
+    w = basis[groups] + 0.15 * rng.normal(size=(3 * per, d_in))
+    w = np.vstack([w, np.zeros((20, d_in))])  # dead decoder rows
+    xy = decoder_embedding(w, seed=0)
+    assert xy.shape == (3 * per + 20, 2) and xy.dtype == np.float32
+    assert np.isfinite(xy).all()
+    np.testing.assert_array_equal(xy, decoder_embedding(w, seed=0))  # deterministic
+
+    live = xy[: 3 * per]
+    d = np.linalg.norm(live[:, None] - live[None], axis=-1)
+    same = groups[:, None] == groups[None]
+    np.fill_diagonal(same, False)
+    diff = groups[:, None] != groups[None]
+    within = np.median(d[same])
+    between = d[diff].min()
+    assert between > 3 * within, (within, between)
+    # Zero rows sit together, apart from every real direction.
+    zeros = xy[3 * per:]
+    assert np.ptp(zeros, axis=0).max() < between
+    assert np.linalg.norm(zeros.mean(0) - live.mean(0)) > 0
+
+
+def test_decoder_embedding_small_inputs():
+    assert decoder_embedding(np.zeros((0, 4)), 0).shape == (0, 2)
+    for n in (1, 2, 3):
+        xy = decoder_embedding(np.random.default_rng(n).normal(size=(n, 4)), 0)
+        assert xy.shape == (n, 2) and np.isfinite(xy).all()
+    assert np.isfinite(decoder_embedding(np.zeros((5, 4)), 0)).all()
+    with pytest.raises(ValueError):
+        decoder_embedding(np.zeros(4), 0)
