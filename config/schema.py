@@ -60,13 +60,13 @@ class SAEArmConfig:
 
 
 # Defaults per architecture, chosen so each lands near L0 = 32 on tinylm's default activations
-# (blocks.0.hook_resid_post, d_sae 1024), for a fair comparison at matched sparsity.
+# (blocks.0.hook_resid_post, d_sae 1024, 2 epochs), for a fair comparison at matched sparsity.
 ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
     "topk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
     "batchtopk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
-    "relu": {"sparsity_coef": 0.007, "dead_handling": "resample"},
-    "jumprelu": {"sparsity_coef": 0.001, "bandwidth": 0.05, "init_threshold": 0.5, "dead_handling": "resample"},
-    "gated": {"sparsity_coef": 0.009, "aux_coef": 1.0, "dead_handling": "resample"},
+    "relu": {"sparsity_coef": 0.015, "dead_handling": "resample"},
+    "jumprelu": {"sparsity_coef": 0.0022, "bandwidth": 0.05, "init_threshold": 0.5, "dead_handling": "resample"},
+    "gated": {"sparsity_coef": 0.018, "aux_coef": 1.0, "dead_handling": "resample"},
 }
 # Which architectures each tunable option applies to, and the dead-latent handling each allows.
 OPTION_ARCHITECTURES: dict[str, tuple[str, ...]] = {
@@ -88,7 +88,7 @@ DEAD_HANDLING: dict[str, tuple[str, ...]] = {
 class TrainConfig:
     lr: float = 1e-3
     batch_size: int = 1024
-    epochs: int = 8  # passes over the train split; `steps` overrides
+    epochs: int = 2  # passes over the train split; `steps` overrides
     steps: int | None = None
     warmup_steps: int = 50
     decay_fraction: float = 0.2  # linear decay to zero over the last fraction of steps
@@ -98,7 +98,7 @@ class TrainConfig:
     seed: int = 0
     dead_window: int = 262_144  # tokens over which firing frequency decides "dead"; resampling happens at its ends
     dead_threshold: float = 0.001  # firing frequency below which a latent counts as dead
-    eval_every: int = 200  # steps; the final step is always evaluated
+    eval_every: int = 150  # steps; the final step is always evaluated
     log_every: int = 10
     checkpoint_every: int = 100
     ce_eval_sequences: int = 64  # eval sequences used for CE loss recovered / KL

@@ -140,9 +140,9 @@ def arm_name(sae: SAEArmConfig, train: TrainConfig, common: dict) -> str:
     if sae.architecture in OPTION_ARCHITECTURES["k"]:
         name = f"{sae.architecture}-k{sae.k}"
     elif sae.target_l0 is not None:
-        name = f"{sae.architecture}-l0target{sae.target_l0:g}"
+        name = f"{sae.architecture}-l0target{sae.target_l0:.3g}"
     else:
-        name = f"{sae.architecture}-coef{sae.sparsity_coef:g}"
+        name = f"{sae.architecture}-coef{sae.sparsity_coef:.3g}"
     if _width(sae) != common["width"]:
         name += f"-d{sae.hidden_dim}" if sae.hidden_dim is not None else f"-x{sae.expansion_factor}"
     if sae.dead_handling != defaults["dead_handling"]:

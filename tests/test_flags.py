@@ -193,3 +193,18 @@ def test_existing_study_id_without_resume_exits_2(ckpt, base, capsys):
 def test_resume_with_different_settings_exits_2(ckpt, base, capsys):
     assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "base", "--resume", "--lr", "0.5"]) == 2
     assert "different settings: plans.0.arms.0.train.lr was 0.001, now 0.5" in capsys.readouterr().err
+
+
+def test_a_failing_arm_is_recorded_and_the_others_still_run(ckpt, monkeypatch, capsys):
+    monkeypatch.setenv("SAE_FAULT", "error:step:5")
+    code = main([*BASE, "--activation", "topk,relu", "--checkpoint-dir", str(ckpt), "--study-id", "f"])
+    assert code == 1  # something failed, and the exit code says so
+    assert "arm topk-k8 failed: InjectedFault: fault injected at step:5" in capsys.readouterr().err
+    study = json.loads((ckpt / "f" / "study.json").read_text())
+    topk, relu = study["arms"]
+    assert topk["status"] == "failed" and topk["reason"] == "InjectedFault: fault injected at step:5"
+    assert relu["status"] == "complete" and study["status"] == "failed"
+    assert "InjectedFault" in (ckpt / "f" / topk["arm_id"] / "error.txt").read_text()
+    summary = json.loads((ckpt / "f" / "summary.json").read_text())
+    assert [a["status"] for a in summary["arms"]] == ["failed", "complete"]
+    assert "topk-k8 | " in (ckpt / "f" / "report" / "report.md").read_text()

@@ -27,7 +27,7 @@ def test_default_run_shares_arms_between_studies():
     modes = [a.sae.dead_handling for a in by_study["resampling"]]
     assert modes == ["none", "resample", "auxk"]
     resampling = by_study["resampling"][0]
-    assert resampling.sae.expansion_factor == 16 and resampling.train.lr == 0.004
+    assert resampling.sae.expansion_factor == 16 and resampling.sae.k == 16 and resampling.train.lr == 0.01
     assert len(cfg.arms) == 8  # 5 shared + 3 resampling arms
 
 
@@ -61,7 +61,7 @@ studies:
     assert cfg.log.use_wandb and cfg.log.wandb_project == "proj"
     acts = cfg.plans[0].arms
     assert [(a.sae.architecture, a.sae.k, a.sae.sparsity_coef) for a in acts] == [
-        ("topk", 16, 0.0), ("topk", 32, 0.0), ("relu", 32, 0.007), ("relu", 32, 0.0035)]
+        ("topk", 16, 0.0), ("topk", 32, 0.0), ("relu", 32, 0.015), ("relu", 32, 0.0075)]
     assert all(a.sae.expansion_factor == 4 for a in acts)
     res = cfg.plans[1].arms
     assert [a.sae.dead_handling for a in res] == ["none", "auxk"]

@@ -3,7 +3,7 @@ untouched, Adam state of the revived rows reset."""
 import pytest
 import torch
 
-from experiments.resampling import ENCODER_NORM_FRACTION, resample_dead_latents_
+from experiments.resampling import encoder_norm_fraction, resample_dead_latents_
 from models.sae import ARCHITECTURES, SAEConfig, build_sae
 
 
@@ -40,7 +40,9 @@ def test_dead_latents_revived_alive_untouched_adam_reset(architecture):
     assert torch.allclose(match.sort(dim=1).values[:, -1], torch.ones(3), atol=1e-5)
     assert sorted(match.argmax(1).tolist()) == [0, 1, 2]
     for i in (1, 5, 9):
-        assert torch.allclose(sae.W_enc[:, i], sae.W_dec[i] * ENCODER_NORM_FRACTION * alive_norm, atol=1e-6)
+        fraction = 1.0 if architecture in ("topk", "batchtopk") else 0.2  # TopK latents must win a top-k slot
+        assert encoder_norm_fraction(architecture) == fraction
+        assert torch.allclose(sae.W_enc[:, i], sae.W_dec[i] * fraction * alive_norm, atol=1e-6)
         assert sae.b_enc[i] == 0
     for name, dim in sae.LATENT_DIMS.items():
         param, alive = getattr(sae, name), (~dead).nonzero().squeeze(1)

@@ -1,0 +1,85 @@
+"""Probe and study building blocks on hand-computed inputs."""
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from experiments.concepts import ConceptSet
+from experiments.metrics import EvalAccumulator, frequency_stats, rank_stability
+from experiments.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
+from experiments.studies import _first_reach, _nanmax
+from config.schema import ProbeConfig
+
+
+def test_umap_steps_spread_from_first_to_final():
+    assert umap_steps([150, 300, 450, 600, 750, 900, 906], 3) == {150, 600, 906}
+    assert umap_steps([40], 3) == {40}
+    assert umap_steps([10, 20], 0) == set() and umap_steps([], 3) == set()
+
+
+def test_first_reach_and_nanmax():
+    tokens = np.array([100.0, 200.0, 300.0])
+    scores = np.array([[0.1, 0.9, np.nan, 0.5],
+                       [0.85, 0.2, np.nan, 0.7],
+                       [0.95, 0.95, np.nan, 0.79]])
+    first = _first_reach(tokens, scores, 0.8)
+    assert first[0] == 200 and first[1] == 100 and np.isnan(first[2]) and np.isnan(first[3])
+    best = _nanmax(scores)
+    assert best[0] == 0.95 and best[3] == 0.79 and np.isnan(best[2])
+
+
+def test_frequency_stats_and_rank_stability():
+    density = np.array([0.0, 0.00005, 0.0002, 0.01, 0.5])
+    stats = frequency_stats(density, ultra_low=1e-4)
+    assert stats["ultra_low_frac"] == pytest.approx(1 / 5)
+    assert stats["median_log10_density"] == pytest.approx(np.median(np.log10(density[1:])))
+    rng = np.random.default_rng(0)
+    a, b = rng.random(50), rng.random(50)
+    a[:5] = b[:5] = 0  # ties (dead latents) get average ranks, as scipy does
+    assert rank_stability(a, b) == pytest.approx(spearmanr(a, b).statistic)
+    assert rank_stability(a, a * 3) == pytest.approx(1.0)
+    assert np.isnan(rank_stability(np.zeros(4), a[:4]))  # all dead: no ranking at all
+
+
+def test_mean_activation_counts_only_firing_tokens():
+    acc = EvalAccumulator(3)
+    f = torch.tensor([[1.0, 0.0, 0.0], [3.0, 2.0, 0.0]])
+    acc.update(torch.ones(2, 2), torch.ones(2, 2), f)
+    assert acc.mean_activation().tolist() == [2.0, 2.0, 0.0]
+    assert acc.firing_counts().tolist() == [2, 1, 0]
+
+
+def test_matched_categories_needs_most_firings_on_one_category():
+    kinds = ["category", "category", "word"]
+    labels = torch.tensor([[1, 0, 1], [1, 0, 0], [0, 1, 0], [0, 0, 0]], dtype=torch.bool)
+    fired = torch.tensor([[1, 0, 1, 0],
+                          [1, 0, 1, 0],
+                          [0, 1, 1, 0],
+                          [0, 1, 0, 0]], dtype=torch.bool)
+    # latent 0 fires only on category 0; latent 1 half on category 1 (precision 0.5); latent 2
+    # two thirds on category 0; latent 3 never fires
+    assert matched_categories(fired, labels, kinds).tolist() == [0, 1, 0, -1]
+
+
+def test_arm_probes_write_readable_evals_and_resume_their_spearman(tmp_path):
+    concepts = ConceptSet(names=["category:a", "word:x"], kinds=["category", "word"], token_ids=[[1, 2], [1]])
+    tokens = torch.tensor([1, 2, 3, 1, 3, 2])
+    data = ConceptData.build(concepts, tokens, torch.tensor([0, 0, 0, 1, 1, 1]))
+    assert data.fit_mask.tolist() == [True, True, True, False, False, False]
+    cfg = ProbeConfig(probe_k=2)
+    probes = ArmProbes(tmp_path, {"concepts", "frequency"}, cfg, data, set(), seed=0, n_eval_tokens=6)
+    fired = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 0], [0, 1], [1, 0]], dtype=torch.bool)
+    d1, d2 = np.array([4 / 6, 2 / 6]), np.array([0.5, 0.5])
+    m1, _ = probes.run(10, 100, None, d1, np.ones(2), fired)
+    assert "freq/rank_spearman" not in m1 and m1["concepts/a/single_f1"] == 1.0  # latent 0 = {1, 2} exactly
+    assert m1["concepts/category_emerged_single"] == 1 and m1["concepts/word_emerged_single"] == 0
+    m2, _ = probes.run(20, 200, None, d2, np.ones(2), fired)
+    assert np.isnan(m2["freq/rank_spearman"])  # constant second density: no ranking
+    evals = read_evals(tmp_path)
+    assert [int(e["step"]) for e in evals] == [10, 20] and int(evals[0]["n_tokens"]) == 6
+    assert evals[0]["single_latent"].tolist() == [0, 0]
+    # a resumed arm picks up the density of the last eval at or before its checkpoint
+    resumed = ArmProbes(tmp_path, {"frequency"}, cfg, None, set(), seed=0, n_eval_tokens=6)
+    resumed.resume_at(15)
+    m3, _ = resumed.run(20, 200, None, np.array([0.9, 0.1]), np.ones(2), None)
+    assert m3["freq/rank_spearman"] == pytest.approx(1.0)
