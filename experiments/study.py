@@ -135,7 +135,8 @@ def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
 
 def arm_name(sae: SAEArmConfig, train: TrainConfig, common: dict) -> str:
     """Readable, and distinct for the arms one run compares: the architecture and its sparsity,
-    plus the width, dead-latent handling and learning rate where they differ from most arms'."""
+    plus the width and learning rate where they differ from most arms', and the dead-latent
+    handling where it is not the default or differs between arms of the architecture."""
     defaults = ARCHITECTURE_DEFAULTS[sae.architecture]
     if sae.architecture in OPTION_ARCHITECTURES["k"]:
         name = f"{sae.architecture}-k{sae.k}"
@@ -145,7 +146,7 @@ def arm_name(sae: SAEArmConfig, train: TrainConfig, common: dict) -> str:
         name = f"{sae.architecture}-coef{sae.sparsity_coef:.3g}"
     if _width(sae) != common["width"]:
         name += f"-d{sae.hidden_dim}" if sae.hidden_dim is not None else f"-x{sae.expansion_factor}"
-    if sae.dead_handling != defaults["dead_handling"]:
+    if sae.dead_handling != defaults["dead_handling"] or sae.architecture in common["handling_varies"]:
         name += f"-{sae.dead_handling}"
     if train.lr != common["lr"]:
         name += f"-lr{train.lr:g}"
@@ -167,7 +168,9 @@ def plan_arms(cfg: RunConfig, data_spec: dict) -> list[PlannedArm]:
     """The distinct arms of the run: an arm listed by several studies is trained once."""
     specs = cfg.arms
     common = {"width": Counter(_width(a.sae) for a in specs).most_common(1)[0][0],
-              "lr": Counter(a.train.lr for a in specs).most_common(1)[0][0]}
+              "lr": Counter(a.train.lr for a in specs).most_common(1)[0][0],
+              "handling_varies": {arch for arch in {a.sae.architecture for a in specs}
+                                  if len({a.sae.dead_handling for a in specs if a.sae.architecture == arch}) > 1}}
     planned: dict[str, PlannedArm] = {}
     for plan in cfg.plans:
         for spec in plan.arms:

@@ -238,8 +238,10 @@ class Trainer:
 
     @property
     def eval_steps(self) -> list[int]:
-        every = self.cfg.eval_every
-        return sorted({*range(every, self.n_steps + 1, every), self.n_steps})
+        """Every eval_every steps and the final step; a regular eval closer than half an interval to
+        the final one is skipped (two near-identical evals would say nothing about change)."""
+        every, last = self.cfg.eval_every, self.n_steps
+        return sorted({*(s for s in range(every, last + 1, every) if last - s >= every / 2), last})
 
     def run_eval(self) -> None:
         probes = self.probes
@@ -269,6 +271,7 @@ class Trainer:
         self.wandb_run_id = self.sinks.start(self.wandb_run_id, resumed_at=self.step if restored else None)
         bar = progress_bar(total=self.n_steps, initial=self.step, desc=name, disable=not self.progress)
         cfg = self.cfg
+        eval_at = set(self.eval_steps)
         while self.step < self.n_steps:
             stats = self.train_step()
             faults.reached(f"step:{self.step}")
@@ -276,7 +279,7 @@ class Trainer:
                 logs = {k: float(v) for k, v in stats.items()}
                 self.sinks.log(self.step, self.tokens, logs)
                 bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
-            if self.step % cfg.eval_every == 0 or self.step == self.n_steps:
+            if self.step in eval_at:
                 self.run_eval()
             bar.update(1)
             if self.step % cfg.checkpoint_every == 0 or self.step == self.n_steps:
