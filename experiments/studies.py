@@ -163,7 +163,7 @@ def emergence(arms: list[ArmData], probes: dict) -> StudyResult:
     k = probes["probe_k"]
     res.tables["counts"] = Table(
         f"Concepts emerged (held-out F1 >= {threshold}): best single latent / {k}-sparse probe",
-        ["arm", "categories (single)", f"categories (probe)", "words (single)", "words (probe)",
+        ["arm", "categories (single)", "categories (probe)", "words (single)", "words (probe)",
          "first category at", "median best cat. F1 (single)", "median best cat. F1 (probe)"], rows)
     res.tables["categories"] = Table(
         "Category concepts: when each emerged (training tokens) and the best held-out F1 reached",

@@ -156,3 +156,11 @@ def test_help_explains_every_flag_with_its_default():
                  "--expansion-factor", "--wandb-project", "--wandb-mode"]:
         assert flag in out.stdout, flag
     assert out.stdout.count("default") >= 20
+
+
+def test_report_of_a_missing_study_exits_2_in_one_line(tmp_path, capsys):
+    from run_experiments import main
+
+    assert main(["--report", "nope", "--checkpoint-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --report: there is no study 'nope'") and err.strip().count("\n") == 0
