@@ -25,10 +25,8 @@ PRESET_DIR = Path(__file__).resolve().parent / "studies"
 ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
 ALIASES = {"jump_relu": "jumprelu", "batch_topk": "batchtopk"}
 
-# User-facing SAE settings. The penalty coefficients are named as the flags name them, because one
-# value means different things per architecture (an L1 weight, an L0 weight).
-SAE_KEYS = ("expansion_factor", "hidden_dim", "k", "l1_coefficient", "l0_coefficient", "target_l0",
-            "dead_handling", "aux_coef", "bandwidth", "init_threshold")
+# The penalty coefficients are named as the flags name them, because one value means different
+# things per architecture (an L1 weight, an L0 weight).
 SAE_KEY_FIELD = {"l1_coefficient": "sparsity_coef", "l0_coefficient": "sparsity_coef"}
 PRESET_KEYS = ("description", "architectures", "dead_handling", "sparsity_sweep", "sae", "train")
 GROUPS = {"data": DataConfig, "train": TrainConfig, "probes": ProbeConfig, "log": LogConfig}
@@ -86,6 +84,7 @@ def _kind(cls, name: str) -> str:
     return base + ("?" if "None" in annotation else "")
 
 
+# User-facing SAE settings and their kinds.
 SAE_KINDS = {"expansion_factor": "int", "hidden_dim": "int?", "k": "int", "l1_coefficient": "float",
              "l0_coefficient": "float", "target_l0": "float?", "dead_handling": "str", "aux_coef": "float",
              "bandwidth": "float", "init_threshold": "float"}
@@ -115,7 +114,7 @@ def _check_sae(values: Any, source: str, path: str) -> dict:
     out = {}
     for key, value in values.items():
         if key not in SAE_KINDS:
-            raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes {', '.join(SAE_KEYS)}")
+            raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes {', '.join(SAE_KINDS)}")
         out[key] = check_value(key, value, SAE_KINDS[key], source, f"{path}.{key}")
     return out
 

@@ -185,13 +185,17 @@ class RunConfig:
         return spec
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"data": {"layer": 0}} -> {"data.layer": 0}: the form W&B and tables want."""
+def flatten(d: dict[str, Any], prefix: str = "", lists: bool = False) -> dict[str, Any]:
+    """{"data": {"layer": 0}} -> {"data.layer": 0}: the form W&B and tables want. With `lists`,
+    list items become keys too ({"plans": [{"name": "a"}]} -> {"plans.0.name": "a"}), so two
+    configs can be compared leaf by leaf."""
     out: dict[str, Any] = {}
     for key, value in d.items():
         name = f"{prefix}{key}"
+        if lists and isinstance(value, list):
+            value = dict(enumerate(value))
         if isinstance(value, dict):
-            out.update(flatten(value, name + "."))
+            out.update(flatten(value, name + ".", lists))
         else:
             out[name] = value
     return out

@@ -130,17 +130,6 @@ def feature_density(fire_counts: Tensor, n_tokens: int) -> np.ndarray:
     return fire_counts.detach().cpu().numpy().astype(np.float64) / n_tokens
 
 
-def log10_density(density: np.ndarray, n_tokens: int) -> np.ndarray:
-    """log10 firing frequency for histograms.
-
-    Latents that never fired have no finite log; they go to log10(1 / n_tokens) - 1, a floor bin
-    one decade below the smallest measurable frequency, so they show up as a separate spike.
-    """
-    floor = np.log10(1.0 / n_tokens) - 1
-    safe = np.where(density > 0, density, 1.0)  # avoid log10(0) warnings
-    return np.where(density > 0, np.log10(safe), floor)
-
-
 def _next_token_ce(logits: Tensor, tokens: Tensor) -> float:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
 

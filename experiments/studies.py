@@ -78,9 +78,7 @@ def _r(value, digits: int = 4):
 
 
 def _tokens_text(tokens: float) -> str:
-    if tokens is None or math.isnan(tokens):
-        return "never"
-    return f"{tokens / 1e6:.2f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}k"
+    return "never" if tokens is None or math.isnan(tokens) else study_plots.format_tokens(tokens)
 
 
 # -- activations ------------------------------------------------------------------------------

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections import Counter
 import sys
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -77,22 +77,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _leaves(obj, prefix: str = "") -> dict:
-    """{"plans": [{"arms": [{"train": {"lr": 1}}]}]} -> {"plans.0.arms.0.train.lr": 1}"""
-    if isinstance(obj, dict):
-        items = obj.items()
-    elif isinstance(obj, list):
-        items = enumerate(obj)
-    else:
-        return {prefix: obj}
-    out = {}
-    for key, value in items:
-        out.update(_leaves(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
-
-
 def _first_difference(a: dict, b: dict) -> str:
-    fa, fb = _leaves(a), _leaves(b)
+    fa, fb = flatten(a, lists=True), flatten(b, lists=True)
     for key in sorted(set(fa) | set(fb)):
         if fa.get(key, "<unset>") != fb.get(key, "<unset>"):
             return f"{key} was {fa.get(key, '<unset>')!r}, now {fb.get(key, '<unset>')!r}"
@@ -211,7 +197,7 @@ def run_study(cfg: RunConfig, stop: StopFlag) -> int:
         raise
 
 
-def _concept_data(cfg: RunConfig, model, cache) -> ConceptData | None:
+def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
     if cfg.probes.concepts is None and model.name == "tinylm":
         concepts = tinylm_concepts(model.tokenizer)
     else:

@@ -9,9 +9,9 @@ from experiments.metrics import (
     EvalAccumulator,
     density_stats,
     feature_density,
-    log10_density,
     spliced_lm_metrics,
 )
+from visualization.plots import log10_density
 
 
 def accumulate(x, x_hat, f, batch_size=None):
