@@ -3,6 +3,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -208,3 +209,35 @@ def test_a_failing_arm_is_recorded_and_the_others_still_run(ckpt, monkeypatch, c
     summary = json.loads((ckpt / "f" / "summary.json").read_text())
     assert [a["status"] for a in summary["arms"]] == ["failed", "complete"]
     assert "topk-k8 | " in (ckpt / "f" / "report" / "report.md").read_text()
+
+
+def test_sparsity_sweep_trains_one_arm_per_level(ckpt):
+    assert main([*BASE, "--sparsity-sweep", "0.5,1", "--checkpoint-dir", str(ckpt), "--study-id", "sw"]) == 0
+    arms = json.loads((ckpt / "sw" / "summary.json").read_text())["arms"]
+    assert [a["name"] for a in arms] == ["topk-k4", "topk-k8"]
+    assert [a["final"]["l0"] for a in arms] == [4.0, 8.0]
+
+
+def test_concepts_probe_k_and_f1_threshold_shape_the_emergence_study(ckpt, tmp_path):
+    concepts = tmp_path / "concepts.yaml"
+    concepts.write_text("animals: [cat, dog, bird]\nfunction: [the, a, and, was]\n")
+    no_umap = tmp_path / "no-umap.yaml"  # UMAP is not what this test is about
+    no_umap.write_text("probes: {umap_evals: 0}\n")
+
+    def emergence(study_id, *extra):
+        assert main([*BASE, "--study", "emergence", "--config", str(no_umap), "--checkpoint-dir", str(ckpt),
+                     "--study-id", study_id, "--concepts", str(concepts), "--n-samples", "200", *extra]) == 0
+        run = ckpt / study_id
+        return (json.loads((run / "summary.json").read_text())["studies"]["emergence"],
+                next((run / json.loads((run / "study.json").read_text())["arms"][0]["arm_id"]).glob("probes/eval-*.npz")))
+
+    study, npz = emergence("c1", "--probe-k", "2", "--f1-threshold", "0.05")
+    names = [c["concept"] for c in study["arms"][0]["concepts"]]
+    assert names == ["category:animals", "category:function", "word:cat", "word:dog", "word:bird", "word:the",
+                     "word:a", "word:and", "word:was"]
+    assert study["probe_k"] == 2 and study["threshold"] == 0.05
+    with np.load(npz, allow_pickle=False) as data:
+        assert data["probe_latents"].shape == (9, 2)
+    strict, _ = emergence("c2", "--probe-k", "2", "--f1-threshold", "1.0")
+    emerged = lambda s: sum(c["emerged_single_tokens"] is not None for c in s["arms"][0]["concepts"])  # noqa: E731
+    assert emerged(study) > emerged(strict) == 0  # at F1 >= 0.05 something emerges; at 1.0 nothing does
