@@ -344,6 +344,8 @@ def rebuild_report(cfg: RunConfig) -> int:
         meta = read_json(study_dir / "study.json")
     except ValueError:
         raise UsageError(f"--report: {study_dir / 'study.json'} is not valid JSON") from None
+    if not isinstance(meta, dict) or not {"study_id", "spec", "arms", "status"} <= meta.keys():
+        raise UsageError(f"--report: {study_dir / 'study.json'} is not a study record of this harness")
     results = analyse(study_dir, meta)
     report = write_report(study_dir, meta, results)
     print_tables(results)

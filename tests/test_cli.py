@@ -164,3 +164,15 @@ def test_report_of_a_missing_study_exits_2_in_one_line(tmp_path, capsys):
     assert main(["--report", "nope", "--checkpoint-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --report: there is no study 'nope'") and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("content, fragment", [("{not json", "is not valid JSON"),
+                                               ('{"study_id": "x"}', "is not a study record")])
+def test_report_of_a_broken_study_record_exits_2_in_one_line(tmp_path, capsys, content, fragment):
+    from run_experiments import main
+
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "study.json").write_text(content)
+    assert main(["--report", "s", "--checkpoint-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err and err.strip().count("\n") == 0
