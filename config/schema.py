@@ -18,7 +18,7 @@ class UsageError(Exception):
 
 @dataclass
 class DataConfig:
-    source: str = "transformer"
+    source: str = "transformer"  # transformer | synthetic (then the `synthetic` group describes the data)
     model_name: str = "tinylm"
     layer: int = 0
     hook: str = "resid_post"
@@ -33,6 +33,37 @@ class DataConfig:
     @property
     def hook_name(self) -> str:
         return self.hook_point or f"blocks.{self.layer}.hook_{self.hook}"
+
+
+SOURCES = ("transformer", "synthetic")
+FREQUENCY_LAWS = ("uniform", "zipf")
+MAGNITUDE_LAWS = ("constant", "uniform", "exponential", "lognormal")
+
+
+@dataclass
+class SyntheticConfig:
+    """The toy model of superposition behind `--source synthetic` (§3.3).
+
+    Features are laid out in blocks: `n_parents` parents, then their children
+    (`children_per_parent` each, firing only with their parent), then `n_groups` correlated groups
+    of `group_size`, then independent features."""
+
+    n_features: int = 512
+    d_in: int = 64
+    n_tokens: int = 1_048_576  # activation vectors generated, train and eval split together
+    mean_l0: float = 5.0  # expected number of active true features per vector
+    frequency: str = "zipf"  # uniform | zipf: how firing probability falls with feature rank
+    zipf_exponent: float = 0.5  # probability ~ rank^-exponent
+    magnitude: str = "uniform"  # constant | uniform | exponential | lognormal, all with mean magnitude_mean
+    magnitude_mean: float = 1.0
+    magnitude_spread: float = 0.5  # uniform: half-width / mean; lognormal: sigma of log
+    n_groups: int = 0  # correlated groups
+    group_size: int = 4
+    group_correlation: float = 0.5  # correlation of the latent Gaussians that decide group members' firing
+    n_parents: int = 0  # hierarchies
+    children_per_parent: int = 4
+    child_probability: float = 0.25  # P(child fires | parent fires)
+    noise_std: float = 0.0  # Gaussian noise per dimension, added to every vector
 
 
 @dataclass
@@ -124,6 +155,7 @@ class ProbeConfig:
     concepts: str | None = None  # YAML of word lists; default: tinylm's grammar, or config/concepts/english.yaml
     probe_k: int = 8  # latents in the k-sparse concept probe
     f1_threshold: float = 0.8  # a concept has emerged once its held-out F1 reaches this
+    cos_threshold: float = 0.9  # synthetic source: a true feature is recovered once a decoder row reaches this |cos|
     umap_evals: int = 3  # eval steps whose decoder directions get a UMAP embedding (first, ..., final)
     ultra_low_density: float = 1e-4  # alive latents firing less often than this form the ultra-low cluster
     dense_threshold: float = 0.1  # latents firing more often than this count as dense
@@ -160,6 +192,7 @@ class StudyPlan:
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)  # used when data.source is synthetic
     plans: list[StudyPlan] = field(default_factory=list)
     train: TrainConfig = field(default_factory=TrainConfig)  # run-wide: data seed, device, CE sequences
     probes: ProbeConfig = field(default_factory=ProbeConfig)
@@ -181,6 +214,8 @@ class RunConfig:
         """Everything that changes a study's results (not where or how it is logged)."""
         spec = self.to_dict()
         del spec["log"]
+        if self.data.source != "synthetic":
+            spec["synthetic"] = None
         spec["study"] = {"names": list(self.study.names), "quick": self.study.quick}
         return spec
 
