@@ -11,9 +11,11 @@ from typing import Sequence
 
 from pathlib import Path
 
-from config.presets import ARCHITECTURES, build_plans, load_config_file, parse_architectures, parse_studies, run_wide_train
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, STUDY_NAMES, DataConfig,
-                           LogConfig, ProbeConfig, RunConfig, SAEArmConfig, StudyConfig, TrainConfig, UsageError)
+from config.presets import (ARCHITECTURES, build_plans, check_value, load_config_file, load_source_preset,
+                            parse_architectures, parse_studies, run_wide_train)
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, OPTION_ARCHITECTURES, SOURCES,
+                           STUDY_NAMES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig, StudyConfig,
+                           SyntheticConfig, TrainConfig, UsageError)
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 WANDB_MODES = ("online", "offline", "disabled")
@@ -30,6 +32,7 @@ QUICK_DEFAULTS = {
     "warmup_steps": 10,
     "dead_window": 16_384,
     "ce_eval_sequences": 32,
+    "n_tokens": 131_072,  # synthetic source
 }
 
 
@@ -108,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--seed", type=_int, help=f"seed for data order, SAE init and everything else (default: {t.seed})")
 
     data = p.add_argument_group("activations")
+    data.add_argument("--source", choices=SOURCES, help="where activations come from: a transformer's hook, or a "
+                      "synthetic toy model of superposition whose true features are known (settings from "
+                      "config/studies/synthetic.yaml, then the --n-features ... flags) (default: transformer)")
     data.add_argument("--model-name", help=f"subject model: 'tinylm' (bundled, trained on first use) or a "
                       f"Hugging Face name or local path such as gpt2 (default: {d.model_name})")
     data.add_argument("--layer", type=_int, help=f"transformer block whose activations are read (default: {d.layer})")
@@ -125,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
                       help="scale activations so their mean squared norm is d_in (default: on)")
     norm.add_argument("--no-normalize", dest="normalize", action="store_false",
                       help="train on raw activations (default: off)")
+
+    sy, sy_preset = SyntheticConfig(), load_source_preset("synthetic").get("synthetic", {})
+
+    def synth_default(name: str):
+        return sy_preset.get(name, getattr(sy, name))
+
+    synth = p.add_argument_group("synthetic source (--source synthetic)")
+    synth.add_argument("--n-features", type=_positive_int, help=f"true features of the toy model "
+                       f"(default: {synth_default('n_features')})")
+    synth.add_argument("--d-in", type=_positive_int, help=f"dimension they are superposed in "
+                       f"(default: {synth_default('d_in')})")
+    synth.add_argument("--n-tokens", type=_positive_int, help=f"activation vectors generated, train and eval "
+                       f"(default: {synth_default('n_tokens'):,}; --quick: {QUICK_DEFAULTS['n_tokens']:,})")
+    synth.add_argument("--mean-l0", type=_positive_float, help=f"expected number of true features active per vector "
+                       f"(default: {synth_default('mean_l0')})")
+    synth.add_argument("--feature-frequency", choices=FREQUENCY_LAWS, help=f"firing probability across features: "
+                       f"equal, or falling as rank^-zipf_exponent (default: {synth_default('frequency')}, exponent "
+                       f"{synth_default('zipf_exponent')})")
+    synth.add_argument("--noise-std", type=_nonnegative_float, help=f"Gaussian noise added per dimension "
+                       f"(default: {synth_default('noise_std')}); correlated groups, hierarchies and magnitudes are "
+                       f"set in the `synthetic` group of a --config file")
 
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", help=f"SAE architecture(s), comma-separated, or 'all': "
@@ -170,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     probes.add_argument("--probe-k", type=_positive_int, help=f"latents in the k-sparse concept probe (default: {pr.probe_k})")
     probes.add_argument("--f1-threshold", type=_unit_interval, help=f"held-out F1 at which a concept counts as "
                         f"emerged (default: {pr.f1_threshold})")
+    probes.add_argument("--cos-threshold", type=_unit_interval, help=f"synthetic source: |cos| between a decoder row "
+                        f"and a true feature at which the feature counts as recovered (frac_recovered) and emerged "
+                        f"(default: {pr.cos_threshold})")
 
     train = p.add_argument_group("training")
     train.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {t.lr})")
@@ -189,12 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+QUICK_SYNTHETIC = ("n_tokens",)
 QUICK_TRAIN = ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every", "warmup_steps", "dead_window",
                "ce_eval_sequences")
-DATA_FLAGS = ("model_name", "layer", "hook", "hook_point", "n_samples", "seq_len", "dataset", "normalize")
+TRANSFORMER_FLAGS = ("model_name", "layer", "hook", "hook_point", "n_samples", "seq_len", "dataset")
+DATA_FLAGS = (*TRANSFORMER_FLAGS, "source", "normalize")
+SYNTHETIC_FLAGS = {"n_features": "n_features", "d_in": "d_in", "n_tokens": "n_tokens", "mean_l0": "mean_l0",
+                   "feature_frequency": "frequency", "noise_std": "noise_std"}
 TRAIN_FLAGS = ("lr", "batch_size", "epochs", "steps", "seed", "dead_window", "dead_threshold", "device")
 SAE_FLAGS = ("expansion_factor", "hidden_dim", "k", "l1_coefficient", "l0_coefficient", "target_l0")
-PROBE_FLAGS = ("concepts", "probe_k", "f1_threshold")
+PROBE_FLAGS = ("concepts", "probe_k", "f1_threshold", "cos_threshold")
 
 
 def _given(a: argparse.Namespace, names: Sequence[str]) -> dict:
@@ -204,11 +238,19 @@ def _given(a: argparse.Namespace, names: Sequence[str]) -> dict:
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     a = build_parser().parse_args(argv)
     config = load_config_file(a.config) if a.config else {}
+    source = a.source or config.get("data", {}).get("source", "transformer")
+    _check_source_flags(a, source)
+    source_preset = load_source_preset(source)
     quick = {k: v for k, v in QUICK_DEFAULTS.items() if a.quick}
     quick_train = {k: v for k, v in quick.items() if k in QUICK_TRAIN}
-    quick_data = {k: v for k, v in quick.items() if k not in QUICK_TRAIN}
+    quick_synthetic = {k: v for k, v in quick.items() if k in QUICK_SYNTHETIC}
+    quick_data = {k: v for k, v in quick.items() if k not in QUICK_TRAIN and k not in QUICK_SYNTHETIC}
 
     data = DataConfig(**{**quick_data, **config.get("data", {}), **_given(a, DATA_FLAGS)})
+    synthetic = SyntheticConfig(**{**source_preset.get("synthetic", {}), **quick_synthetic,
+                                   **config.get("synthetic", {}),
+                                   **{field: getattr(a, flag) for flag, field in SYNTHETIC_FLAGS.items()
+                                      if getattr(a, flag) is not None}})
     studies = parse_studies(a.study or config.get("study") or "all", "--study" if a.study else "study")
 
     flag_sae = _given(a, SAE_FLAGS)
@@ -224,7 +266,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
              "sparsity_sweep": a.sparsity_sweep}
     if a.sparsity_sweep and "activations" not in studies:
         raise UsageError("--sparsity-sweep applies to the activations study, which is not part of this run")
-    plans = build_plans(studies, quick_train, config, flags)
+    plans = build_plans(studies, [source_preset, {"train": quick_train}, config], flags)
     arms = [arm.sae for plan in plans for arm in plan.arms]
     for option, archs in OPTION_ARCHITECTURES.items():
         if getattr(a, option) is not None and not any(s.architecture in archs for s in arms):
@@ -240,12 +282,23 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         checkpoint_dir=a.checkpoint_dir or lg.checkpoint_dir,
         progress=a.progress and lg.progress,
     )
-    probes = ProbeConfig(**{**config.get("probes", {}), **_given(a, PROBE_FLAGS)})
+    probes = ProbeConfig(**{**source_preset.get("probes", {}), **config.get("probes", {}), **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
                         report=a.report)
-    cfg = RunConfig(data=data, plans=plans, train=run_wide_train(plans), probes=probes, log=log, study=study)
+    cfg = RunConfig(data=data, synthetic=synthetic, plans=plans, train=run_wide_train(plans), probes=probes, log=log, study=study)
     validate_static(cfg)
     return cfg
+
+
+def _check_source_flags(a: argparse.Namespace, source: str) -> None:
+    """Flags of the other source would have no effect: say so rather than ignore them."""
+    check_value("source", source, "str", "", "data.source")
+    own, other = (SYNTHETIC_FLAGS, TRANSFORMER_FLAGS) if source == "synthetic" else (TRANSFORMER_FLAGS, SYNTHETIC_FLAGS)
+    for name in other:
+        if getattr(a, name) is not None:
+            raise UsageError(f"--{name.replace('_', '-')} does not apply to --source {source}")
+    if source == "synthetic" and a.concepts is not None:
+        raise UsageError("--concepts does not apply to --source synthetic: its concepts are the true features")
 
 
 def validate_static(cfg: RunConfig) -> None:
@@ -254,9 +307,15 @@ def validate_static(cfg: RunConfig) -> None:
         raise UsageError("--seq-len must be at least 2 (a BOS token and one text token)")
     if cfg.data.layer < 0:
         raise UsageError(f"--layer must be >= 0, got {cfg.data.layer}")
-    n_eval = int(cfg.data.n_samples * cfg.data.eval_fraction)
-    if n_eval < 1 or cfg.data.n_samples - n_eval < 1:
-        raise UsageError(f"--n-samples {cfg.data.n_samples} is too small to split into train and eval sequences")
+    if cfg.data.source == "synthetic":
+        n = cfg.synthetic.n_tokens
+        n_eval = int(n * cfg.data.eval_fraction)
+        if n_eval < 1 or n - n_eval < 1:
+            raise UsageError(f"--n-tokens {n} is too small to split into train and eval vectors")
+    else:
+        n_eval = int(cfg.data.n_samples * cfg.data.eval_fraction)
+        if n_eval < 1 or cfg.data.n_samples - n_eval < 1:
+            raise UsageError(f"--n-samples {cfg.data.n_samples} is too small to split into train and eval sequences")
     for arm in cfg.arms:
         sae = arm.sae
         if sae.architecture in OPTION_ARCHITECTURES["k"] and sae.hidden_dim is not None and sae.k > sae.hidden_dim:

@@ -1,7 +1,9 @@
 """Study presets (`config/studies/<study>.yaml`) and `--config FILE`, merged into study plans.
 
 Settings come in layers, later ones winning:
-    dataclass defaults < study preset < --quick < --config FILE < command-line flags.
+    dataclass defaults < study preset < source preset < --quick < --config FILE < command-line flags.
+The source preset (`config/studies/synthetic.yaml`, applied with `--source synthetic`) has the
+form of a config file: it sets the toy model and the SAE settings that suit it, for every study.
 A preset describes one study: which architectures, which dead-latent handling modes, an optional
 sparsity sweep, and `sae`/`train` settings of its own (the resampling preset raises the learning
 rate, for instance). A `--config` file holds any of the groups `data`, `train`, `sae`, `probes`,
@@ -18,8 +20,9 @@ from typing import Any
 
 import yaml
 
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, STUDY_NAMES, ArmSpec,
-                           DataConfig, LogConfig, ProbeConfig, SAEArmConfig, StudyPlan, TrainConfig, UsageError)
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, MAGNITUDE_LAWS, OPTION_ARCHITECTURES,
+                           SOURCES, STUDY_NAMES, ArmSpec, DataConfig, LogConfig, ProbeConfig, SAEArmConfig, StudyPlan,
+                           SyntheticConfig, TrainConfig, UsageError)
 
 PRESET_DIR = Path(__file__).resolve().parent / "studies"
 ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
@@ -29,15 +32,19 @@ ALIASES = {"jump_relu": "jumprelu", "batch_topk": "batchtopk"}
 # things per architecture (an L1 weight, an L0 weight).
 SAE_KEY_FIELD = {"l1_coefficient": "sparsity_coef", "l0_coefficient": "sparsity_coef"}
 PRESET_KEYS = ("description", "architectures", "dead_handling", "sparsity_sweep", "sae", "train")
-GROUPS = {"data": DataConfig, "train": TrainConfig, "probes": ProbeConfig, "log": LogConfig}
+GROUPS = {"data": DataConfig, "synthetic": SyntheticConfig, "train": TrainConfig, "probes": ProbeConfig,
+          "log": LogConfig}
+SOURCE_PRESET_KEYS = ("description", "synthetic", "sae", "train", "probes", "studies")
 STUDY_KEYS = ("study", "study_id")
 # Settings that must stay the same for every arm of a run (one cache, one device).
 RUN_WIDE_TRAIN = ("seed", "device", "ce_eval_sequences")
 # Numbers must be >= 0; integers and the settings in POSITIVE must be > 0, except these.
-NON_NEGATIVE = {"layer", "warmup_steps", "umap_evals"}
+NON_NEGATIVE = {"layer", "warmup_steps", "umap_evals", "n_groups", "n_parents"}
 POSITIVE = {"lr", "target_l0", "bandwidth", "init_threshold", "sparsity_sweep", "ultra_low_density", "dense_threshold",
-            "f1_threshold"}
-FRACTIONS = {"dead_threshold", "decay_fraction", "eval_fraction", "sparsity_warmup_fraction"}
+            "f1_threshold", "cos_threshold", "mean_l0", "magnitude_mean", "child_probability"}
+FRACTIONS = {"dead_threshold", "decay_fraction", "eval_fraction", "sparsity_warmup_fraction", "group_correlation"}
+AT_MOST_ONE = {"f1_threshold", "cos_threshold", "child_probability"}
+CHOICES = {"source": SOURCES, "frequency": FREQUENCY_LAWS, "magnitude": MAGNITUDE_LAWS}
 
 
 def _where(source: str, path: str) -> str:
@@ -61,6 +68,8 @@ def check_value(key: str, value: Any, kind: str, source: str = "", path: str = "
     if kind == "str":
         if not isinstance(value, str):
             raise UsageError(f"{where} must be a string, got {value!r}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UsageError(f"{where} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
         raise UsageError(f"{where} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
@@ -69,7 +78,7 @@ def check_value(key: str, value: Any, kind: str, source: str = "", path: str = "
         raise UsageError(f"{where} must be finite, got {value!r}")
     if key in FRACTIONS and not 0 <= value < 1:
         raise UsageError(f"{where} must be in [0, 1), got {value!r}")
-    if key == "f1_threshold" and value > 1:
+    if key in AT_MOST_ONE and value > 1:
         raise UsageError(f"{where} must be at most 1, got {value!r}")
     if key in NON_NEGATIVE and value < 0:
         raise UsageError(f"{where} must be >= 0, got {value!r}")
@@ -109,12 +118,18 @@ def _check_group(values: Any, cls, source: str, path: str) -> dict:
     return out
 
 
-def _check_sae(values: Any, source: str, path: str) -> dict:
+def _check_sae(values: Any, source: str, path: str, nested: bool = True) -> dict:
+    """SAE settings; with `nested`, also `<architecture>: {settings}` for one architecture only."""
     values = _mapping(values, _where(source, path))
     out = {}
     for key, value in values.items():
+        if nested and key in ARCHITECTURE_DEFAULTS:
+            out[key] = _check_sae(value, source, f"{path}.{key}", nested=False)
+            continue
         if key not in SAE_KINDS:
-            raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes {', '.join(SAE_KINDS)}")
+            also = f", or an architecture ({', '.join(ARCHITECTURE_DEFAULTS)}) with settings of its own" if nested else ""
+            raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes "
+                             f"{', '.join(SAE_KINDS)}{also}")
         out[key] = check_value(key, value, SAE_KINDS[key], source, f"{path}.{key}")
     return out
 
@@ -195,9 +210,24 @@ def load_preset(study: str) -> dict:
     return check_preset(load_yaml(PRESET_DIR / f"{study}.yaml", "study preset"), f"preset {study}.yaml", study)
 
 
+def load_source_preset(source: str) -> dict:
+    """The preset of a non-default source (config/studies/<source>.yaml); {} for the transformer source."""
+    if source == "transformer":
+        return {}
+    name = f"{source}.yaml"
+    raw = load_yaml(PRESET_DIR / name, "source preset")
+    for key in raw:
+        if key not in SOURCE_PRESET_KEYS:
+            raise UsageError(f"preset {name}: unknown key {key!r}; a source preset takes {', '.join(SOURCE_PRESET_KEYS)}")
+    return _check_layer(raw, f"preset {name}")
+
+
 def load_config_file(path: str) -> dict:
     """A --config file, checked: unknown groups or keys and wrongly typed values are errors."""
-    raw = load_yaml(Path(path), "--config file")
+    return _check_layer(load_yaml(Path(path), "--config file"), path)
+
+
+def _check_layer(raw: dict, path: str) -> dict:
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if key in GROUPS:
@@ -206,7 +236,7 @@ def load_config_file(path: str) -> dict:
             out[key] = _check_sae(value, path, "sae")
         elif key == "study":
             out[key] = value if isinstance(value, (str, list)) else check_value("study", value, "str", path, "study")
-        elif key == "study_id":
+        elif key in ("study_id", "description"):
             out[key] = check_value(key, value, "str", path, key)
         elif key == "studies":
             studies = _mapping(value, f"{path}: studies")
@@ -235,13 +265,17 @@ def parse_studies(value: Any, where: str) -> list[str]:
     return [n for n in STUDY_NAMES if n in names]
 
 
-def _arm_sae(architecture: str, overrides: dict, mode: str | None, multiplier: float) -> SAEArmConfig:
+def _arm_sae(architecture: str, layers: list[dict], mode: str | None, multiplier: float) -> SAEArmConfig:
+    """The arm's settings from `sae` layers, lowest first; within a layer, the architecture's own
+    section wins over the shared settings."""
     fields: dict[str, Any] = {}
-    for key, value in overrides.items():
-        applies_to = OPTION_ARCHITECTURES.get(key)
-        if key == "dead_handling" or (applies_to is not None and architecture not in applies_to):
-            continue
-        fields[SAE_KEY_FIELD.get(key, key)] = value
+    for layer in layers:
+        for key, value in {**layer, **layer.get(architecture, {})}.items():
+            applies_to = OPTION_ARCHITECTURES.get(key)
+            if key in ARCHITECTURE_DEFAULTS or key == "dead_handling" or (
+                    applies_to is not None and architecture not in applies_to):
+                continue
+            fields[SAE_KEY_FIELD.get(key, key)] = value
     sae = SAEArmConfig.for_architecture(architecture, **fields)
     if mode is not None:
         sae.dead_handling = mode
@@ -269,27 +303,33 @@ def _modes(architecture: str, user_mode: str | None, preset_modes: list[str] | N
     return [m for m in preset_modes if m in allowed]
 
 
-def build_plans(studies: list[str], quick_train: dict, config: dict, flags: dict) -> list[StudyPlan]:
-    """One plan per study. `flags` holds the command-line layer: 'architectures', 'sparsity_sweep'
-    (activations only), 'sae' and 'train' dicts of explicitly given values."""
+def build_plans(studies: list[str], layers: list[dict], flags: dict) -> list[StudyPlan]:
+    """One plan per study. `layers` are config-file-shaped dicts, lowest first (source preset,
+    --quick, --config); each may hold `sae`, `train` and `studies: {study: preset keys}`, the
+    study-specific part winning within its layer. `flags` is the command-line layer:
+    'architectures', 'sparsity_sweep' (activations only), 'sae' and 'train' dicts of given values."""
     plans = []
     for study in studies:
-        preset = load_preset(study)
-        study_cfg = config.get("studies", {}).get(study, {})
-        arches = flags.get("architectures") or study_cfg.get("architectures") or preset.get("architectures")
-        arches = arches or ["topk"]
-        sweep = ((flags.get("sparsity_sweep") if study == "activations" else None)
-                 or study_cfg.get("sparsity_sweep") or preset.get("sparsity_sweep") or [1.0])
-        sae_over = {**preset.get("sae", {}), **config.get("sae", {}), **study_cfg.get("sae", {}), **flags.get("sae", {})}
-        user_mode = next((layer["dead_handling"] for layer in (flags.get("sae", {}), study_cfg.get("sae", {}),
-                                                                config.get("sae", {}))
-                          if "dead_handling" in layer), None)
-        preset_modes = study_cfg.get("dead_handling") or preset.get("dead_handling")
-        train = TrainConfig(**{**preset.get("train", {}), **quick_train, **config.get("train", {}),
-                               **study_cfg.get("train", {}), **flags.get("train", {})})
+        stack = [load_preset(study)]
+        for layer in layers:
+            stack += [layer, layer.get("studies", {}).get(study, {})]
+        stack.append({**flags, "sparsity_sweep": flags.get("sparsity_sweep") if study == "activations" else None})
+
+        def last(key: str, group: str | None = None):
+            for layer in reversed(stack):
+                value = layer.get(group, {}).get(key) if group else layer.get(key)
+                if value:
+                    return value
+            return None
+
+        arches = last("architectures") or ["topk"]
+        sweep = last("sparsity_sweep") or [1.0]
+        train = TrainConfig(**{k: v for layer in stack for k, v in layer.get("train", {}).items()})
+        # A handling mode the user names (in any sae layer) replaces the preset's list of modes.
+        user_mode = last("dead_handling", "sae")
         where = "--dead-handling" if "dead_handling" in flags.get("sae", {}) else f"{study}: dead_handling"
-        arms = [ArmSpec(_arm_sae(arch, sae_over, mode, m), train)
-                for arch in arches for mode in _modes(arch, user_mode, preset_modes, where) for m in sweep]
+        arms = [ArmSpec(_arm_sae(arch, [layer.get("sae", {}) for layer in stack], mode, m), train)
+                for arch in arches for mode in _modes(arch, user_mode, last("dead_handling"), where) for m in sweep]
         if not arms:
             raise UsageError(f"study {study}: no arm left (no dead-latent handling mode applies to "
                              f"{', '.join(arches)})")

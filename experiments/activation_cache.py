@@ -1,18 +1,21 @@
 """On-disk activation cache: one folder per source spec, memmapped, written in resumable chunks.
 
 Layout of `<root>/activations/<spec-hash>/`:
-  acts.npy       float32 [n_seq * (seq_len - 1), d_in]; row r is sequence r // (seq_len - 1),
+  acts.npy       float32 [n_rows, d_in], train rows first, then the held-out eval rows
+  manifest.json  spec, shape, chunks done, completion flag, split, normalisation, checksums
+plus the source's own files, checksummed with the activations:
+  transformer    tokens.npy int32 [n_seq, seq_len], the token ids; row r is sequence r // (seq_len - 1),
                  position r % (seq_len - 1) + 1 (position 0, the BOS token, is not stored)
-  tokens.npy     int32 [n_seq, seq_len], the token ids the activations came from
-  manifest.json  spec, shapes, chunks done, completion flag, split, normalisation, checksums
-The last `n_eval_seq` sequences are the held-out eval split; every arm reads the same split.
+  synthetic      the true dictionary and per-row true codes (experiments/synthetic.py)
+Every arm reads the same split. A source fills the cache through a `CacheWriter`, one chunk at a
+time; the manifest records each finished chunk, so an interrupted build resumes where it stopped.
 """
 from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import torch
@@ -21,8 +24,7 @@ from config.schema import stable_hash
 from experiments.integrity import sha256_file
 from visualization.local_sink import read_json, write_json_atomic
 
-CACHE_VERSION = 1
-CHUNK_SEQUENCES = 256
+CACHE_VERSION = 2
 
 
 @dataclass
@@ -32,7 +34,7 @@ class ActivationCache:
     path: Path
     manifest: dict
     acts: np.ndarray  # memmap [n_rows, d_in]
-    tokens: np.ndarray  # memmap [n_seq, seq_len]
+    tokens: np.ndarray | None  # memmap [n_seq, seq_len]; None for sources without tokens
 
     @property
     def d_in(self) -> int:
@@ -44,7 +46,7 @@ class ActivationCache:
 
     @property
     def n_train_rows(self) -> int:
-        return self.manifest["split"]["n_train_seq"] * self.tokens_per_seq
+        return self.manifest["split"]["n_train_rows"]
 
     @property
     def n_eval_rows(self) -> int:
@@ -90,31 +92,42 @@ def open_cache(path: Path, spec: dict) -> ActivationCache:
     if manifest.get("spec") != spec or manifest.get("version") != CACHE_VERSION:
         raise CacheCorrupt("manifest spec differs from the requested one")
     if not manifest.get("complete"):
-        raise CacheCorrupt("harvest not complete")
+        raise CacheCorrupt("build not complete")
     for name, digest in manifest["checksums"].items():
         if sha256_file(path / name) != digest:
             raise CacheCorrupt(f"checksum mismatch in {name}")
     acts = np.load(path / "acts.npy", mmap_mode="r")
-    tokens = np.load(path / "tokens.npy", mmap_mode="r")
+    tokens = np.load(path / "tokens.npy", mmap_mode="r") if (path / "tokens.npy").exists() else None
     return ActivationCache(path, manifest, acts, tokens)
 
 
-def build_or_open(
-    root: Path,
-    spec: dict,
-    sequences: torch.Tensor,
-    d_in: int,
-    harvest: Callable[[torch.Tensor], torch.Tensor],
-    batch_size: int,
-    eval_fraction: float,
-    progress: bool = True,
-) -> ActivationCache:
-    """Open the cache for `spec`, harvesting what is missing.
+class CacheWriter(Protocol):
+    """How a source fills a cache. Chunks are independent: `fill(i)` writes the same rows whenever
+    it runs, so a resumed build equals an uninterrupted one."""
 
-    `sequences` [n_seq, seq_len] are the token ids (BOS first); `harvest(tokens) -> [B, seq_len, d_in]`
-    runs the model. An interrupted harvest resumes at its last complete chunk; a cache whose
-    files fail their checksums is reported and rebuilt.
-    """
+    n_rows: int
+    d_in: int
+    n_chunks: int
+    unit: str  # what the progress bar counts
+
+    def split(self) -> dict:
+        """{"n_train_rows", "n_eval_rows", ...}: the train rows come first."""
+
+    def begin(self, path: Path) -> None:
+        """Write the source's fixed files (once, before chunk 0)."""
+
+    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> None:
+        """Write chunk `chunk`'s rows into `acts` (and any per-chunk files of the source)."""
+
+    def finish(self, path: Path) -> list[str]:
+        """Assemble the source's files after the last chunk; returns their names (checksummed)."""
+
+
+def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = True) -> ActivationCache:
+    """Open the cache for `spec`, writing what is missing with `writer`.
+
+    An interrupted build resumes at its last complete chunk; a cache whose files fail their
+    checksums is reported and rebuilt; a cache of another spec is never reused."""
     path = cache_dir(root, spec)
     manifest_path = path / "manifest.json"
     if manifest_path.exists():
@@ -134,49 +147,40 @@ def build_or_open(
         shutil.rmtree(path)  # files without a manifest: an interrupted start
     path.mkdir(parents=True, exist_ok=True)
 
-    n_seq, seq_len = sequences.shape
-    per_seq = seq_len - 1
-    acts_path, tokens_path = path / "acts.npy", path / "tokens.npy"
+    acts_path = path / "acts.npy"
     if manifest_path.exists():
         manifest = read_json(manifest_path)
         acts = np.load(acts_path, mmap_mode="r+")
     else:
-        np.save(tokens_path, sequences.numpy().astype(np.int32))
-        acts = np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=(n_seq * per_seq, d_in))
-        manifest = {"version": CACHE_VERSION, "spec": spec, "shape": [n_seq * per_seq, d_in], "dtype": "float32",
-                    "n_seq": n_seq, "seq_len": seq_len, "chunks_done": 0, "complete": False}
+        writer.begin(path)
+        acts = np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=(writer.n_rows, writer.d_in))
+        manifest = {"version": CACHE_VERSION, "spec": spec, "shape": [writer.n_rows, writer.d_in], "dtype": "float32",
+                    "chunks": writer.n_chunks, "chunks_done": 0, "complete": False}
         write_json_atomic(manifest_path, manifest)
 
-    chunks = range(0, n_seq, CHUNK_SEQUENCES)
     from visualization.terminal import progress_bar  # the bar is the only terminal output here
 
-    bar = progress_bar(total=len(chunks), initial=manifest["chunks_done"], desc="harvest", unit="chunk",
+    bar = progress_bar(total=writer.n_chunks, initial=manifest["chunks_done"], desc="activations", unit=writer.unit,
                        disable=not progress)
     with torch.inference_mode():
-        for chunk_index, start in enumerate(chunks):
-            if chunk_index < manifest["chunks_done"]:
-                continue
-            stop = min(start + CHUNK_SEQUENCES, n_seq)
-            for b in range(start, stop, batch_size):
-                e = min(b + batch_size, stop)
-                out = harvest(sequences[b:e])[:, 1:, :]  # drop the BOS position
-                acts[b * per_seq:e * per_seq] = out.reshape(-1, d_in).float().numpy()
+        for chunk in range(manifest["chunks_done"], writer.n_chunks):
+            writer.fill(chunk, acts, path)
             acts.flush()
-            manifest["chunks_done"] = chunk_index + 1
+            manifest["chunks_done"] = chunk + 1
             write_json_atomic(manifest_path, manifest)
             bar.update(1)
     bar.close()
 
-    n_eval_seq = max(1, int(n_seq * eval_fraction))
-    n_train_seq = n_seq - n_eval_seq
-    train = acts[: n_train_seq * per_seq]
+    split = writer.split()
+    train = acts[: split["n_train_rows"]]
     mean_sq_norm = float(sum(np.square(train[i:i + 65536], dtype=np.float64).sum()
                              for i in range(0, train.shape[0], 65536)) / train.shape[0])
     del acts, train
+    files = ["acts.npy", *writer.finish(path)]
     manifest.update(
-        split={"n_train_seq": n_train_seq, "n_eval_seq": n_eval_seq},
-        normalization={"mean_sq_norm": mean_sq_norm, "scale": float(np.sqrt(d_in / mean_sq_norm))},
-        checksums={name: sha256_file(path / name) for name in ("acts.npy", "tokens.npy")},
+        split=split,
+        normalization={"mean_sq_norm": mean_sq_norm, "scale": float(np.sqrt(writer.d_in / mean_sq_norm))},
+        checksums={name: sha256_file(path / name) for name in files},
         complete=True,
     )
     write_json_atomic(manifest_path, manifest)

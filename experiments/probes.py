@@ -2,8 +2,10 @@
 
 What an arm is probed for is the union of what the studies listing it need:
   frequency  firing-frequency statistics (rank stability between evals, ultra-low cluster)
-  concepts   held-out F1 of the best single latent and of a k-sparse probe per concept (§7.2)
+  concepts   held-out F1 of the best single latent and of a k-sparse probe per concept (§7.2);
+             on a synthetic source, each true feature's best |cos| with a decoder row instead
   umap       UMAP embedding of the decoder directions at a few eval steps, coloured by concept
+             (synthetic: by the role of the true feature a latent recovers)
 
 Each eval leaves `<arm>/probes/eval-<step>.npz` (plain arrays, read back with allow_pickle=False):
 density and mean activation per latent always, concept scores and the embedding when probed.
@@ -20,6 +22,8 @@ import torch
 from config.schema import ProbeConfig
 from experiments.concepts import ConceptSet, score_concepts
 from experiments.metrics import frequency_stats, rank_stability
+from experiments.recovery import abs_cosine
+from experiments.synthetic import SyntheticTruth
 from visualization.local_sink import read_json, write_json_atomic
 
 PROBE_KINDS = {"activations": set(), "emergence": {"concepts", "umap"}, "frequency": {"frequency"},
@@ -76,16 +80,23 @@ def matched_categories(fired: torch.Tensor, labels: torch.Tensor, kinds: list[st
 
 class ArmProbes:
     def __init__(self, arm_dir: Path, kinds: set[str], cfg: ProbeConfig, concept_data: ConceptData | None,
-                 umap_at: set[int], seed: int, n_eval_tokens: int):
+                 umap_at: set[int], seed: int, n_eval_tokens: int, truth: SyntheticTruth | None = None):
         self.arm_dir, self.kinds, self.cfg, self.seed = arm_dir, kinds, cfg, seed
         self.n_eval_tokens = n_eval_tokens
         self.concepts = concept_data if "concepts" in kinds or "umap" in kinds else None
+        self.truth = truth if "concepts" in kinds or "umap" in kinds else None
         self.umap_at = umap_at if "umap" in kinds else set()
         self._previous: np.ndarray | None = None
         if self.concepts is not None:
             c = self.concepts.concepts
             write_json_atomic(arm_dir / "probes" / "concepts.json",
                               {"names": c.names, "kinds": c.kinds, "skipped": c.skipped})
+        elif self.truth is not None:  # UMAP colours: the roles of true features
+            roles = self.role_names
+            write_json_atomic(arm_dir / "probes" / "concepts.json",
+                              {"names": roles, "kinds": ["role"] * len(roles), "skipped": [],
+                               "feature_probability": self.truth.probability.tolist(),
+                               "feature_role": self.truth.roles})
 
     @property
     def needs_firing(self) -> bool:
@@ -99,9 +110,10 @@ class ArmProbes:
                 with np.load(path, allow_pickle=False) as data:
                     self._previous = data["density"]
 
-    def run(self, step: int, tokens: int, sae, density: np.ndarray, mean_act: np.ndarray,
-            fired: torch.Tensor | None) -> tuple[dict[str, float], dict | None]:
-        """Probe one eval. Returns scalar metrics to log and, at UMAP steps, the embedding to log."""
+    def run(self, step: int, tokens: int, sae, out) -> tuple[dict[str, float], dict | None]:
+        """Probe one eval (`out`: the trainer's EvalOutput). Returns scalar metrics to log and, at UMAP
+        steps, the embedding to log."""
+        density, mean_act, fired = out.density, out.mean_act, out.fired
         arrays: dict[str, np.ndarray] = {"step": np.array(step), "tokens": np.array(tokens),
                                          "n_tokens": np.array(self.n_eval_tokens),
                                          "density": density, "mean_act": mean_act}
@@ -116,12 +128,22 @@ class ArmProbes:
             scores = score_concepts(fired, self.concepts.labels, self.concepts.fit_mask, self.cfg.probe_k)
             arrays.update(scores)
             metrics.update(self._concept_metrics(scores))
+        if self.truth is not None and "concepts" in self.kinds:
+            rec = out.recovery
+            arrays.update(best_cos=rec.best_cos, best_latent=rec.best_latent, matched_cos=rec.matched_cos)
+            metrics.update(self._recovery_by_frequency(rec.best_cos))
         embedding = None
         if step in self.umap_at:
             from experiments.embedding import decoder_embedding
 
-            xy = decoder_embedding(sae.W_dec.detach().cpu().numpy(), self.seed)
-            if self.concepts is not None:
+            W_dec = sae.W_dec.detach().cpu().numpy()
+            xy = decoder_embedding(W_dec, self.seed)
+            if self.truth is not None:
+                cos = abs_cosine(W_dec, self.truth.dictionary)
+                names = self.role_names
+                role_index = np.searchsorted(names, [f"role:{r}" for r in self.truth.roles])[cos.argmax(1)]
+                matched = np.where(cos.max(1) >= self.truth.threshold, role_index, -1)
+            elif self.concepts is not None:
                 matched = matched_categories(fired, self.concepts.labels, self.concepts.concepts.kinds)
                 names = self.concepts.concepts.names
             else:
@@ -136,6 +158,20 @@ class ArmProbes:
             np.savez(f, **arrays)
         tmp.replace(path)
         return metrics, embedding
+
+    @property
+    def role_names(self) -> list[str]:
+        return sorted({f"role:{r}" for r in self.truth.roles})
+
+    def _recovery_by_frequency(self, best_cos: np.ndarray) -> dict[str, float]:
+        """Fraction of true features recovered among the most, middle and least frequent thirds:
+        three curves that show in the dashboard whether frequent features are learned first."""
+        order = np.argsort(-self.truth.probability, kind="stable")
+        out = {}
+        for name, part in zip(("frequent", "middle", "rare"), np.array_split(order, 3)):
+            if part.size:
+                out[f"concepts/recovered_{name}_third"] = float(np.mean(best_cos[part] >= self.truth.threshold))
+        return out
 
     def _concept_metrics(self, scores: dict[str, np.ndarray]) -> dict[str, float]:
         c = self.concepts.concepts

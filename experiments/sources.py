@@ -13,9 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import numpy as np
 import torch
 
 from config.schema import DataConfig, UsageError
+
+CHUNK_SEQUENCES = 256  # sequences per cache chunk: the most an interrupted harvest repeats
 
 
 @dataclass
@@ -157,3 +160,38 @@ def harvester(model: SubjectModel, hook_name: str, device: str):
         return cache[hook_name].cpu()
 
     return run
+
+
+class HarvestWriter:
+    """Fills an activation cache from a transformer: token sequences in, hook activations out
+    (experiments.activation_cache.CacheWriter). The BOS position of each sequence is not stored."""
+
+    unit = "chunk"
+
+    def __init__(self, sequences: torch.Tensor, d_in: int, harvest, batch_size: int, eval_fraction: float):
+        self.sequences, self.d_in, self.harvest, self.batch_size = sequences, d_in, harvest, batch_size
+        self.n_seq, seq_len = sequences.shape
+        self.per_seq = seq_len - 1
+        self.n_rows = self.n_seq * self.per_seq
+        self.n_chunks = -(-self.n_seq // CHUNK_SEQUENCES)
+        self.n_eval_seq = max(1, int(self.n_seq * eval_fraction))
+
+    def split(self) -> dict:
+        n_train_seq = self.n_seq - self.n_eval_seq
+        return {"n_train_seq": n_train_seq, "n_eval_seq": self.n_eval_seq, "n_train_rows": n_train_seq * self.per_seq,
+                "n_eval_rows": self.n_eval_seq * self.per_seq}
+
+    def begin(self, path: Path) -> None:
+        np.save(path / "tokens.npy", self.sequences.numpy().astype(np.int32))
+
+    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> None:
+        start = chunk * CHUNK_SEQUENCES
+        stop = min(start + CHUNK_SEQUENCES, self.n_seq)
+        per = self.per_seq
+        for b in range(start, stop, self.batch_size):
+            e = min(b + self.batch_size, stop)
+            out = self.harvest(self.sequences[b:e])[:, 1:, :]  # drop the BOS position
+            acts[b * per:e * per] = out.reshape(-1, self.d_in).float().numpy()
+
+    def finish(self, path: Path) -> list[str]:
+        return ["tokens.npy"]

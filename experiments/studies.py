@@ -13,12 +13,14 @@ from typing import Callable
 import numpy as np
 from matplotlib.figure import Figure
 
+from experiments.metrics import rank_stability
 from experiments.probes import read_concepts, read_evals
 from visualization import study_plots
 from visualization.local_sink import MetricsCSV
 from visualization.plots import density_floor, log10_density
 
-FINAL_METRICS = ("l0", "explained_variance", "mse", "cos", "dead_frac", "dense_frac", "ce_loss_recovered", "kl")
+FINAL_METRICS = ("l0", "explained_variance", "mse", "cos", "dead_frac", "dense_frac", "ce_loss_recovered", "kl",
+                 "mcc", "frac_recovered")
 
 
 @dataclass
@@ -34,6 +36,7 @@ class StudyResult:
     question: str
     tables: dict[str, Table] = field(default_factory=dict)
     figures: dict[str, Callable[[], Figure]] = field(default_factory=dict)  # drawn when the report is written
+    data: dict[str, Table] = field(default_factory=dict)  # long per-item tables: CSV files and W&B tables
     findings: list[str] = field(default_factory=list)  # one Markdown sentence each
     summary: dict = field(default_factory=dict)  # goes to summary.json["studies"][name]
 
@@ -84,9 +87,11 @@ def _tokens_text(tokens: float) -> str:
 # -- activations ------------------------------------------------------------------------------
 def activations(arms: list[ArmData], probes: dict) -> StudyResult:
     res = StudyResult("activations", "How do the sparsity mechanisms trade reconstruction against sparsity?")
-    rows = [[a.name, a.record.get("status"), *(_r(a.final.get(m)) for m in FINAL_METRICS), a.record.get("steps"),
+    # CE/KL exist for transformer sources, mcc/frac_recovered for synthetic ones.
+    metrics = [m for m in FINAL_METRICS if any(_r(a.final.get(m)) is not None for a in arms)] or list(FINAL_METRICS[:6])
+    rows = [[a.name, a.record.get("status"), *(_r(a.final.get(m)) for m in metrics), a.record.get("steps"),
              a.record.get("seconds")] for a in arms]
-    res.tables["final"] = Table("Final metrics on the eval split", ["arm", "status", *FINAL_METRICS, "steps", "time (s)"],
+    res.tables["final"] = Table("Final metrics on the eval split", ["arm", "status", *metrics, "steps", "time (s)"],
                                 rows)
     done = [a for a in arms if a.final]
     if done:
@@ -100,7 +105,11 @@ def activations(arms: list[ArmData], probes: dict) -> StudyResult:
         l0s = [a.final["l0"] for a in done]
         res.findings.append(f"L0 ranges from {min(l0s):.1f} to {max(l0s):.1f} across arms; compare explained "
                             f"variance only between arms of similar L0 (the frontier plot shows both).")
-    res.summary = {"arms": [{"name": a.name, "arm_id": a.record["arm_id"], **{m: a.final.get(m) for m in FINAL_METRICS}}
+        if "frac_recovered" in metrics:
+            top = max(done, key=lambda a: a.final.get("frac_recovered", -1))
+            res.findings.append(f"Most true features recovered: **{top.name}**, {top.final['frac_recovered']:.1%} "
+                                f"(MCC {top.final['mcc']:.3f}).")
+    res.summary = {"arms": [{"name": a.name, "arm_id": a.record["arm_id"], **{m: a.final.get(m) for m in metrics}}
                             for a in arms]}
     return res
 
@@ -120,6 +129,8 @@ def _first_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> np
 
 
 def emergence(arms: list[ArmData], probes: dict) -> StudyResult:
+    if any(a.evals and "best_cos" in a.evals[0] for a in arms):
+        return feature_emergence(arms, probes)
     threshold = probes["f1_threshold"]
     res = StudyResult("emergence", "When do latents come to represent known concepts, and in what order?")
     scored = [a for a in arms if a.concepts and a.evals and "single_f1" in a.evals[0]]
@@ -177,13 +188,7 @@ def emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         what = "best single latent" if kind == "single" else f"{k}-sparse probe"
         res.figures[f"final_f1_{kind}"] = partial(study_plots.score_heatmap,
             [a.name for a in scored], cat_names, final, f"Final held-out F1 per category, {what}")
-    for a in scored:
-        for e in a.evals:
-            if "umap_xy" in e:
-                concept = [label[i] if i >= 0 else None for i in e["umap_concept"]]
-                res.figures[f"umap_{a.name}_step{int(e['step'])}"] = partial(study_plots.umap_scatter,
-                    e["umap_xy"], concept, log10_density(e["density"], int(e["n_tokens"])),
-                    f"{a.name}: decoder directions at {_tokens_text(float(e['tokens']))} tokens")
+    _umap_figures(res, scored)
     for a in scored:
         first_single, first_probe, best_single, best_probe = per_arm[a.name]
         emerged = [label[i] for i in sorted(cat, key=lambda i: first_single[i]) if not np.isnan(first_single[i])]
@@ -196,6 +201,80 @@ def emergence(arms: list[ArmData], probes: dict) -> StudyResult:
             + (f"; never emerged, best F1: {', '.join(missing)}" if missing else "") + ".")
     res.summary = {"threshold": threshold, "probe_k": k, "skipped_words": scored[0].concepts.get("skipped", []),
                    "arms": summary_arms}
+    return res
+
+
+def _umap_figures(res: StudyResult, arms: list[ArmData]) -> None:
+    for a in arms:
+        label = [n.split(":", 1)[1] for n in a.concepts["names"]]
+        for e in a.evals:
+            if "umap_xy" in e:
+                concept = [label[i] if i >= 0 else None for i in e["umap_concept"]]
+                res.figures[f"umap_{a.name}_step{int(e['step'])}"] = partial(study_plots.umap_scatter,
+                    e["umap_xy"], concept, log10_density(e["density"], int(e["n_tokens"])),
+                    f"{a.name}: decoder directions at {_tokens_text(float(e['tokens']))} tokens")
+
+
+FREQUENCY_BINS = 4
+
+
+def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
+    """Emergence on a synthetic source: the concepts are the true features, and a feature has
+    emerged at the first eval where some decoder row reaches |cos| >= threshold with it."""
+    threshold = probes["cos_threshold"]
+    res = StudyResult("emergence", "When does each true feature get a latent of its own, and do frequent features "
+                                   "come first?")
+    scored = [a for a in arms if a.concepts and a.evals and "best_cos" in a.evals[0]]
+    probability = np.array(scored[0].concepts["feature_probability"])
+    roles = scored[0].concepts["feature_role"]
+    n = len(probability)
+    # Features binned by probability rank, most frequent first: the table version of the scatter.
+    bins = np.array_split(np.argsort(-probability, kind="stable"), FREQUENCY_BINS)
+    bin_names = [f"p {probability[b].min():.2g}–{probability[b].max():.2g}" for b in bins]
+    rows, by_bin, per_feature, scatter, curves, summary_arms = [], [], [], {}, {}, []
+    for a in scored:
+        tokens = np.array([float(e["tokens"]) for e in a.evals])
+        best_cos = np.stack([e["best_cos"] for e in a.evals])
+        emerged = _first_reach(tokens, best_cos, threshold)
+        best = _nanmax(best_cos)
+        done = ~np.isnan(emerged)
+        rho = rank_stability(-probability[done], emerged[done]) if done.sum() >= 3 else float("nan")
+        scatter[a.name] = {"architecture": a.architecture, "probability": probability, "emerged_tokens": emerged,
+                           "best_cos": best, "tokens": tokens}
+        ev_tokens, frac = a.curve("eval/frac_recovered")
+        _, mcc = a.curve("eval/mcc")
+        curves[a.name] = {"architecture": a.architecture, "tokens": ev_tokens, "frac_recovered": frac, "mcc": mcc}
+        rows.append([a.name, f"{int(done.sum())}/{n}", _tokens_text(np.nanmin(emerged) if done.any() else np.nan),
+                     _tokens_text(np.nanmedian(emerged) if done.any() else np.nan), _r(rho, 3),
+                     _r(a.final.get("frac_recovered")), _r(a.final.get("mcc"))])
+        by_bin.append([a.name] + [f"{int(done[b].sum())}/{b.size} emerged" + (
+            f", median {_tokens_text(np.nanmedian(emerged[b]))}" if done[b].any() else "") for b in bins])
+        final = a.evals[-1]
+        features = [{"feature": i, "role": roles[i], "probability": _r(probability[i], 6),
+                     "emerged_tokens": _r(emerged[i], 0), "best_cos": _r(best[i]),
+                     "final_best_cos": _r(final["best_cos"][i]), "final_best_latent": int(final["best_latent"][i])}
+                    for i in range(n)]
+        per_feature += [[a.name, *f.values()] for f in features]
+        summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "emerged": int(done.sum()),
+                             "rank_spearman_probability_vs_emergence": _r(rho), "features": features})
+        res.findings.append(
+            f"**{a.name}**: {int(done.sum())}/{n} true features emerged (best |cos| >= {threshold:g}); "
+            f"most frequent quarter {by_bin[-1][1]}, rarest quarter {by_bin[-1][-1]}"
+            + (f"; Spearman(frequency, earliness) = {rho:.2f}" if not np.isnan(rho) else "") + ".")
+    res.tables["counts"] = Table(
+        f"True features emerged (some decoder row with |cos| >= {threshold:g})",
+        ["arm", "emerged", "first at", "median emergence", "Spearman(frequency, earliness)", "frac_recovered (final)",
+         "mcc (final)"], rows)
+    res.tables["by_frequency"] = Table(
+        "Features emerged by frequency quarter (most frequent first): emerged / features, median emergence tokens",
+        ["arm", *bin_names], by_bin)
+    res.data["features"] = Table("Every true feature: when it emerged and the best |cos| reached",
+                                 ["arm", "feature", "role", "probability", "emerged_tokens", "best_cos",
+                                  "final_best_cos", "final_best_latent"], per_feature)
+    res.figures["emergence_vs_frequency"] = partial(study_plots.emergence_vs_frequency, scatter, threshold)
+    res.figures["recovery_curves"] = partial(study_plots.recovery_curves, curves, threshold)
+    _umap_figures(res, scored)
+    res.summary = {"threshold": threshold, "source": "synthetic", "arms": summary_arms}
     return res
 
 

@@ -20,8 +20,9 @@ from experiments.concepts import tinylm_concepts, yaml_concepts
 from experiments.probes import PROBE_KINDS, ArmProbes, ConceptData, umap_steps
 from experiments.studies import analyse
 from experiments.activation_cache import build_or_open
-from experiments.sources import (dataset_fingerprint, harvester, load_subject_model, resolve_hook,
+from experiments.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
                                  token_sequences)
+from experiments.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer
 from visualization.local_sink import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
@@ -208,15 +209,8 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
     return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
 
 
-def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
-    root = Path(cfg.log.checkpoint_dir)
-    study_json = study_dir / "study.json"
-    meta = read_json(study_json) if study_json.exists() else {
-        "study_id": study_dir.name, "studies": cfg.study.names, "created": time.time(), "status": "running",
-        "spec": cfg.result_spec(), "arms": []}
-    meta["status"] = "running"
-    write_json_atomic(study_json, meta)  # before the harvest, so a run killed there can be resumed
-
+def _transformer_source(cfg: RunConfig, root: Path):
+    """Harvest (or reopen) the subject model's activations at the hook."""
     device = cfg.train.device
     model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
     hook_name = resolve_hook(model, cfg.data)
@@ -230,10 +224,34 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
                  "n_samples": cfg.data.n_samples, "seq_len": cfg.data.seq_len,
                  "dataset": dataset_fingerprint(cfg.data), "seed": cfg.train.seed,
                  "eval_fraction": cfg.data.eval_fraction}
-    cache = build_or_open(root, data_spec, sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size,
-                          cfg.data.eval_fraction, progress=cfg.log.progress)
+    writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size, cfg.data.eval_fraction)
+    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress)
+    return cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec, model
+
+
+def _synthetic_source(cfg: RunConfig, root: Path):
+    """Generate (or reopen) the toy model's activations, with the true features beside them."""
+    model = ToyModel.build(cfg.synthetic, cfg.train.seed)
+    data_spec = {"source": "synthetic", "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
+                 "eval_fraction": cfg.data.eval_fraction}
+    writer = SyntheticWriter(model, cfg.train.seed, cfg.data.eval_fraction)
+    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress)
+    truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
+    return cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None
+
+
+def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
+    root = Path(cfg.log.checkpoint_dir)
+    study_json = study_dir / "study.json"
+    meta = read_json(study_json) if study_json.exists() else {
+        "study_id": study_dir.name, "studies": cfg.study.names, "created": time.time(), "status": "running",
+        "spec": cfg.result_spec(), "arms": []}
+    meta["status"] = "running"
+    write_json_atomic(study_json, meta)  # before the harvest, so a run killed there can be resumed
+
+    open_source = _synthetic_source if cfg.data.source == "synthetic" else _transformer_source
+    cache, ctx, data_spec, model = open_source(cfg, root)  # model: the subject transformer, if any
     scale = cache.norm_scale(cfg.data.normalize)
-    ctx = EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences)
 
     planned = plan_arms(cfg, data_spec)
     previous = {a["arm_id"]: a for a in meta["arms"]}
@@ -242,7 +260,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     meta["cache"] = str(cache.path)
     write_json_atomic(study_json, meta)
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
-    concept_data = _concept_data(cfg, model, cache) if needs_concepts else None
+    concept_data = _concept_data(cfg, model, cache) if needs_concepts and model is not None else None
 
     wandb = None
     if cfg.log.use_wandb:
@@ -260,13 +278,13 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         arm_dir = study_dir / arm.arm_id
         run_config = {**shared_config, **flatten({"sae": asdict(spec.sae), "train": asdict(spec.train)}),
                       "arm_id": arm.arm_id, "studies": p.studies, "study_id": study_dir.name, "d_in": cache.d_in,
-                      "d_sae": spec.sae.d_sae(cache.d_in), "hook_name": hook_name, "norm_scale": scale}
+                      "d_sae": spec.sae.d_sae(cache.d_in), "hook_name": ctx.hook_name, "norm_scale": scale}
         sinks = ArmSinks(arm_dir, wandb, arm.name, group=study_dir.name, job_type="+".join(p.studies),
                          config=run_config)
         trainer = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, progress=cfg.log.progress)
         trainer.probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
                                    umap_steps(trainer.eval_steps, cfg.probes.umap_evals), spec.train.seed,
-                                   cache.n_eval_rows)
+                                   cache.n_eval_rows, truth=ctx.truth)
         record.update(status="running", steps_total=trainer.n_steps)
         write_json_atomic(study_json, meta)
         try:
@@ -318,7 +336,7 @@ def log_summary_runs(wandb, study_dir: Path, results: list, config: dict) -> dic
     """One W&B run per study (job type `summary`): its tables and the report's figures."""
     ids = {}
     for res in results:
-        tables = {key: (t.headers, t.rows) for key, t in res.tables.items()}
+        tables = {key: (t.headers, t.rows) for key, t in {**res.tables, **res.data}.items()}
         images = {key: study_dir / "report" / figure_file(res.name, key) for key in res.figures}
         ids[res.name] = wandb.log_summary_run(name=f"{res.name}-summary", group=study_dir.name,
                                               config={**config, "study": res.name}, tables=tables, figures=images)

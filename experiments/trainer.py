@@ -20,6 +20,8 @@ from experiments import faults
 from experiments.checkpointing import load_latest, save_checkpoint
 from experiments.resampling import resample_dead_latents_
 from experiments.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
+from experiments.recovery import FiringMatch, Recovery, feature_recovery, recovery_metrics
+from experiments.synthetic import SyntheticTruth
 from models.sae import SAE, SAEConfig, build_sae
 
 
@@ -40,11 +42,13 @@ class StopFlag:
 
 @dataclass
 class EvalContext:
-    """What the probes need beyond the SAE: the subject model for CE/KL with the SAE spliced in."""
+    """What evaluation needs beyond the SAE: the subject model for CE/KL with the SAE spliced in
+    (transformer source), or the true features for recovery metrics (synthetic source)."""
 
-    bridge: object | None
-    hook_name: str
-    ce_sequences: int
+    bridge: object | None = None
+    hook_name: str = ""
+    ce_sequences: int = 0
+    truth: SyntheticTruth | None = None
 
 
 @dataclass
@@ -99,6 +103,10 @@ class EvalOutput:
     density: np.ndarray  # [d_sae] firing frequency on the eval split
     mean_act: np.ndarray  # [d_sae] mean activation when firing
     fired: torch.Tensor | None  # [n_eval_rows, d_sae] bool, when asked for
+    recovery: Recovery | None  # synthetic source: how well the decoder recovers the true features
+
+
+EVAL_BATCH = 4096
 
 
 @torch.no_grad()
@@ -111,12 +119,22 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
     sae.eval()
     acc = EvalAccumulator(sae.cfg.d_sae)
     fired = []
-    for x in cache.eval_batches(4096):
+    recovery = firing = None
+    if ctx.truth is not None:
+        recovery = feature_recovery(sae.W_dec, ctx.truth.dictionary, ctx.truth.threshold)
+        firing = FiringMatch(recovery.matched_latent)
+    row = 0
+    for x in cache.eval_batches(EVAL_BATCH):
         f = sae.encode(x * scale)
         acc.update(x, sae.decode(f) / scale, f)
         if keep_firing:
             fired.append(f > 0)
+        if firing is not None:
+            firing.update(f > 0, ctx.truth.eval_active[row:row + len(x)])
+        row += len(x)
     metrics = acc.result()
+    if recovery is not None:
+        metrics.update(recovery_metrics(recovery, firing))
     counts = acc.firing_counts()
     metrics.update(density_stats(counts, cache.n_eval_rows, dense_threshold))
     if ctx.bridge is not None:
@@ -124,7 +142,7 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
         metrics.update(spliced_lm_metrics(ctx.bridge, tokens, ctx.hook_name, lambda a: sae(a * scale) / scale))
     sae.train(was_training)
     return EvalOutput(metrics, feature_density(counts, cache.n_eval_rows), acc.mean_activation().numpy(),
-                      torch.cat(fired).cpu() if keep_firing else None)
+                      torch.cat(fired).cpu() if keep_firing else None, recovery)
 
 
 class Trainer:
@@ -251,7 +269,7 @@ class Trainer:
         logs = {f"eval/{k}": v for k, v in out.metrics.items()}
         embedding = None
         if probes is not None:
-            probe_metrics, embedding = probes.run(self.step, self.tokens, self.sae, out.density, out.mean_act, out.fired)
+            probe_metrics, embedding = probes.run(self.step, self.tokens, self.sae, out)
             logs.update(probe_metrics)
         self.sinks.log(self.step, self.tokens, logs)
         self.sinks.log_density(self.step, self.tokens, out.density, self.cache.n_eval_rows)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from experiments import activation_cache as ac
+from experiments.sources import HarvestWriter
 
 
 def fake_harvest(calls):
@@ -19,8 +20,8 @@ def fake_harvest(calls):
 
 
 def build(root, seqs, calls, spec=None, eval_fraction=0.25):
-    return ac.build_or_open(root, spec or {"name": "toy"}, seqs, 3, fake_harvest(calls), batch_size=4,
-                            eval_fraction=eval_fraction, progress=False)
+    return ac.build_or_open(root, spec or {"name": "toy"}, HarvestWriter(seqs, 3, fake_harvest(calls), 4, eval_fraction),
+                            progress=False)
 
 
 @pytest.fixture
@@ -36,7 +37,8 @@ def test_layout_split_and_normalisation(tmp_path, seqs):
     # row r is sequence r // 5 at position r % 5 + 1: BOS is never stored
     r = 7 * 5 + 2
     assert cache.acts[r].tolist() == [float(seqs[7, 3]), 3.0, 1.0]
-    assert cache.manifest["split"] == {"n_train_seq": 450, "n_eval_seq": 150}
+    assert cache.manifest["split"] == {"n_train_seq": 450, "n_eval_seq": 150, "n_train_rows": 2250,
+                                      "n_eval_rows": 750}
     assert cache.n_train_rows == 450 * 5 and cache.n_eval_rows == 150 * 5
     train = np.asarray(cache.acts[: cache.n_train_rows], dtype=np.float64)
     msn = (train ** 2).sum(1).mean()
@@ -71,7 +73,7 @@ def test_interrupted_harvest_resumes_from_last_chunk(tmp_path, seqs):
         return fake_harvest(calls)(tokens)
 
     with pytest.raises(KeyboardInterrupt):
-        ac.build_or_open(tmp_path, {"name": "toy"}, seqs, 3, failing, 4, 0.25, progress=False)
+        ac.build_or_open(tmp_path, {"name": "toy"}, HarvestWriter(seqs, 3, failing, 4, 0.25), progress=False)
     path = ac.cache_dir(tmp_path, {"name": "toy"})
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["chunks_done"] == 1 and not manifest["complete"]

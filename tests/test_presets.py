@@ -2,8 +2,8 @@
 import pytest
 
 from config.cli import QUICK_DEFAULTS, parse_args
-from config.presets import PRESET_DIR, load_preset
-from config.schema import STUDY_NAMES, UsageError
+from config.presets import PRESET_DIR, load_preset, load_source_preset
+from config.schema import SOURCES, STUDY_NAMES, UsageError
 
 
 def write(tmp_path, text):
@@ -12,10 +12,11 @@ def write(tmp_path, text):
     return str(path)
 
 
-def test_every_study_has_a_valid_preset():
-    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted(STUDY_NAMES)
+def test_every_study_and_source_has_a_valid_preset():
+    assert sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) == sorted([*STUDY_NAMES, *SOURCES[1:]])
     for name in STUDY_NAMES:
         assert load_preset(name)["description"]
+    assert load_source_preset("synthetic")["description"] and load_source_preset("transformer") == {}
 
 
 def test_default_run_shares_arms_between_studies():

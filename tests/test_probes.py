@@ -9,6 +9,7 @@ from experiments.metrics import EvalAccumulator, frequency_stats, rank_stability
 from experiments.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
 from experiments.studies import _first_reach, _nanmax
 from config.schema import ProbeConfig
+from experiments.trainer import EvalOutput
 
 
 def test_umap_steps_spread_from_first_to_final():
@@ -70,10 +71,10 @@ def test_arm_probes_write_readable_evals_and_resume_their_spearman(tmp_path):
     probes = ArmProbes(tmp_path, {"concepts", "frequency"}, cfg, data, set(), seed=0, n_eval_tokens=6)
     fired = torch.tensor([[1, 0], [1, 0], [0, 1], [1, 0], [0, 1], [1, 0]], dtype=torch.bool)
     d1, d2 = np.array([4 / 6, 2 / 6]), np.array([0.5, 0.5])
-    m1, _ = probes.run(10, 100, None, d1, np.ones(2), fired)
+    m1, _ = probes.run(10, 100, None, EvalOutput({}, d1, np.ones(2), fired, None))
     assert "freq/rank_spearman" not in m1 and m1["concepts/a/single_f1"] == 1.0  # latent 0 = {1, 2} exactly
     assert m1["concepts/category_emerged_single"] == 1 and m1["concepts/word_emerged_single"] == 0
-    m2, _ = probes.run(20, 200, None, d2, np.ones(2), fired)
+    m2, _ = probes.run(20, 200, None, EvalOutput({}, d2, np.ones(2), fired, None))
     assert np.isnan(m2["freq/rank_spearman"])  # constant second density: no ranking
     evals = read_evals(tmp_path)
     assert [int(e["step"]) for e in evals] == [10, 20] and int(evals[0]["n_tokens"]) == 6
@@ -81,5 +82,5 @@ def test_arm_probes_write_readable_evals_and_resume_their_spearman(tmp_path):
     # a resumed arm picks up the density of the last eval at or before its checkpoint
     resumed = ArmProbes(tmp_path, {"frequency"}, cfg, None, set(), seed=0, n_eval_tokens=6)
     resumed.resume_at(15)
-    m3, _ = resumed.run(20, 200, None, np.array([0.9, 0.1]), np.ones(2), None)
+    m3, _ = resumed.run(20, 200, None, EvalOutput({}, np.array([0.9, 0.1]), np.ones(2), None, None))
     assert m3["freq/rank_spearman"] == pytest.approx(1.0)

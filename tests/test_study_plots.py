@@ -247,3 +247,109 @@ def test_decoder_embedding_small_inputs():
     assert np.isfinite(decoder_embedding(np.zeros((5, 4)), 0)).all()
     with pytest.raises(ValueError):
         decoder_embedding(np.zeros(4), 0)
+
+
+# -- synthetic emergence study -------------------------------------------------------------------
+def _freq_arms(n_features: int = 60, seed: int = 7) -> dict:
+    """Toy-model arms where rarer features emerge later (and the rarest never, in some arms)."""
+    rng = np.random.default_rng(seed)
+    evals = np.arange(1, 21) * 50_000.0
+    prob = 10 ** rng.uniform(-3.5, -0.5, n_features)
+    out = {}
+    for j, (name, arch) in enumerate(ARMS.items()):
+        need = 1.5e3 / prob ** (0.6 + 0.1 * j) * 10 ** rng.normal(0, 0.2, n_features)
+        idx = np.searchsorted(evals, need)
+        emerged = np.where(idx < evals.size, evals[np.minimum(idx, evals.size - 1)], np.nan)
+        best = np.where(np.isfinite(emerged), rng.uniform(0.9, 1.0, n_features), rng.uniform(0.2, 0.9, n_features))
+        out[name] = {"architecture": arch, "probability": prob, "emerged_tokens": emerged, "best_cos": best}
+    return out
+
+
+def _ytick_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_yticklabels()]
+
+
+def test_emergence_vs_frequency(tmp_path):
+    arms = _freq_arms()
+    assert all(np.isnan(a["emerged_tokens"]).any() for a in list(arms.values())[3:])  # the data has never-emerged
+    fig = sp.emergence_vs_frequency(arms, 0.9)
+    panels = _data_axes(fig)
+    assert len(panels) == 5
+    assert "never" in _ytick_texts(panels[0])  # the "never" band
+    assert panels[0].get_yscale() == "log" and panels[0].get_xscale() == "log"
+    for ax, arm in zip(panels, arms.values()):
+        n_got = int(np.isfinite(arm["emerged_tokens"]).sum())
+        assert f"emerged {n_got}/60" in ax.get_title()
+        assert "Spearman ρ = -" in ax.get_title()  # emergence tokens fall with probability
+    _check(fig, tmp_path, 6, "emergence_freq")  # 5 panels + best-|cos| colorbar
+
+
+def test_emergence_vs_frequency_edge_cases(tmp_path):
+    full = _freq_arms()
+    arms = {"gated": full["gated"]}  # one panel keeps this test fast
+    # Nothing emerged: every feature in the band, no Spearman.
+    nothing = {n: dict(a, emerged_tokens=np.full(60, np.nan)) for n, a in arms.items()}
+    fig = sp.emergence_vs_frequency(nothing, 0.9)
+    assert "never" in _ytick_texts(fig.axes[0])
+    assert all("emerged 0/60" in ax.get_title() and "Spearman" not in ax.get_title() for ax in _data_axes(fig))
+    _check(fig, tmp_path, 2, "emergence_freq_nothing")  # panel + colorbar
+    # Everything emerged: no band, no colorbar.
+    everything = {n: dict(a, emerged_tokens=np.where(np.isnan(a["emerged_tokens"]), 1e6, a["emerged_tokens"]))
+                  for n, a in arms.items()}
+    fig = sp.emergence_vs_frequency(everything, 0.9)
+    assert "never" not in _ytick_texts(fig.axes[0])
+    assert all("emerged 60/60" in ax.get_title() for ax in fig.axes)
+    _check(fig, tmp_path, 1, "emergence_freq_all")
+    # A single feature in a single arm (emerged, then not).
+    one = {"topk-k32": {"architecture": "topk", "probability": [0.01], "emerged_tokens": [2e5], "best_cos": [0.95]}}
+    fig = sp.emergence_vs_frequency(one, 0.9)
+    assert "emerged 1/1" in fig.axes[0].get_title() and "Spearman" not in fig.axes[0].get_title()
+    _check(fig, tmp_path, 1, "emergence_freq_one")
+    one["topk-k32"].update(emerged_tokens=[np.nan], best_cos=[None])
+    fig = sp.emergence_vs_frequency(one, 0.9)
+    assert _ytick_texts(fig.axes[0]) == ["never"]
+    _check(fig, tmp_path, 1, "emergence_freq_one_never")  # no best |cos|: no colorbar
+    # NaN probabilities are left out (and counted); one arm has none at all.
+    holes = {n: dict(a, probability=np.where(np.arange(60) < 5, np.nan, a["probability"])) for n, a in arms.items()}
+    holes["relu"] = dict(full["relu"], probability=np.full(60, np.nan))
+    fig = sp.emergence_vs_frequency(holes, 0.9)
+    assert "5 without probability" in fig.axes[0].get_title()
+    assert "60 without probability" in fig.axes[1].get_title()
+    _check(fig, tmp_path, 3, "emergence_freq_nan_prob")  # 2 panels + colorbar
+    # Emergence within one decade: linear token axis.
+    narrow = {n: dict(a, emerged_tokens=np.where(np.isnan(a["emerged_tokens"]), np.nan, 3e5)) for n, a in arms.items()}
+    narrow["gated"]["emerged_tokens"][:20] = np.linspace(2e5, 8e5, 20)
+    fig = sp.emergence_vs_frequency(narrow, 0.9)
+    assert fig.axes[0].get_yscale() == "linear" and "never" in _ytick_texts(fig.axes[0])
+    _check(fig, tmp_path, 2, "emergence_freq_linear")
+    fig = sp.emergence_vs_frequency({}, 0.9)
+    assert fig.axes[0].texts[0].get_text() == "no arms"
+    _check(fig, tmp_path, 1, "emergence_freq_empty")
+
+
+def _recovery_arms(n_evals: int) -> dict:
+    tokens = np.linspace(5e4, 1e6, n_evals)
+    out = {}
+    for j, (name, arch) in enumerate(ARMS.items()):
+        frac = 1 - np.exp(-tokens / (2e5 * (j + 1)))
+        mcc = 0.5 + 0.45 * frac
+        if j == 1:
+            frac[0] = np.nan
+        if j == 2:
+            mcc = np.full(n_evals, np.nan)
+        out[name] = {"architecture": arch, "tokens": tokens, "frac_recovered": frac, "mcc": mcc}
+    return out
+
+
+@pytest.mark.parametrize("n_evals", [1, 8])
+def test_recovery_curves(tmp_path, n_evals):
+    fig = sp.recovery_curves(_recovery_arms(n_evals), 0.9)
+    assert "0.9" in fig.axes[0].get_title() and "MCC" in fig.axes[1].get_title()
+    for ax in fig.axes:
+        assert ax.get_ylim() == (0.0, 1.02)
+    assert len(fig.legends[0].get_texts()) == 5
+    _check(fig, tmp_path, 2, f"recovery_{n_evals}")
+    if n_evals == 1:
+        fig = sp.recovery_curves({}, 0.9)
+        assert fig.axes[0].texts[0].get_text() == "no arms"
+        _check(fig, tmp_path, 2, "recovery_empty")

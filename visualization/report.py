@@ -2,6 +2,7 @@
 reads without W&B (tables, findings, and the figures inline)."""
 from __future__ import annotations
 
+import csv
 import re
 import shutil
 import time
@@ -29,6 +30,19 @@ def figure_file(study: str, key: str) -> str:
     return f"{study}/{_slug(key)}.png"
 
 
+def data_file(study: str, key: str) -> str:
+    """Path of a long table's CSV inside the report folder."""
+    return f"{study}/{_slug(key)}.csv"
+
+
+def write_csv(path: Path, headers: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(headers)
+        writer.writerows(["" if v is None else v for v in row] for row in rows)
+
+
 def write_report(study_dir: Path, meta: dict, results: list) -> Path:
     """Write the report afresh (figures are closed once saved); returns the Markdown page's path."""
     out = study_dir / "report"
@@ -50,6 +64,10 @@ def write_report(study_dir: Path, meta: dict, results: list) -> Path:
         lines += [f"- {f}" for f in res.findings] + ([""] if res.findings else [])
         for table in res.tables.values():
             lines += [f"**{table.title}**", "", _md_table(table.headers, table.rows), ""]
+        for key, table in res.data.items():
+            rel = data_file(res.name, key)
+            write_csv(tmp / rel, table.headers, table.rows)
+            lines += [f"**{table.title}**: [{rel}]({rel}) ({len(table.rows):,} rows)", ""]
         for key, draw in res.figures.items():
             rel = figure_file(res.name, key)
             save_figure(draw(), tmp / rel)  # one figure open at a time

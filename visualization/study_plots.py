@@ -13,6 +13,7 @@ figures:
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections import Counter
 from typing import Iterable, Sequence
@@ -25,7 +26,7 @@ import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FuncFormatter, MaxNLocator
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 ARCH_COLORS: dict[str, str] = {
     "topk": "#1f77b4",  # blue
@@ -66,6 +67,8 @@ __all__ = [
     "density_over_training",
     "resampling_curves",
     "umap_scatter",
+    "emergence_vs_frequency",
+    "recovery_curves",
 ]
 
 
@@ -162,6 +165,22 @@ def _empty_note(ax, text: str) -> None:
 def _fig(ncols: int, nrows: int = 1, width: float = 11.0, height: float = 4.5, **kw):
     return plt.subplots(nrows, ncols, figsize=(min(width, MAX_WIDTH), height), layout="constrained",
                         squeeze=False, **kw)
+
+
+def _grid_panels(fig: Figure, axs, n: int, xlabel: str):
+    """Small multiples: yields (index, axes, is bottom row, is left column) for the first n panels
+    of the grid `axs`, row by row, and removes the rest; a panel left ending its column gets x tick
+    labels and `xlabel`."""
+    nrows, ncols = len(axs), len(axs[0])
+    for idx in range(nrows * ncols):
+        r, c = divmod(idx, ncols)
+        if idx >= n:
+            fig.delaxes(axs[r][c])
+            if r > 0:
+                axs[r - 1][c].tick_params(labelbottom=True)
+                axs[r - 1][c].set_xlabel(xlabel)
+            continue
+        yield idx, axs[r][c], r == nrows - 1, c == 0
 
 
 def _place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, labels: list[str], colors: list,
@@ -549,15 +568,7 @@ def freq_vs_magnitude(arms: dict[str, dict]) -> Figure:
     nrows = int(np.ceil(n / ncols))
     fig, axs = _fig(ncols, nrows, width=3.8 * ncols + 0.8, height=3.2 * nrows + 0.8, sharex=True, sharey=True)
     styles = arm_styles({nm: a.get("architecture", "?") for nm, a in arms.items()})
-    for idx in range(nrows * ncols):
-        r, c = divmod(idx, ncols)
-        ax = axs[r][c]
-        if idx >= n:
-            fig.delaxes(ax)
-            if r > 0:  # the panel above now ends its column: give it x tick labels
-                axs[r - 1][c].tick_params(labelbottom=True)
-                axs[r - 1][c].set_xlabel("log10 firing frequency")
-            continue
+    for idx, ax, bottom, left in _grid_panels(fig, axs, n, "log10 firing frequency"):
         name = names[idx]
         arm = arms.get(name, {})
         dens = _floats(arm.get("density"))
@@ -575,9 +586,9 @@ def freq_vs_magnitude(arms: dict[str, dict]) -> Figure:
         ax.axvline(np.log10(DENSE_THRESHOLD), color="0.5", linestyle="--", linewidth=0.8)
         ax.set_title(f"{name}\n{m - n_never:,} fired, {n_never:,} never fired", fontsize=9.5)
         ax.grid(alpha=0.3)
-        if r == nrows - 1:
+        if bottom:
             ax.set_xlabel("log10 firing frequency")
-        if c == 0:
+        if left:
             ax.set_ylabel("log10 mean activation when firing")
     fig.suptitle(f"Firing frequency vs activation magnitude (final eval; dashed: dense threshold "
                  f"{DENSE_THRESHOLD:g})")
@@ -725,4 +736,193 @@ def umap_scatter(xy: np.ndarray, concept: list[str | None], log10_freq: np.ndarr
         if n == 0:
             _empty_note(ax, "no latents")
     fig.suptitle(title)
+    return fig
+
+
+# -- synthetic emergence study (toy model of superposition) -------------------------------------
+NEVER_CMAP = mcolors.LinearSegmentedColormap.from_list("never_emerged", ["#d4d4d4", "#1a1a1a"])
+NO_SCORE_COLOR = "#ffffff"
+
+
+def _never_band(values: np.ndarray, log: bool) -> dict:
+    """Layout of a y axis with the emerged values below and a "never" band on top, in axis units
+    (log10 of tokens on a log axis): bottom, sep (dashed separator), never (where the never-emerged
+    points sit), top."""
+    if values.size:
+        a, b = (np.log10(values.min()), np.log10(values.max())) if log else (values.min(), values.max())
+    else:
+        a, b = 0.0, 1.0
+    span = b - a
+    if span <= 0:
+        span = 0.5 if log else max(abs(b), 1.0) * 0.5
+        a, b = a - span / 2, b + span / 2
+    bottom, sep = a - 0.06 * span, b + 0.06 * span
+    if not log and values.size and values.min() >= 0:
+        bottom = max(bottom, -0.03 * sep)  # tokens are never negative
+    band = 0.25 * (sep - bottom)
+    return {"bottom": bottom, "sep": sep, "never": sep + band / 2, "top": sep + band, "log": log,
+            "nonneg": bool(values.size and values.min() >= 0) or not values.size, "empty": not values.size}
+
+
+def _never_ticks(layout: dict, with_band: bool) -> tuple[list[float], list[str], list[float]]:
+    """Major ticks (data units) and labels of the emerged region, "never" on the band; minor ticks."""
+    lo, sep = layout["bottom"], layout["sep"]
+    major, minor = [], []
+    if layout["empty"]:  # no token values at all: the emerged region has no scale to show
+        pass
+    elif layout["log"]:
+        decades = sep - lo
+        subs = (1.0, 2.0, 5.0) if decades < 2 else (1.0, 3.0) if decades < 4 else (1.0,)
+        major = [t for t in LogLocator(base=10, subs=subs).tick_values(10 ** lo, 10 ** sep)
+                 if lo <= np.log10(t) <= sep]
+        minor = [t for t in LogLocator(base=10, subs=np.arange(2, 10)).tick_values(10 ** lo, 10 ** sep)
+                 if lo <= np.log10(t) <= sep and not np.isclose(major, t).any()]
+    else:
+        major = [t for t in MaxNLocator(nbins=5, min_n_ticks=3).tick_values(lo, sep) if lo <= t <= sep]
+        if layout["nonneg"]:
+            major = [t for t in major if t >= 0]
+    labels = [format_tokens(t) for t in major]
+    if with_band:
+        major.append(10 ** layout["never"] if layout["log"] else layout["never"])
+        labels.append("never")
+    return [float(t) for t in major], labels, [float(t) for t in minor]
+
+
+def emergence_vs_frequency(arms: dict[str, dict], threshold: float) -> Figure:
+    """Do frequent features emerge first? Small multiples per arm on a toy model of superposition:
+    x = true firing probability of each feature (log), y = training tokens at the first eval where
+    some latent's decoder direction reaches |cos| >= threshold with it (log when the emerged values
+    span more than a decade). Features that never emerged sit in a shaded "never" band on top,
+    shaded by the best |cos| they reached. Each title gives "emerged n/F" and the Spearman rank
+    correlation between probability and emergence tokens over emerged features (when >= 3).
+
+    arms: name -> {"architecture", "probability": [F], "emerged_tokens": [F] (NaN = never),
+    "best_cos": [F]}; an optional "tokens" entry (the arm's eval tokens) widens the y range.
+    Features without a finite positive probability are not drawn (their count is in the title).
+    """
+    from scipy.stats import spearmanr  # imported here: scipy.stats takes about a second to import
+
+    names = list(arms) or ["(no arms)"]
+    n = len(names)
+    ncols = min(3, n)
+    nrows = int(np.ceil(n / ncols))
+    styles = arm_styles({nm: a.get("architecture", "?") for nm, a in arms.items()})
+
+    data = {}
+    for name in names:
+        arm = arms.get(name, {})
+        p, e, b = _floats(arm.get("probability")), _floats(arm.get("emerged_tokens")), _floats(arm.get("best_cos"))
+        f = max(p.size, e.size)
+        pad = lambda v: np.concatenate([v[:f], np.full(max(0, f - v.size), np.nan)])  # noqa: E731
+        p, e, b = pad(p), pad(e), pad(b)
+        data[name] = {"p": p, "e": e, "b": b, "f": f, "has_p": np.isfinite(p) & (p > 0), "got": np.isfinite(e)}
+
+    emerged = np.concatenate([d["e"][d["got"]] for d in data.values()] + [np.zeros(0)])
+    evals = np.concatenate([_floats(a.get("tokens")) for a in arms.values()] + [np.zeros(0)])
+    evals = evals[np.isfinite(evals)]
+    if not emerged.size or emerged.min() > 0:
+        evals = evals[evals > 0]  # a first eval at 0 tokens does not force a linear axis
+    y_vals = np.concatenate([emerged, evals])
+    log_y = bool(y_vals.size and y_vals.min() > 0 and y_vals.max() / y_vals.min() > 10)
+    layout = _never_band(y_vals, log_y)
+    with_band = any((d["has_p"] & ~d["got"]).any() for d in data.values())
+    to_y = (lambda u: 10 ** u) if log_y else (lambda u: u)  # noqa: E731
+
+    p_all = np.concatenate([d["p"][d["has_p"]] for d in data.values()] + [np.zeros(0)])
+    if p_all.size:
+        p_lo, p_hi = float(p_all.min()), float(p_all.max())
+        ratio = 1.5 if p_hi > p_lo else 3.0
+        xlim = (p_lo / ratio, p_hi * ratio)
+    else:
+        xlim = (1e-3, 1.0)
+
+    fig, axs = _fig(ncols, nrows, width=max(5.6, 3.8 * ncols + (1.4 if with_band else 0.6)), height=3.3 * nrows + 1.1,
+                    sharex=True, sharey=True)
+    jitter = np.random.default_rng(0)
+    band_h = layout["top"] - layout["sep"]
+    sc = None
+    for idx, ax, bottom, left in _grid_panels(fig, axs, n, "true firing probability"):
+        name = names[idx]
+        d = data[name]
+        st = styles.get(name, {"color": "0.3", "marker": "o"})
+        ax.set_xscale("log")
+        ax.set_yscale("log" if log_y else "linear")
+        ok = d["has_p"] & d["got"]
+        if ok.any():
+            ax.scatter(d["p"][ok], d["e"][ok], s=20, color=st["color"], marker=st["marker"], alpha=0.8,
+                       edgecolors="white", linewidths=0.4, zorder=3)
+        miss = d["has_p"] & ~d["got"]
+        if miss.any():
+            y = to_y(layout["never"] + jitter.uniform(-0.22, 0.22, int(miss.sum())) * band_h)
+            cos = d["b"][miss]
+            scored = np.isfinite(cos)
+            if scored.any():
+                sc = ax.scatter(d["p"][miss][scored], y[scored], c=cos[scored], cmap=NEVER_CMAP, vmin=0.0,
+                                vmax=threshold, s=20, marker=st["marker"], edgecolors="0.35", linewidths=0.4,
+                                zorder=3)
+            if (~scored).any():
+                ax.scatter(d["p"][miss][~scored], y[~scored], s=20, marker=st["marker"], color=NO_SCORE_COLOR,
+                           edgecolors="0.35", linewidths=0.6, zorder=3)
+        if with_band:
+            ax.axhspan(to_y(layout["sep"]), to_y(layout["top"]), color="0.94", zorder=0, linewidth=0)
+            ax.axhline(to_y(layout["sep"]), color="0.45", linestyle="--", linewidth=0.9, zorder=1)
+
+        n_got = int(d["got"].sum())
+        stats = f"emerged {n_got}/{d['f']}"
+        both = ok
+        if both.sum() >= 3:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # constant input (all at one eval) -> NaN, omitted
+                rho = spearmanr(d["p"][both], d["e"][both]).statistic
+            if np.isfinite(rho):
+                stats += f", Spearman ρ = {rho:+.2f}"
+        n_nop = int((~d["has_p"]).sum())
+        if n_nop:
+            stats += f"\n({n_nop} without probability not shown)"
+        ax.set_title(f"{name}\n{stats}" if name in arms else "No arms", fontsize=9.5)
+        if name not in arms:
+            _empty_note(ax, "no arms")
+        elif d["f"] == 0:
+            _empty_note(ax, "no features")
+        elif not ok.any():
+            _empty_note(ax, "no feature emerged" if not n_got else "no emerged feature with a probability")
+        ax.grid(alpha=0.3)
+        if bottom:
+            ax.set_xlabel("true firing probability")
+        if left:
+            ax.set_ylabel(f"training tokens at emergence (|cos| ≥ {threshold:g})")
+
+    ticks, labels, minor = _never_ticks(layout, with_band)
+    # Decades only (plus 2 and 5 on narrow ranges) and no minor ticks: minor log ticks on every panel
+    # double the drawing time.
+    x_subs = (1.0, 2.0, 5.0) if np.log10(xlim[1] / xlim[0]) < 2.5 else (1.0,)
+    for ax in fig.axes:
+        ax.set_xlim(*xlim)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=x_subs, numticks=12))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:g}"))
+        ax.set_ylim(to_y(layout["bottom"]), to_y(layout["top"] if with_band else layout["sep"]))
+        ax.set_yticks(ticks, labels)
+        ax.yaxis.set_minor_locator(FixedLocator(minor) if minor else NullLocator())
+    if sc is not None:
+        cb = fig.colorbar(sc, ax=fig.axes, fraction=0.04, pad=0.02, shrink=0.6 if nrows > 1 else 0.85)
+        cb.set_label("best |cos| reached (never emerged)")
+    fig.suptitle(f"Do frequent features emerge first?\nemerged: some decoder direction "
+                 f"reaches |cos| ≥ {threshold:g} with the feature", fontsize=11)
+    return fig
+
+
+def recovery_curves(arms: dict[str, dict], threshold: float) -> Figure:
+    """Recovery of the true features of a toy model over training, two panels: fraction of features
+    whose best decoder |cos| >= threshold, and MCC (mean |cos| under a one-to-one matching).
+
+    arms: name -> {"architecture", "tokens": [E], "frac_recovered": [E], "mcc": [E]}.
+    """
+    fig = _arm_time_panels(arms, [
+        ("frac_recovered", "fraction of true features",
+         f"Fraction of true features recovered (best |cos| ≥ {threshold:g})"),
+        ("mcc", "MCC (mean |cos| of matched pairs)", "MCC (one-to-one matching)"),
+    ], "Recovery of the true features over training", empty_text="no arms" if not arms else "no values")
+    for ax in fig.axes[:2]:
+        ax.set_ylim(0.0, 1.02)
     return fig
