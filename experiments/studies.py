@@ -238,7 +238,8 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         emerged = _first_reach(tokens, best_cos, threshold)
         best = _nanmax(best_cos)
         done = ~np.isnan(emerged)
-        rho = rank_stability(-probability[done], emerged[done]) if done.sum() >= 3 else float("nan")
+        # Negative: frequent features emerge first (the sign the scatter's titles show too).
+        rho = rank_stability(probability[done], emerged[done]) if done.sum() >= 3 else float("nan")
         scatter[a.name] = {"architecture": a.architecture, "probability": probability, "emerged_tokens": emerged,
                            "best_cos": best, "tokens": tokens}
         ev_tokens, frac = a.curve("eval/frac_recovered")
@@ -256,14 +257,14 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
                     for i in range(n)]
         per_feature += [[a.name, *f.values()] for f in features]
         summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "emerged": int(done.sum()),
-                             "rank_spearman_probability_vs_emergence": _r(rho), "features": features})
+                             "spearman_probability_vs_emergence_tokens": _r(rho), "features": features})
         res.findings.append(
             f"**{a.name}**: {int(done.sum())}/{n} true features emerged (best |cos| >= {threshold:g}); "
             f"most frequent quarter {by_bin[-1][1]}, rarest quarter {by_bin[-1][-1]}"
-            + (f"; Spearman(frequency, earliness) = {rho:.2f}" if not np.isnan(rho) else "") + ".")
+            + (f"; Spearman(probability, emergence tokens) = {rho:.2f}" if not np.isnan(rho) else "") + ".")
     res.tables["counts"] = Table(
         f"True features emerged (some decoder row with |cos| >= {threshold:g})",
-        ["arm", "emerged", "first at", "median emergence", "Spearman(frequency, earliness)", "frac_recovered (final)",
+        ["arm", "emerged", "first at", "median emergence", "Spearman(probability, emergence)", "frac_recovered (final)",
          "mcc (final)"], rows)
     res.tables["by_frequency"] = Table(
         "Features emerged by frequency quarter (most frequent first): emerged / features, median emergence tokens",

@@ -26,7 +26,7 @@ import numpy as np
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator
+from matplotlib.ticker import FixedLocator, NullFormatter, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
 ARCH_COLORS: dict[str, str] = {
     "topk": "#1f77b4",  # blue
@@ -904,6 +904,7 @@ def emergence_vs_frequency(arms: dict[str, dict], threshold: float) -> Figure:
         ax.set_ylim(to_y(layout["bottom"]), to_y(layout["top"] if with_band else layout["sep"]))
         ax.set_yticks(ticks, labels)
         ax.yaxis.set_minor_locator(FixedLocator(minor) if minor else NullLocator())
+        ax.yaxis.set_minor_formatter(NullFormatter())  # the log axis would label minor ticks as 6x10^5
     if sc is not None:
         cb = fig.colorbar(sc, ax=fig.axes, fraction=0.04, pad=0.02, shrink=0.6 if nrows > 1 else 0.85)
         cb.set_label("best |cos| reached (never emerged)")
