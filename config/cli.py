@@ -11,7 +11,7 @@ from typing import Sequence
 
 from pathlib import Path
 
-from config.presets import (ARCHITECTURES, build_plans, check_value, load_config_file, load_source_preset,
+from config.presets import (ARCHITECTURES, build_plans, load_config_file, load_source_preset,
                             parse_architectures, parse_studies, run_wide_train)
 from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, OPTION_ARCHITECTURES, SOURCES,
                            STUDY_NAMES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig, StudyConfig,
@@ -292,7 +292,6 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
 
 def _check_source_flags(a: argparse.Namespace, source: str) -> None:
     """Flags of the other source would have no effect: say so rather than ignore them."""
-    check_value("source", source, "str", "", "data.source")
     own, other = (SYNTHETIC_FLAGS, TRANSFORMER_FLAGS) if source == "synthetic" else (TRANSFORMER_FLAGS, SYNTHETIC_FLAGS)
     for name in other:
         if getattr(a, name) is not None:
