@@ -198,9 +198,9 @@ def test_retrains_when_spec_or_corpus_changes(tmp_path: Path, count_trainings: l
     assert count_trainings == [TINY, other]
     assert json.loads((tmp_path / "tinylm" / "meta.json").read_text())["spec"]["train_steps"] == 21
 
-    # A grammar change shows up as a different corpus hash.
+    # A grammar change shows up as a different hash of the first stories.
     meta_path = tmp_path / "tinylm" / "meta.json"
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "corpus_hash": "stale"}))
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "corpus_probe_hash": "stale"}))
     load_or_train_tinylm(tmp_path, other, progress=False)
     assert count_trainings == [TINY, other, other]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tinylm"]
