@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # Heavy imports only after the arguments are checked, so --help and bad flags answer at once.
-    from experiments.study import rebuild_report, run_study
+    from experiments.study import OutOfSpace, rebuild_report, run_study
     from experiments.trainer import StopFlag, StopRequested
 
     stop = StopFlag()
@@ -38,16 +38,24 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OutOfSpace as err:
+        print(f"error: {err}; free some space, then continue with: {resume_command(argv, err.study_id)}",
+              file=sys.stderr)
+        return 2
     except StopRequested as stopped:
-        args = [a for a in argv if a != "--resume"]
-        if not any(a == "--study-id" or a.startswith("--study-id=") for a in args):
-            args += ["--study-id", getattr(stopped, "study_id", "?")]
         print(f"stopped at step {stopped.step} with a checkpoint saved. Continue with:\n"
-              f"  python run_experiments.py {shlex.join(args + ['--resume'])}", file=sys.stderr)
+              f"  {resume_command(argv, getattr(stopped, 'study_id', '?'))}", file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def resume_command(argv: list[str], study_id: str) -> str:
+    args = [a for a in argv if a != "--resume"]
+    if not any(a == "--study-id" or a.startswith("--study-id=") for a in args):
+        args += ["--study-id", study_id]
+    return f"python run_experiments.py {shlex.join(args + ['--resume'])}"
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ time; the manifest records each finished chunk, so an interrupted build resumes 
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from config.schema import stable_hash
+from experiments import faults
 from experiments.integrity import sha256_file
 from visualization.local_sink import read_json, write_json_atomic
 
@@ -123,6 +125,16 @@ class CacheWriter(Protocol):
         """Assemble the source's files after the last chunk; returns their names (checksummed)."""
 
 
+def _reserve(path: Path) -> None:
+    """Allocate the memmapped file's blocks now: on a full disk a write into a sparse memmap
+    kills the process with SIGBUS, where this raises ENOSPC before anything is harvested."""
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, str(path)) from None
+
+
 def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = True) -> ActivationCache:
     """Open the cache for `spec`, writing what is missing with `writer`.
 
@@ -154,6 +166,7 @@ def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = 
     else:
         writer.begin(path)
         acts = np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=(writer.n_rows, writer.d_in))
+        _reserve(acts_path)
         manifest = {"version": CACHE_VERSION, "spec": spec, "shape": [writer.n_rows, writer.d_in], "dtype": "float32",
                     "chunks": writer.n_chunks, "chunks_done": 0, "complete": False}
         write_json_atomic(manifest_path, manifest)
@@ -165,6 +178,7 @@ def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = 
     with torch.inference_mode():
         for chunk in range(manifest["chunks_done"], writer.n_chunks):
             writer.fill(chunk, acts, path)
+            faults.reached(f"cache-chunk:{chunk + 1}")
             acts.flush()
             manifest["chunks_done"] = chunk + 1
             write_json_atomic(manifest_path, manifest)

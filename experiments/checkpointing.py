@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from experiments import faults
 from experiments.integrity import sha256_file
 
 KEEP = 2  # checkpoints kept per arm: the newest, and one to fall back to
@@ -52,15 +54,16 @@ def _fsync_dir(path: Path) -> None:
 def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor], optim: dict, state: dict) -> Path:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     final = ckpt_dir / f"step-{step:08d}"
+    for leftover in ckpt_dir.glob(".tmp-step-*"):  # from a write that was killed or ran out of space
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = ckpt_dir / f".tmp-step-{step:08d}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
+    # Serialised in memory and written by Python, so a full disk raises OSError(ENOSPC).
+    tensor_bytes = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
+    _fsync_write(tmp / "tensors.safetensors", lambda f: f.write(tensor_bytes))
     _fsync_write(tmp / "optim.pt", lambda f: torch.save(optim, f))
+    faults.reached("checkpoint-write")
     _fsync_write(tmp / "state.json", lambda f: f.write(json.dumps(state, sort_keys=True).encode()))
-    with open(tmp / "tensors.safetensors", "rb+") as f:
-        os.fsync(f.fileno())
     sums = {name: sha256_file(tmp / name) for name in FILES}
     _fsync_write(tmp / "checksums.json", lambda f: f.write(json.dumps(sums).encode()))
     _fsync_dir(tmp)
@@ -85,7 +88,10 @@ def _load(path: Path) -> Checkpoint:
         if sha256_file(path / name) != sums[name]:
             raise ValueError(f"checksum mismatch in {name}")
     tensors = load_file(str(path / "tensors.safetensors"))
-    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    try:
+        optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError("optim.pt holds pickled objects other than tensors (possibly code); refused to load it") from None
     state = json.loads((path / "state.json").read_text())
     return Checkpoint(path, tensors, optim, state)
 

@@ -1,6 +1,12 @@
 """Fault injection for reliability tests: `SAE_FAULT=<point>` kills the process with SIGKILL
-when the run reaches that point, e.g. `SAE_FAULT=step:57` right after training step 57 (before
-any checkpoint of that step) and `SAE_FAULT=arm-done:2` once the second arm is recorded complete.
+when the run reaches that point. The points:
+  cache-chunk:<n>   a harvest (or toy generation) chunk written, before the manifest records it
+  step:<n>          right after training step n, before any checkpoint or eval of that step
+  checkpoint-write  inside a checkpoint write: weights and optimizer written, checksums not yet
+  wandb-log         right after a W&B log call
+  arm-done:<n>      once the n-th arm is recorded complete in study.json
+  report-figure     a report figure saved, the report not yet complete
+  summary-run       a study's W&B summary run logged, summary.json not yet written
 `<point>@<n>` waits for the n-th time the point is reached (`step:57@3`: in the third arm trained),
 and an `error:` prefix raises an exception there instead of killing (`error:step:5`: an arm that
 crashes). A no-op unless the variable is set.

@@ -4,6 +4,7 @@ and write `summary.json`, the report, W&B summary runs and the terminal tables.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sys
@@ -37,6 +38,19 @@ class Arm:
     name: str
     architecture: str
     dead_handling: str
+
+
+OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class OutOfSpace(Exception):
+    """The disk filled up mid-run. What was written stays (checkpoints are atomic, the cache
+    resumes by chunk), so the study continues with --resume once space is freed."""
+
+    def __init__(self, study_id: str, err: OSError):
+        where = f" writing {err.filename}" if err.filename else ""
+        super().__init__(f"no space left on device{where}")
+        self.study_id = study_id
 
 
 class StudyLock:
@@ -101,7 +115,7 @@ def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
         path = root / cfg.study.study_id
         if not (path / "study.json").exists():
             raise UsageError(f"nothing to resume: there is no study {cfg.study.study_id!r} in {root}")
-        stored = read_json(path / "study.json")["spec"]
+        stored = read_study_record(path, "--resume")["spec"]
         if stored != spec:
             raise UsageError(f"cannot resume {cfg.study.study_id!r} with different settings: "
                              f"{_first_difference(stored, spec)}")
@@ -118,6 +132,18 @@ def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
         raise UsageError(f"nothing to resume: no unfinished study in {root} was run with these settings "
                          f"(name one with --study-id)")
     return max(candidates)[1]
+
+
+def read_study_record(study_dir: Path, flag: str) -> dict:
+    """study.json, checked enough that a damaged or foreign file is one line, not a traceback."""
+    path = study_dir / "study.json"
+    try:
+        meta = read_json(path)
+    except (ValueError, UnicodeDecodeError):
+        raise UsageError(f"{flag}: {path} is not valid JSON") from None
+    if not isinstance(meta, dict) or not {"study_id", "spec", "arms", "status"} <= meta.keys():
+        raise UsageError(f"{flag}: {path} is not a study record of this harness")
+    return meta
 
 
 def arm_name(sae: SAEArmConfig, train: TrainConfig, common: dict) -> str:
@@ -196,6 +222,10 @@ def run_study(cfg: RunConfig, stop: StopFlag) -> int:
         if created:  # bad input found after the folder was made: leave nothing behind
             shutil.rmtree(study_dir, ignore_errors=True)
         raise
+    except OSError as err:
+        if err.errno not in OUT_OF_SPACE:
+            raise
+        raise OutOfSpace(study_dir.name, err) from None
 
 
 def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
@@ -297,6 +327,8 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         except (UsageError, KeyboardInterrupt):
             raise
         except Exception as err:  # one arm failing must not take the others down
+            if isinstance(err, OSError) and err.errno in OUT_OF_SPACE:
+                raise  # nor would the next arm have space: stop the study, resumable
             reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
             (arm_dir / "error.txt").write_text(traceback.format_exc())
             print(f"arm {arm.name} failed: {reason} (traceback in {arm_dir / 'error.txt'})", file=sys.stderr)
@@ -310,19 +342,26 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         write_json_atomic(study_json, meta)
         faults.reached(f"arm-done:{index + 1}")
 
-    meta["status"] = "failed" if failed else "complete"
-    results = analyse(study_dir, meta)
-    summary = {"study_id": study_dir.name, "status": meta["status"], "arms": [
+    status = "failed" if failed else "complete"
+    finished = {**meta, "status": status}  # what the outputs describe; study.json says so only once they exist
+    results = analyse(study_dir, finished)
+    summary = {"study_id": study_dir.name, "status": status, "arms": [
         {"arm_id": r["arm_id"], "name": r["name"], "architecture": r["architecture"],
          "dead_handling": r["dead_handling"], "studies": r.get("studies", []), "status": r["status"],
          "steps": r.get("steps"), "tokens": r.get("tokens"), "final": r.get("final", {}), "weights": r.get("weights"),
          "wandb_run_id": r.get("wandb_run_id"), "seconds": r.get("seconds"), "reason": r.get("reason")}
         for r in meta["arms"]], "studies": {res.name: res.summary for res in results}}
-    report = write_report(study_dir, meta, results)
+    report = write_report(study_dir, finished, results)
     if wandb is not None:
-        summary["summary_runs"] = meta["summary_runs"] = log_summary_runs(wandb, study_dir, results, shared_config)
+        runs = meta.setdefault("summary_runs", {})
+        for res in results:
+            runs[res.name] = log_summary_run(wandb, study_dir, res, shared_config, runs.get(res.name))
+            write_json_atomic(study_json, meta)  # a resumed study logs to these runs again, adding none
+            faults.reached("summary-run")
+        summary["summary_runs"] = runs
     write_json_atomic(study_dir / "summary.json", summary)
-    write_json_atomic(study_json, meta)  # "complete" only once every output exists
+    meta["status"] = status
+    write_json_atomic(study_json, meta)
     print_tables(results)
     print(f"report: {report}\noutputs: {study_dir}")
     return 1 if failed else 0
@@ -332,15 +371,12 @@ def _probe_kinds(studies: list[str]) -> set[str]:
     return set().union(*(PROBE_KINDS[s] for s in studies))
 
 
-def log_summary_runs(wandb, study_dir: Path, results: list, config: dict) -> dict[str, str | None]:
-    """One W&B run per study (job type `summary`): its tables and the report's figures."""
-    ids = {}
-    for res in results:
-        tables = {key: (t.headers, t.rows) for key, t in {**res.tables, **res.data}.items()}
-        images = {key: study_dir / "report" / figure_file(res.name, key) for key in res.figures}
-        ids[res.name] = wandb.log_summary_run(name=f"{res.name}-summary", group=study_dir.name,
-                                              config={**config, "study": res.name}, tables=tables, figures=images)
-    return ids
+def log_summary_run(wandb, study_dir: Path, res, config: dict, run_id: str | None) -> str | None:
+    """A study's W&B run (job type `summary`): its tables and the report's figures."""
+    tables = {key: (t.headers, t.rows) for key, t in {**res.tables, **res.data}.items()}
+    images = {key: study_dir / "report" / figure_file(res.name, key) for key in res.figures}
+    return wandb.log_summary_run(name=f"{res.name}-summary", group=study_dir.name, config={**config, "study": res.name},
+                                 tables=tables, figures=images, run_id=run_id)
 
 
 def print_tables(results: list) -> None:
@@ -358,12 +394,7 @@ def rebuild_report(cfg: RunConfig) -> int:
     study_dir = Path(cfg.log.checkpoint_dir) / cfg.study.report
     if not (study_dir / "study.json").exists():
         raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}")
-    try:
-        meta = read_json(study_dir / "study.json")
-    except ValueError:
-        raise UsageError(f"--report: {study_dir / 'study.json'} is not valid JSON") from None
-    if not isinstance(meta, dict) or not {"study_id", "spec", "arms", "status"} <= meta.keys():
-        raise UsageError(f"--report: {study_dir / 'study.json'} is not a study record of this harness")
+    meta = read_study_record(study_dir, "--report")
     results = analyse(study_dir, meta)
     report = write_report(study_dir, meta, results)
     print_tables(results)

@@ -17,7 +17,7 @@ import torch
 from config.schema import OPTION_ARCHITECTURES, SAEArmConfig, TrainConfig, UsageError
 from experiments.activation_cache import ActivationCache
 from experiments import faults
-from experiments.checkpointing import load_latest, save_checkpoint
+from experiments.checkpointing import list_checkpoints, load_latest, save_checkpoint
 from experiments.resampling import resample_dead_latents_
 from experiments.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
 from experiments.recovery import FiringMatch, Recovery, feature_recovery, recovery_metrics
@@ -31,6 +31,11 @@ class StopRequested(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped at step {step}")
         self.step = step
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or its gradient became NaN/inf; raised before the optimizer step, so the weights
+    and every checkpoint stay finite."""
 
 
 class StopFlag:
@@ -241,6 +246,11 @@ class Trainer:
         out["loss"].backward()
         self.sae.remove_gradient_parallel_to_decoder_()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        if not bool(torch.isfinite(out["loss"]) & torch.isfinite(grad_norm)):
+            saved = list_checkpoints(self.arm_dir / "checkpoints")
+            kept = f"the last good checkpoint is {saved[-1].name}" if saved else "no checkpoint had been written"
+            raise NonFiniteLoss(f"loss {out['loss'].item():g}, gradient norm {grad_norm.item():g} at step "
+                                f"{self.step + 1}; {kept}")
         lr = lr_at(self.step, self.cfg, self.n_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr

@@ -1,10 +1,11 @@
-"""Checkpoints: atomic round trip, rotation, corruption fallback, no code run on load."""
+"""Checkpoints and SAE files: atomic round trip, rotation, corruption fallback, no code run on load."""
 import pickle
 
 import pytest
 import torch
 
 from experiments.checkpointing import KEEP, list_checkpoints, load_latest, save_checkpoint
+from models.sae import SAE, SAEConfig, build_sae
 
 
 def make(step):
@@ -43,7 +44,7 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, capsys, damage):
     assert "step-00000020" in capsys.readouterr().err
 
 
-def test_malicious_pickle_in_optimizer_state_is_not_executed(tmp_path):
+def test_malicious_pickle_in_optimizer_state_is_not_executed(tmp_path, capsys):
     class Evil:
         def __reduce__(self):
             return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
@@ -56,4 +57,17 @@ def test_malicious_pickle_in_optimizer_state_is_not_executed(tmp_path):
     sums["optim.pt"] = hashlib.sha256((latest / "optim.pt").read_bytes()).hexdigest()
     (latest / "checksums.json").write_text(json.dumps(sums))
     assert load_latest(tmp_path) is None
+    assert not (tmp_path / "pwned").exists()
+    assert "optim.pt holds pickled objects other than tensors (possibly code); refused to load it" in capsys.readouterr().err
+
+
+def test_malicious_pickle_as_sae_weights_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (exec, ("open(%r, 'w').write('pwned')" % str(tmp_path / "pwned"),))
+
+    build_sae(SAEConfig(architecture="topk", d_in=8, d_sae=16, k=2)).save(tmp_path)
+    (tmp_path / "sae.safetensors").write_bytes(pickle.dumps(Evil()))
+    with pytest.raises(ValueError, match="is not a valid safetensors file .*never unpickled"):
+        SAE.load(tmp_path)
     assert not (tmp_path / "pwned").exists()

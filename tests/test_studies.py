@@ -1,12 +1,15 @@
 """All four studies end to end on tinylm: shared arms, outputs, W&B runs read back, kill + resume."""
 import json
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from tests.test_end_to_end import ckpt, run, summary, wandb_env  # noqa: F401  (fixtures)
-from tests.wandb_readback import read_offline_runs
+from tests.wandb_readback import read_offline_run, read_offline_runs
 
 pytestmark = pytest.mark.slow
 # --quick, made smaller still: 64 sequences of 33 tokens, 256 latents (512 for resampling), 40 steps.
@@ -65,35 +68,92 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
         p.relative_to(study_dir / "report-old") for p in (study_dir / "report-old").rglob("*.png"))
 
 
-def test_kill_between_arms_and_mid_arm_then_resume_gives_the_same_summary(ckpt, tmp_path):  # noqa: F811
-    # No UMAP here (it is not what this test is about, and each process would pay its JIT warm-up).
-    config = tmp_path / "no-umap.yaml"
-    config.write_text("probes: {umap_evals: 0}\ntrain: {checkpoint_every: 20, eval_every: 20}\n")
-    args = [*SMALL, "--checkpoint-dir", str(ckpt), "--config", str(config)]
-    ref = run([*args, "--study-id", "ref"])
+# Where the chained run below is killed, in order, and what it leaves for the next --resume.
+KILLS = [
+    ("cache-chunk:1", "harvest: chunk 1 of 2 written, not yet recorded"),
+    ("step:25", "arm 1 mid-training, after its checkpoints at steps 10 and 20"),
+    ("checkpoint-write@2", "arm 1 inside its second checkpoint write (step 30), after resuming from step 10"),
+    ("arm-done:1", "between arms: arm 1 recorded complete"),
+    ("wandb-log@4", "arm 2 right after its 4th W&B log call (step 20), before that step's checkpoint"),
+    ("report-figure", "the report half written: its first figure saved"),
+    ("summary-run", "the first study's W&B summary run logged, summary.json not yet written"),
+]
+
+
+def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(tmp_path, tinylm_models_dir, wandb_env):
+    """One study killed (SIGKILL) at every point of KILLS in turn, with its latest checkpoint and its
+    activation cache damaged on the way, then resumed to the end: the same summary, weights and
+    metrics as an uninterrupted run, and W&B steps that never go backwards."""
+    config = tmp_path / "chain.yaml"  # no UMAP: each process would pay its numba warm-up
+    config.write_text("probes: {umap_evals: 0}\n"
+                      "train: {checkpoint_every: 10, eval_every: 20, log_every: 5, ce_eval_sequences: 8}\n")
+    roots = {}
+    for name in ("ref", "chain"):
+        roots[name] = tmp_path / name
+        shutil.copytree(tinylm_models_dir, roots[name] / "models")
+    # One study, two arms: each of the 9 processes pays about 8 s of imports and model loading.
+    # (Probe state across a resume is tested in test_probes; all four studies in the test above.)
+    args = ["--study", "activations", "--activation", "topk,relu", "--n-samples", "300", "--seq-len", "33",
+            "--batch-size", "128", "--expansion-factor", "2", "--k", "8", "--steps", "40", "--no-progress",
+            "--config", str(config), "--study-id", "s"]
+    ref = run([*args, "--checkpoint-dir", str(roots["ref"])], env=wandb_env)  # W&B does not change results
     assert ref.returncode == 0, ref.stderr[-3000:]
 
-    between = run([*args, "--study-id", "k"], env={**_env(), "SAE_FAULT": "arm-done:2"})
-    assert between.returncode == -signal.SIGKILL
-    study = json.loads((ckpt / "k" / "study.json").read_text())
-    assert [a["status"] for a in study["arms"]][:3] == ["complete", "complete", "pending"]
-    # the resumed process trains arm 3, then dies in arm 4 at step 30, after its checkpoint at step 20
-    mid = run([*args, "--study-id", "k", "--resume"], env={**_env(), "SAE_FAULT": "step:30@2"})
-    assert mid.returncode == -signal.SIGKILL
-    study = json.loads((ckpt / "k" / "study.json").read_text())
-    statuses = [a["status"] for a in study["arms"]]
-    assert statuses[:3] == ["complete"] * 3 and statuses[3] == "running"
-    resumed = run([*args, "--study-id", "k", "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "already complete; skipped" in resumed.stdout
+    chain = [*args, "--use-wandb", "--checkpoint-dir", str(roots["chain"])]
+    study = roots["chain"] / "s"
+    for i, (point, _) in enumerate(KILLS):
+        killed = run(chain + (["--resume"] if i else []), env={**wandb_env, "SAE_FAULT": point})
+        assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-3000:])
+        assert json.loads((study / "study.json").read_text())["status"] == "running", point
+        assert not (study / "summary.json").exists(), point
+        if point == "cache-chunk:1":
+            (manifest,) = roots["chain"].glob("activations/*/manifest.json")
+            assert json.loads(manifest.read_text())["chunks_done"] == 0
+        if point == "step:25":  # damage the newest checkpoint: the resume must fall back to step 10
+            newest = sorted(study.glob("*/checkpoints/step-*"))[-1]
+            assert newest.name == "step-00000020"
+            (newest / "tensors.safetensors").write_bytes((newest / "tensors.safetensors").read_bytes()[:100])
+        if point == "checkpoint-write@2":
+            assert list(study.glob("*/checkpoints/.tmp-step-00000030"))
+        if point == "wandb-log@4":  # damage the activation cache: it must be rebuilt, not reused
+            (acts,) = roots["chain"].glob("activations/*/acts.npy")
+            data = bytearray(acts.read_bytes())
+            data[-5] ^= 0x01
+            acts.write_bytes(bytes(data))
+        if point == "report-figure":
+            assert (study / ".report.tmp").is_dir() and not (study / "report").exists()
+        if i == 2:
+            assert "unusable" in killed.stderr and "step-00000020" in killed.stderr
+        if i == 5:
+            assert "corrupt" in killed.stdout and "rebuilding" in killed.stdout
+    done = run([*chain, "--resume"], env=wandb_env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already complete; skipped" in done.stdout
 
-    a, b = summary(ckpt / "ref"), summary(ckpt / "k")
+    a, b = summary(roots["ref"] / "s"), summary(study)
     assert [x["arm_id"] for x in a["arms"]] == [x["arm_id"] for x in b["arms"]]
     assert [x["final"] for x in a["arms"]] == [x["final"] for x in b["arms"]]
     assert a["studies"] == b["studies"]
+    for x, y in zip(a["arms"], b["arms"]):
+        wa, wb = load_file(x["weights"]), load_file(y["weights"])
+        assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+        csv = [(root / "s" / x["arm_id"] / "metrics.csv").read_text() for root in roots.values()]
+        assert csv[0] == csv[1]
+    assert not list(study.rglob(".tmp-*")) and not (study / ".report.tmp").exists()
 
-
-def _env():
-    import os
-
-    return {**os.environ, "WANDB_MODE": "disabled"}
+    # W&B: each arm is one run in several segments (a segment replays the history up to its
+    # checkpoint, which W&B ignores for steps it has); merged, every step is there once and in order.
+    wb_root = Path(wandb_env["WANDB_DIR"])
+    for arm in b["arms"]:
+        wb = read_offline_runs(wb_root, arm["wandb_run_id"])
+        assert wb.steps("train/loss") == list(range(5, 41, 5)) and wb.steps("eval/fvu") == [20, 40]
+        for segment in wb.run_dirs:
+            steps = [row["_step"] for row in read_offline_run(segment).history]
+            assert steps == sorted(steps)
+        assert wb.summary["final/explained_variance"] == pytest.approx(arm["final"]["explained_variance"])
+    topk = read_offline_runs(wb_root, b["arms"][0]["wandb_run_id"])
+    assert len(topk.run_dirs) == 3  # started, then resumed after the step:25 and checkpoint-write kills
+    # the summary run logged before the last kill is continued, not duplicated
+    assert b["summary_runs"]["activations"] == json.loads((study / "study.json").read_text())["summary_runs"]["activations"]
+    first = read_offline_runs(wb_root, b["summary_runs"]["activations"])
+    assert len(first.run_dirs) == 2 and first.job_type == "summary"

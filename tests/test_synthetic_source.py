@@ -1,7 +1,6 @@
 """The synthetic source end to end: its cache (true dictionary and codes beside the activations),
 the recovery metrics an SAE gets during evaluation, the CLI and preset, and a short real run."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +8,7 @@ import pytest
 import torch
 
 from config.cli import parse_args
-from config.schema import SyntheticConfig, UsageError
+from config.schema import SyntheticConfig
 from experiments import activation_cache as ac
 from experiments.synthetic import CODE_FILES, SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.trainer import EvalContext, build_arm_sae, evaluate

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from experiments import faults
 from visualization.plots import save_figure
 from visualization.terminal import format_value
 
@@ -71,6 +72,7 @@ def write_report(study_dir: Path, meta: dict, results: list) -> Path:
         for key, draw in res.figures.items():
             rel = figure_file(res.name, key)
             save_figure(draw(), tmp / rel)  # one figure open at a time
+            faults.reached("report-figure")
             lines += [f"![{res.name} {key}]({rel})", ""]
     (tmp / "report.md").write_text("\n".join(lines))
     shutil.rmtree(out, ignore_errors=True)

@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import wandb
 
+from experiments import faults
 from visualization.plots import density_floor, density_histogram, log10_density
 from visualization.study_plots import umap_scatter
 
@@ -152,6 +153,7 @@ class WandbSink:
             self._run.log({**metrics, "tokens": tokens}, step=step)
         except Exception as exc:
             self._fail("log", exc)
+        faults.reached("wandb-log")
 
     def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int) -> None:
         """Log10 firing-frequency histogram (never-fired latents at log10(1/n_tokens) - 1) and its plot."""
@@ -191,9 +193,10 @@ class WandbSink:
             plt.close(fig)
 
     def log_summary_run(self, *, name: str, group: str, config: dict, tables: dict[str, tuple[list[str], list[list]]],
-                        figures: dict) -> str | None:
-        """One run (job type `summary`) holding a study's comparison tables and plots."""
-        run_id = self.start(name=name, group=group, job_type="summary", config=config)
+                        figures: dict, run_id: str | None = None) -> str | None:
+        """One run (job type `summary`) holding a study's comparison tables and plots; given the
+        id of an earlier attempt's run (a resumed study), that run is continued."""
+        run_id = self.start(name=name, group=group, job_type="summary", config=config, run_id=run_id)
         if self._run is not None and not self._failed:
             try:
                 payload = {f"tables/{key}": wandb.Table(columns=headers, data=[[_cell(v) for v in row] for row in rows])

@@ -7,13 +7,15 @@ Every architecture is a small subclass of `SAE` registered in `ARCHITECTURES`; i
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 
@@ -196,14 +198,26 @@ class SAE(nn.Module):
         """Write sae.safetensors + config.json; the saved SAE acts on raw (unnormalised) inputs."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.folded_state_dict(scale).items()}, out_dir / "sae.safetensors")
-        (out_dir / "config.json").write_text(json.dumps({**self.cfg.to_dict(), "folded_scale": scale}, indent=2))
+        weights = save({k: v.contiguous() for k, v in self.folded_state_dict(scale).items()})
+        config = json.dumps({**self.cfg.to_dict(), "folded_scale": scale}, indent=2).encode()
+        for name, data in (("sae.safetensors", weights), ("config.json", config)):
+            tmp = out_dir / f".{name}.tmp"  # a killed write never leaves a truncated file under the real name
+            tmp.write_bytes(data)
+            os.replace(tmp, out_dir / name)
 
     @classmethod
     def load(cls, out_dir: Path) -> SAE:
+        """Read a saved SAE. Weights are read only as safetensors (never unpickled): any other
+        file, a pickle crafted to run code included, is refused with a ValueError."""
         out_dir = Path(out_dir)
         d = json.loads((out_dir / "config.json").read_text())
         d.pop("folded_scale", None)  # already folded into the weights
         sae = build_sae(SAEConfig.from_dict(d))
-        sae.load_state_dict(load_file(out_dir / "sae.safetensors"))
+        path = out_dir / "sae.safetensors"
+        try:
+            state = load_file(path)
+        except SafetensorError as err:
+            raise ValueError(f"{path} is not a valid safetensors file ({err}); SAE weights are only read as "
+                             f"safetensors, never unpickled") from None
+        sae.load_state_dict(state)
         return sae
