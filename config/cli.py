@@ -14,11 +14,10 @@ from pathlib import Path
 from config.presets import (ARCHITECTURES, build_plans, load_config_file, load_source_preset,
                             parse_architectures, parse_studies, run_wide_train)
 from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, OPTION_ARCHITECTURES, SOURCES,
-                           STUDY_NAMES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig, StudyConfig,
-                           SyntheticConfig, TrainConfig, UsageError)
+                           STUDY_NAMES, WANDB_MODES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig,
+                           StudyConfig, SyntheticConfig, TrainConfig, UsageError)
 
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
-WANDB_MODES = ("online", "offline", "disabled")
 
 # --quick: a smoke run that finishes in well under a minute once tinylm is cached.
 QUICK_DEFAULTS = {
@@ -42,6 +41,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(2)
+
+
+def _text(text: str) -> str:
+    """A non-empty string: `--study-id ""` and the like would otherwise fall back to the default."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -94,15 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr = ProbeConfig()
     study = p.add_argument_group("study")
-    study.add_argument("--study", help=f"which studies to run, comma-separated: {', '.join(STUDY_NAMES)}, or all; "
-                       "arms shared by several studies are trained once (default: all)")
-    study.add_argument("--config", metavar="FILE", help="YAML file of settings (groups data, train, sae, probes, log, "
-                       "study, studies); it overrides the study presets in config/studies/ and is overridden by "
-                       "flags (default: none)")
-    study.add_argument("--study-id", help="name of the study folder under --checkpoint-dir "
+    study.add_argument("--study", type=_text, help=f"which studies to run, comma-separated: "
+                       f"{', '.join(STUDY_NAMES)}, or all; arms shared by several studies are trained once "
+                       f"(default: all)")
+    study.add_argument("--config", type=_text, metavar="FILE", help="YAML file of settings (groups data, train, "
+                       "sae, probes, log, study, studies); it overrides the study presets in config/studies/ and is "
+                       "overridden by flags (default: none)")
+    study.add_argument("--study-id", type=_text, help="name of the study folder under --checkpoint-dir "
                        "(default: <study>-<date>-<time>; with --resume, the study to continue)")
-    study.add_argument("--report", metavar="STUDY_ID", help="rebuild the report of a finished (or partly finished) "
-                           "study under --checkpoint-dir from its files alone, then exit (default: off)")
+    study.add_argument("--report", type=_text, metavar="STUDY_ID", help="rebuild the report of a finished (or "
+                           "partly finished) study under --checkpoint-dir from its files alone, then exit "
+                           "(default: off)")
     study.add_argument("--resume", action="store_true", default=False,
                        help="continue the most recent unfinished study run with the same settings "
                        "(or the one named by --study-id) from its last checkpoints (default: off)")
@@ -114,17 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--source", choices=SOURCES, help="where activations come from: a transformer's hook, or a "
                       "synthetic toy model of superposition whose true features are known (settings from "
                       "config/studies/synthetic.yaml, then the --n-features ... flags) (default: transformer)")
-    data.add_argument("--model-name", help=f"subject model: 'tinylm' (bundled, trained on first use) or a "
+    data.add_argument("--model-name", type=_text, help=f"subject model: 'tinylm' (bundled, trained on first use) or a "
                       f"Hugging Face name or local path such as gpt2 (default: {d.model_name})")
     data.add_argument("--layer", type=_int, help=f"transformer block whose activations are read (default: {d.layer})")
     data.add_argument("--hook", choices=HOOKS, help=f"hook within the block; with --layer builds "
                       f"blocks.L.hook_<hook> (default: {d.hook})")
-    data.add_argument("--hook-point", help="full TransformerLens hook name, e.g. blocks.1.hook_mlp_out; "
+    data.add_argument("--hook-point", type=_text, help="full TransformerLens hook name, e.g. blocks.1.hook_mlp_out; "
                       "overrides --layer/--hook (default: none)")
     data.add_argument("--n-samples", type=_positive_int, help=f"sequences to harvest (default: {d.n_samples})")
     data.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence, BOS included; the BOS "
                       f"position is not used for training (default: {d.seq_len})")
-    data.add_argument("--dataset", help="text file (one document per line) or JSONL with a 'text' field to "
+    data.add_argument("--dataset", type=_text, help="text file (one document per line) or JSONL with a 'text' field to "
                       "harvest from (default: the bundled tinylm story corpus)")
     norm = data.add_mutually_exclusive_group()
     norm.add_argument("--normalize-activations", dest="normalize", action="store_true", default=None,
@@ -154,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"set in the `synthetic` group of a --config file")
 
     sae = p.add_argument_group("SAE")
-    sae.add_argument("--activation", help=f"SAE architecture(s), comma-separated, or 'all': "
+    sae.add_argument("--activation", type=_text, help=f"SAE architecture(s), comma-separated, or 'all': "
                      f"{', '.join(ARCHITECTURES)} (jump_relu is accepted for jumprelu); one arm each, in every "
                      f"study (default: the study preset's: all for activations, emergence and frequency, topk for "
                      f"resampling)")
@@ -191,9 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{QUICK_DEFAULTS['dead_window']:,})")
 
     probes = p.add_argument_group("probes (emergence and frequency studies)")
-    probes.add_argument("--concepts", metavar="FILE", help="YAML of concept word lists {category: [words]} to score "
-                        "latents against (default: tinylm's grammar vocabularies for tinylm, "
-                        "config/concepts/english.yaml for other models)")
+    probes.add_argument("--concepts", type=_text, metavar="FILE", help="YAML of concept word lists "
+                        "{category: [words]} to score latents against (default: tinylm's grammar vocabularies for "
+                        "tinylm, config/concepts/english.yaml for other models)")
     probes.add_argument("--probe-k", type=_positive_int, help=f"latents in the k-sparse concept probe (default: {pr.probe_k})")
     probes.add_argument("--f1-threshold", type=_unit_interval, help=f"held-out F1 at which a concept counts as "
                         f"emerged (default: {pr.f1_threshold})")
@@ -206,12 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=_positive_int, help=f"tokens per SAE training batch (default: {t.batch_size})")
     train.add_argument("--epochs", type=_positive_int, help=f"passes over the training activations (default: {t.epochs})")
     train.add_argument("--steps", type=_positive_int, help="training steps; overrides --epochs (default: from --epochs)")
-    train.add_argument("--device", help=f"torch device (default: {t.device})")
+    train.add_argument("--device", type=_text, help=f"torch device (default: {t.device})")
 
     log = p.add_argument_group("output and logging")
-    log.add_argument("--checkpoint-dir", help=f"where studies, activation caches and tinylm live (default: {lg.checkpoint_dir})")
+    log.add_argument("--checkpoint-dir", type=_text, help=f"where studies, activation caches and tinylm live "
+                     f"(default: {lg.checkpoint_dir})")
     log.add_argument("--use-wandb", action="store_true", default=False, help="log every arm to Weights & Biases (default: off)")
-    log.add_argument("--wandb-project", help=f"W&B project (default: {lg.wandb_project})")
+    log.add_argument("--wandb-project", type=_text, help=f"W&B project (default: {lg.wandb_project})")
     log.add_argument("--wandb-mode", choices=WANDB_MODES, help="W&B mode (default: WANDB_MODE if set, else "
                      "online when logged in, offline otherwise)")
     log.add_argument("--no-progress", dest="progress", action="store_false", default=True,
@@ -323,6 +332,9 @@ def validate_static(cfg: RunConfig) -> None:
                                            or cfg.study.study_id.startswith(".")
                                            or cfg.study.study_id in ("models", "activations")):
         raise UsageError(f"--study-id {cfg.study.study_id!r} is not a usable folder name")
+    if cfg.study.study_id is not None and (Path(cfg.log.checkpoint_dir) / cfg.study.study_id).is_file():
+        raise UsageError(f"--study-id {cfg.study.study_id!r} names a file in {cfg.log.checkpoint_dir}, "
+                         f"not a study folder")
     if cfg.train.device != "cpu" and not cfg.train.device.startswith(("cuda", "mps")):
         raise UsageError(f"unknown --device {cfg.train.device!r}; use cpu, cuda or cuda:N")
     if cfg.probes.concepts is not None and not Path(cfg.probes.concepts).is_file():

@@ -21,8 +21,8 @@ from typing import Any
 import yaml
 
 from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, MAGNITUDE_LAWS, OPTION_ARCHITECTURES,
-                           SOURCES, STUDY_NAMES, ArmSpec, DataConfig, LogConfig, ProbeConfig, SAEArmConfig, StudyPlan,
-                           SyntheticConfig, TrainConfig, UsageError)
+                           SOURCES, STUDY_NAMES, WANDB_MODES, ArmSpec, DataConfig, LogConfig, ProbeConfig, SAEArmConfig,
+                           StudyPlan, SyntheticConfig, TrainConfig, UsageError)
 
 PRESET_DIR = Path(__file__).resolve().parent / "studies"
 ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
@@ -44,7 +44,7 @@ POSITIVE = {"lr", "target_l0", "bandwidth", "init_threshold", "sparsity_sweep", 
             "f1_threshold", "cos_threshold", "mean_l0", "magnitude_mean", "child_probability"}
 FRACTIONS = {"dead_threshold", "decay_fraction", "eval_fraction", "sparsity_warmup_fraction", "group_correlation"}
 AT_MOST_ONE = {"f1_threshold", "cos_threshold", "child_probability"}
-CHOICES = {"source": SOURCES, "frequency": FREQUENCY_LAWS, "magnitude": MAGNITUDE_LAWS}
+CHOICES = {"source": SOURCES, "frequency": FREQUENCY_LAWS, "magnitude": MAGNITUDE_LAWS, "wandb_mode": WANDB_MODES}
 
 
 def _where(source: str, path: str) -> str:
@@ -68,6 +68,8 @@ def check_value(key: str, value: Any, kind: str, source: str = "", path: str = "
     if kind == "str":
         if not isinstance(value, str):
             raise UsageError(f"{where} must be a string, got {value!r}")
+        if not value.strip():  # an empty path or name would silently mean the default or the cwd
+            raise UsageError(f"{where} must not be empty")
         if key in CHOICES and value not in CHOICES[key]:
             raise UsageError(f"{where} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         return value

@@ -36,6 +36,7 @@ class DataConfig:
 
 
 SOURCES = ("transformer", "synthetic")
+WANDB_MODES = ("online", "offline", "disabled")
 FREQUENCY_LAWS = ("uniform", "zipf")
 MAGNITUDE_LAWS = ("constant", "uniform", "exponential", "lognormal")
 

@@ -47,8 +47,12 @@ def _boot_hf(name: str, device: str) -> SubjectModel:
 
     if not Path(name).is_dir():
         from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub.errors import HFValidationError
 
-        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        try:
+            cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except HFValidationError:  # e.g. a mistyped local path: no folder here, and no possible Hub name
+            raise UsageError(f"--model-name {name!r} is neither a local folder nor a Hugging Face model name") from None
         if cached:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")  # use the cache; no network round trips
         elif os.environ.get("HF_HUB_OFFLINE") == "1" or not _hf_reachable():

@@ -170,32 +170,6 @@ def test_dataset_file_is_harvested(ckpt, base, tmp_path):
     assert r.cache["spec"]["dataset"].startswith("sha256:") and r.study["cache"] != base.study["cache"]
 
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--layer", "5"], "beyond the model"),
-    (["--hook-point", "blocks.0.hook_nothing"], "unknown hook point"),
-    (["--seq-len", "400"], "exceeds the context length"),
-    (["--k", "300"], "exceeds the number of latents"),
-    (["--batch-size", "100000"], "exceeds the"),
-    (["--hook-point", "blocks.0.attn.hook_pattern"], "not [batch, position, features]"),
-    (["--device", "cuda"], "no CUDA device"),
-])
-def test_model_dependent_bad_values_exit_2(ckpt, capsys, extra, fragment):
-    assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "bad", *extra]) == 2
-    err = capsys.readouterr().err
-    assert fragment in err and err.strip().count("\n") == 0
-    assert not (ckpt / "bad").exists()  # nothing left that a later --resume would trip over
-
-
-def test_existing_study_id_without_resume_exits_2(ckpt, base, capsys):
-    assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "base"]) == 2
-    assert "already exists" in capsys.readouterr().err
-
-
-def test_resume_with_different_settings_exits_2(ckpt, base, capsys):
-    assert main([*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "base", "--resume", "--lr", "0.5"]) == 2
-    assert "different settings: plans.0.arms.0.train.lr was 0.001, now 0.5" in capsys.readouterr().err
-
-
 def test_a_failing_arm_is_recorded_and_the_others_still_run(ckpt, monkeypatch, capsys):
     monkeypatch.setenv("SAE_FAULT", "error:step:5")
     code = main([*BASE, "--activation", "topk,relu", "--checkpoint-dir", str(ckpt), "--study-id", "f"])
