@@ -5,6 +5,7 @@ and write `summary.json`, the report, W&B summary runs and the terminal tables.
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import shutil
 import sys
@@ -54,42 +55,40 @@ class OutOfSpace(Exception):
 
 
 class StudyLock:
-    """One process per study: a lock file holding the owner's pid; a dead owner's lock is taken over."""
+    """One process per study: an exclusive flock on `.lock`, which the kernel drops when its holder
+    dies, so a killed run's lock is simply free: no pid to trust (pids get reused) and no race
+    between two processes taking over the same stale lock. The file holds the holder's pid, for
+    the message."""
 
     def __init__(self, study_dir: Path):
         self.path = study_dir / ".lock"
+        self.fd: int | None = None
 
     def __enter__(self) -> "StudyLock":
-        for _ in range(2):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text().strip() or 0)
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise UsageError(f"study {self.path.parent.name} is being run by process {pid}; "
-                                     f"wait for it or stop it first") from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise UsageError(f"could not take the lock {self.path}")
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise UsageError(f"study {self.path.parent.name} is being run by process {holder}; "
+                                 f"wait for it or stop it first") from None
+            try:
+                current = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                break
+            os.close(fd)  # its holder removed this file as we locked it: lock the new one
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self.fd = fd
+        return self
 
     def __exit__(self, *exc) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        self.path.unlink(missing_ok=True)  # while still holding it, so no one locks a file on its way out
+        os.close(self.fd)
 
 
 def _first_difference(a: dict, b: dict) -> str:

@@ -13,6 +13,7 @@ from typing import Callable
 
 import pytest
 
+from experiments.study import StudyLock
 from run_experiments import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
@@ -31,6 +32,7 @@ class Ctx:
     tmp: Path  # the case's own folder: files it passes live here
     ckpt: Path  # the checkpoint dir it runs against
     monkeypatch: pytest.MonkeyPatch
+    request: pytest.FixtureRequest
 
 
 @dataclass(frozen=True)
@@ -68,9 +70,10 @@ def file_in_ckpt(ctx: Ctx) -> None:
 
 
 def busy_study(ctx: Ctx) -> None:
-    """Another live process (this one) holds the study's lock."""
+    """Another run (this process, through a lock of its own) holds the study's lock."""
     (ctx.ckpt / "busy").mkdir()
-    (ctx.ckpt / "busy" / ".lock").write_text(str(os.getpid()))
+    lock = StudyLock(ctx.ckpt / "busy").__enter__()
+    ctx.request.addfinalizer(lambda: lock.__exit__(None, None, None))
 
 
 def broken_record(ctx: Ctx) -> None:
@@ -265,7 +268,7 @@ def ckpt(tmp_path_factory, tinylm_models_dir):
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
 def test_bad_input_exits_2_with_one_line(case, request, tmp_path, monkeypatch, capsys):
     root = request.getfixturevalue("ckpt") if case.runs else tmp_path / "ckpt"
-    ctx = Ctx(tmp_path, root, monkeypatch)
+    ctx = Ctx(tmp_path, root, monkeypatch, request)
     if not case.runs:  # must fail while parsing: a wrongly accepted input must not start a run
         import experiments.study
 

@@ -12,6 +12,7 @@ from experiments.activation_cache import ActivationCache
 from experiments.checkpointing import list_checkpoints, load_latest
 from run_experiments import main
 from tests.test_flags import BASE, ckpt, go  # noqa: F401  (ckpt: fixture)
+from tests.test_study_lock import HOLDER
 
 TWO_ARMS = [*BASE, "--activation", "topk,relu"]
 
@@ -82,18 +83,19 @@ def test_full_disk_stops_in_one_line_and_resume_loses_nothing(ckpt, tmp_path, mo
     assert _finals(ckpt / "full") == _finals(ckpt / "ref")
 
 
-def test_second_process_on_a_study_exits_2_naming_the_holder_then_a_stale_lock_is_taken_over(ckpt, capsys):
+def test_second_process_on_a_study_exits_2_naming_the_holder_then_runs_once_it_is_killed(ckpt, capsys):
     go(ckpt, "busy")
     args = [*BASE, "--checkpoint-dir", str(ckpt), "--study-id", "busy", "--resume"]
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(ckpt / "busy" / ".lock")], stdout=subprocess.PIPE,
+                              text=True)
     try:
-        (ckpt / "busy" / ".lock").write_text(str(holder.pid))
+        assert holder.stdout.readline().strip() == "held"
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.strip() == f"error: study busy is being run by process {holder.pid}; wait for it or stop it first"
     finally:
         holder.kill()
         holder.wait()
-    assert main(args) == 0  # its holder is gone: the lock is stale and taken over
+    assert main(args) == 0  # its holder was killed: the lock is free again
     assert "already complete; skipped" in capsys.readouterr().out
     assert not (ckpt / "busy" / ".lock").exists()
