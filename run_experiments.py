@@ -44,16 +44,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except StopRequested as stopped:
         print(f"stopped at step {stopped.step} with a checkpoint saved. Continue with:\n"
-              f"  {resume_command(argv, getattr(stopped, 'study_id', '?'))}", file=sys.stderr)
+              f"  {resume_command(argv, getattr(stopped, 'study_id', None))}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:  # a second signal, or Ctrl-C outside the training loop
+        print(f"\nstopped at once; every arm keeps its last checkpoint. Continue with:\n  {resume_command(argv, None)}",
+              file=sys.stderr)
         return 130
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def resume_command(argv: list[str], study_id: str) -> str:
+def resume_command(argv: list[str], study_id: str | None) -> str:
+    """The command that continues this run; without a study id, --resume finds the latest
+    unfinished study run with the same settings."""
     args = [a for a in argv if a != "--resume"]
-    if not any(a == "--study-id" or a.startswith("--study-id=") for a in args):
+    if study_id and not any(a == "--study-id" or a.startswith("--study-id=") for a in args):
         args += ["--study-id", study_id]
     return f"python run_experiments.py {shlex.join(args + ['--resume'])}"
 

@@ -35,6 +35,9 @@ def wandb_env(tmp_path):
         (wdir / var.lower()).mkdir(parents=True)
         env[var] = str(wdir / var.lower())
     env.pop("WANDB_API_KEY", None)
+    # Tests that used wandb in this pytest process left its service's address here; a run attached
+    # to that long-lived service outlives a SIGKILL, and its resumed segment then writes nothing.
+    env.pop("WANDB_SERVICE", None)
     return env
 
 
