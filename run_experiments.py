@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
         if stop.requested:  # a second signal: give up without waiting for the checkpoint
             raise KeyboardInterrupt
         stop.requested = True
-        print(f"\n{signal.Signals(signum).name} received: saving a checkpoint after this step ...",
-              file=sys.stderr, flush=True)
+        print(f"\n{signal.Signals(signum).name} received: stopping after this step (or cache chunk) with a "
+              f"checkpoint ...", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     except StopRequested as stopped:
-        print(f"stopped at step {stopped.step} with a checkpoint saved. Continue with:\n"
+        print(f"stopped {stopped.where}. Continue with:\n"
               f"  {resume_command(argv, getattr(stopped, 'study_id', None))}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # a second signal, or Ctrl-C outside the training loop

@@ -85,6 +85,14 @@ class CacheCorrupt(Exception):
     pass
 
 
+class BuildInterrupted(Exception):
+    """A stop was requested between chunks; the chunks written so far are kept and recorded."""
+
+    def __init__(self, done: int, total: int):
+        super().__init__(f"activation cache build stopped after chunk {done} of {total}")
+        self.done, self.total = done, total
+
+
 def cache_dir(root: Path, spec: dict) -> Path:
     return root / "activations" / stable_hash({"version": CACHE_VERSION, **spec}, 16)
 
@@ -135,11 +143,12 @@ def _reserve(path: Path) -> None:
             raise OSError(err.errno, err.strerror, str(path)) from None
 
 
-def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = True) -> ActivationCache:
+def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = True, stop=None) -> ActivationCache:
     """Open the cache for `spec`, writing what is missing with `writer`.
 
     An interrupted build resumes at its last complete chunk; a cache whose files fail their
-    checksums is reported and rebuilt; a cache of another spec is never reused."""
+    checksums is reported and rebuilt; a cache of another spec is never reused. `stop` (anything
+    with a `requested` flag) ends the build between chunks with BuildInterrupted."""
     path = cache_dir(root, spec)
     manifest_path = path / "manifest.json"
     if manifest_path.exists():
@@ -183,6 +192,9 @@ def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = 
             manifest["chunks_done"] = chunk + 1
             write_json_atomic(manifest_path, manifest)
             bar.update(1)
+            if stop is not None and stop.requested and chunk + 1 < writer.n_chunks:
+                bar.close()
+                raise BuildInterrupted(chunk + 1, writer.n_chunks)
     bar.close()
 
     split = writer.split()

@@ -21,7 +21,7 @@ from experiments import faults
 from experiments.concepts import tinylm_concepts, yaml_concepts
 from experiments.probes import PROBE_KINDS, ArmProbes, ConceptData, umap_steps
 from experiments.studies import analyse
-from experiments.activation_cache import build_or_open
+from experiments.activation_cache import BuildInterrupted, build_or_open
 from experiments.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
                                  token_sequences)
 from experiments.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
@@ -238,7 +238,7 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
     return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
 
 
-def _transformer_source(cfg: RunConfig, root: Path):
+def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag):
     """Harvest (or reopen) the subject model's activations at the hook."""
     device = cfg.train.device
     model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
@@ -254,17 +254,17 @@ def _transformer_source(cfg: RunConfig, root: Path):
                  "dataset": dataset_fingerprint(cfg.data), "seed": cfg.train.seed,
                  "eval_fraction": cfg.data.eval_fraction}
     writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size, cfg.data.eval_fraction)
-    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress)
+    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
     return cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec, model
 
 
-def _synthetic_source(cfg: RunConfig, root: Path):
+def _synthetic_source(cfg: RunConfig, root: Path, stop: StopFlag):
     """Generate (or reopen) the toy model's activations, with the true features beside them."""
     model = ToyModel.build(cfg.synthetic, cfg.train.seed)
     data_spec = {"source": "synthetic", "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
                  "eval_fraction": cfg.data.eval_fraction}
     writer = SyntheticWriter(model, cfg.train.seed, cfg.data.eval_fraction)
-    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress)
+    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
     truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
     return cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None
 
@@ -279,7 +279,13 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     write_json_atomic(study_json, meta)  # before the harvest, so a run killed there can be resumed
 
     open_source = _synthetic_source if cfg.data.source == "synthetic" else _transformer_source
-    cache, ctx, data_spec, model = open_source(cfg, root)  # model: the subject transformer, if any
+    try:
+        cache, ctx, data_spec, model = open_source(cfg, root, stop)  # model: the subject transformer, if any
+    except BuildInterrupted as built:
+        stopped = StopRequested(0, where=f"while building the activation cache, with {built.done} of its "
+                                         f"{built.total} chunks saved")
+        stopped.study_id = study_dir.name
+        raise stopped from None
     scale = cache.norm_scale(cfg.data.normalize)
 
     planned = plan_arms(cfg, data_spec)

@@ -26,10 +26,11 @@ from models.sae import SAE, SAEConfig, build_sae
 
 
 class StopRequested(Exception):
-    """SIGINT/SIGTERM arrived; the arm was checkpointed at `step`."""
+    """SIGINT/SIGTERM arrived; the arm was checkpointed at `step` (or the run stopped where `where` says)."""
 
-    def __init__(self, step: int):
-        super().__init__(f"stopped at step {step}")
+    def __init__(self, step: int, where: str | None = None):
+        self.where = where or f"at step {step} with a checkpoint saved"
+        super().__init__(f"stopped {self.where}")
         self.step = step
 
 
@@ -39,7 +40,8 @@ class NonFiniteLoss(RuntimeError):
 
 
 class StopFlag:
-    """Set from a signal handler; the training loop checks it between steps."""
+    """Set from a signal handler; the training loop checks it between steps, the cache build
+    between chunks."""
 
     def __init__(self) -> None:
         self.requested = False

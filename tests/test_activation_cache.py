@@ -84,6 +84,26 @@ def test_interrupted_harvest_resumes_from_last_chunk(tmp_path, seqs):
     assert np.array_equal(np.asarray(cache.acts), np.asarray(reference.acts))
 
 
+def test_a_stop_request_ends_the_build_between_chunks_and_it_resumes(tmp_path, seqs):
+    class Flag:  # set as chunk 0 finishes, as a signal handler would be
+        requested = False
+
+    calls = []
+
+    def harvest(tokens):
+        if sum(calls) + len(tokens) >= 256:
+            Flag.requested = True
+        return fake_harvest(calls)(tokens)
+
+    with pytest.raises(ac.BuildInterrupted, match="after chunk 1 of 3"):
+        ac.build_or_open(tmp_path, {"name": "toy"}, HarvestWriter(seqs, 3, harvest, 4, 0.25), progress=False, stop=Flag)
+    assert sum(calls) == 256  # it finished the chunk it was in, and started no other
+    manifest = json.loads((ac.cache_dir(tmp_path, {"name": "toy"}) / "manifest.json").read_text())
+    assert manifest["chunks_done"] == 1 and not manifest["complete"]
+    cache = build(tmp_path, seqs, calls)
+    assert np.array_equal(np.asarray(cache.acts), np.asarray(build(tmp_path / "ref", seqs, []).acts))
+
+
 def test_corrupt_cache_is_detected_and_rebuilt(tmp_path, seqs, capsys):
     calls = []
     cache = build(tmp_path, seqs, calls)
