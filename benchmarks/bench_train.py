@@ -1,0 +1,111 @@
+"""SAE training throughput per architecture, against the machine's matmul peak for the same shapes.
+
+    python benchmarks/bench_train.py                      # all architectures, both shape sets
+    python benchmarks/bench_train.py --shapes tinylm --architectures topk,relu
+
+Each row times the harness's real training step (`Trainer.train_step`: the batch read from an
+in-memory activation cache, loss, backward, gradient projection, clipping, Adam, decoder
+renormalisation, the dead-latent window) and, in the same run, the matmuls that step cannot avoid
+for those shapes. A dense encode/decode step does 5 of them: the encoder and decoder forward
+products, and in the backward the decoder-input gradient, the decoder weight gradient and the
+encoder weight gradient (the input needs no gradient): 10·B·d_in·d_sae FLOPs. "Achieved" is those
+FLOPs over the step's median time; "of matmul peak" is the matmuls' own time over the step's, i.e.
+the fraction of the step spent in work a perfect implementation would still do. Gated computes
+one more decoder product for its auxiliary loss (14·B·d_in·d_sae in all), which shows up as a lower
+fraction.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config.schema import ARCHITECTURE_DEFAULTS, SAEArmConfig, TrainConfig  # noqa: E402
+from experiments.activation_cache import ActivationCache  # noqa: E402
+from experiments.trainer import EvalContext, StopFlag, Trainer  # noqa: E402
+
+SHAPES = {  # name: [(d_in, d_sae, batch)]
+    "paper": [(768, 6144, 4096), (768, 24576, 4096)],
+    "tinylm": [(128, 1024, 1024)],
+}
+
+
+def in_memory_cache(d_in: int, rows: int, seed: int = 0) -> ActivationCache:
+    acts = np.random.default_rng(seed).standard_normal((rows, d_in), dtype=np.float32)
+    manifest = {"split": {"n_train_rows": rows}, "normalization": {"scale": 1.0}}
+    return ActivationCache(Path("."), manifest, acts, None)
+
+
+def time_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int) -> list[float]:
+    cache = in_memory_cache(d_in, batch * (steps + 1))
+    sae_cfg = SAEArmConfig.for_architecture(arch, hidden_dim=d_sae, **({"k": k} if "k" in ARCHITECTURE_DEFAULTS[arch] else {}))
+    cfg = TrainConfig(batch_size=batch, steps=steps + 1, warmup_steps=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(Path(tmp), sae_cfg, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag(), progress=False)
+        trainer.sae.train()
+        trainer.train_step()  # warm-up: allocator, thread pool, first Adam state
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            trainer.train_step()
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int) -> float:
+    """Median time of the 5 products of a dense step, in the layouts autograd uses."""
+    g = torch.Generator().manual_seed(0)
+    x, grad_out = torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)
+    w_enc, w_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
+    f = torch.randn(batch, d_sae, generator=g)
+
+    def products():
+        x @ w_enc  # encoder forward
+        f @ w_dec  # decoder forward
+        grad_f = grad_out @ w_dec.t()  # decoder: gradient of its input
+        f.t() @ grad_out  # decoder weight gradient
+        x.t() @ grad_f  # encoder weight gradient
+
+    products()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        products()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="paper,tinylm", help="shape sets: paper, tinylm (default: both)")
+    p.add_argument("--architectures", default=",".join(ARCHITECTURE_DEFAULTS), help="default: all five")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up (default: 3)")
+    p.add_argument("--k", type=int, default=32, help="k of the TopK family (default: 32)")
+    a = p.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    header = f"{'architecture':<11} {'d_in':>5} {'d_sae':>6} {'batch':>5} {'step ms':>9} {'tokens/s':>10} " \
+             f"{'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'of matmul peak':>15}"
+    print(header)
+    print("-" * len(header))
+    for shape_set in a.shapes.split(","):
+        for d_in, d_sae, batch in SHAPES[shape_set]:
+            flops = 10 * batch * d_in * d_sae
+            matmul_s = time_matmuls(d_in, d_sae, batch, repeats=max(3, a.steps))
+            for arch in a.architectures.split(","):
+                step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k))
+                print(f"{arch:<11} {d_in:>5} {d_sae:>6} {batch:>5} {step_s * 1e3:>9.1f} {batch / step_s:>10,.0f} "
+                      f"{flops / step_s / 1e9:>8.1f} {flops / matmul_s / 1e9:>15.1f} {matmul_s / step_s:>14.0%}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
