@@ -301,7 +301,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
 
 def _check_source_flags(a: argparse.Namespace, source: str) -> None:
     """Flags of the other source would have no effect: say so rather than ignore them."""
-    own, other = (SYNTHETIC_FLAGS, TRANSFORMER_FLAGS) if source == "synthetic" else (TRANSFORMER_FLAGS, SYNTHETIC_FLAGS)
+    other = TRANSFORMER_FLAGS if source == "synthetic" else SYNTHETIC_FLAGS
     for name in other:
         if getattr(a, name) is not None:
             raise UsageError(f"--{name.replace('_', '-')} does not apply to --source {source}")
@@ -315,15 +315,11 @@ def validate_static(cfg: RunConfig) -> None:
         raise UsageError("--seq-len must be at least 2 (a BOS token and one text token)")
     if cfg.data.layer < 0:
         raise UsageError(f"--layer must be >= 0, got {cfg.data.layer}")
-    if cfg.data.source == "synthetic":
-        n = cfg.synthetic.n_tokens
-        n_eval = int(n * cfg.data.eval_fraction)
-        if n_eval < 1 or n - n_eval < 1:
-            raise UsageError(f"--n-tokens {n} is too small to split into train and eval vectors")
-    else:
-        n_eval = int(cfg.data.n_samples * cfg.data.eval_fraction)
-        if n_eval < 1 or cfg.data.n_samples - n_eval < 1:
-            raise UsageError(f"--n-samples {cfg.data.n_samples} is too small to split into train and eval sequences")
+    flag, n, unit = (("--n-tokens", cfg.synthetic.n_tokens, "vectors") if cfg.data.source == "synthetic"
+                     else ("--n-samples", cfg.data.n_samples, "sequences"))
+    n_eval = int(n * cfg.data.eval_fraction)
+    if n_eval < 1 or n - n_eval < 1:
+        raise UsageError(f"{flag} {n} is too small to split into train and eval {unit}")
     for arm in cfg.arms:
         sae = arm.sae
         if sae.architecture in OPTION_ARCHITECTURES["k"] and sae.hidden_dim is not None and sae.k > sae.hidden_dim:

@@ -134,10 +134,11 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
     for x in cache.eval_batches(EVAL_BATCH):
         f = sae.encode(x * scale)
         acc.update(x, sae.decode(f) / scale, f)
+        on = f > 0
         if keep_firing:
-            fired.append(f > 0)
+            fired.append(on)
         if firing is not None:
-            firing.update(f > 0, ctx.truth.eval_active[row:row + len(x)])
+            firing.update(on, ctx.truth.eval_active[row:row + len(x)])
         row += len(x)
     metrics = acc.result()
     if recovery is not None:
