@@ -220,12 +220,12 @@ class Trainer:
         return True
 
     # -- training -----------------------------------------------------------------------------
-    def _update_dead_window(self, fired: torch.Tensor) -> int | None:
-        """Count firing ([B, d_sae] bool); at the end of each window decide which latents are dead
-        and, with resampling, revive them (not once the learning rate decays). Returns how many
-        were resampled."""
-        self.window_counts += fired.sum(0)
-        self.window_tokens += fired.shape[0]
+    def _update_dead_window(self, firing_counts: torch.Tensor, n_rows: int) -> int | None:
+        """Count firing ([d_sae] rows fired on); at the end of each window decide which latents are
+        dead and, with resampling, revive them (not once the learning rate decays). Returns how
+        many were resampled."""
+        self.window_counts += firing_counts
+        self.window_tokens += n_rows
         if self.window_tokens < self.cfg.dead_window:
             return None
         self.dead_mask = self.window_counts < self.cfg.dead_threshold * self.window_tokens
@@ -260,11 +260,10 @@ class Trainer:
         self.opt.step()
         self.sae.set_decoder_norm_to_unit_()
         self.step += 1
-        fired = out["feature_acts"] > 0
-        resampled = self._update_dead_window(fired)
+        resampled = self._update_dead_window(out["firing_counts"], len(x))
         stats = {} if resampled is None else {"train/resampled": resampled}
         return {**stats, "train/loss": out["loss"].detach(), "train/mse": out["mse"], "train/sparsity": out["sparsity"],
-                "train/aux": out["aux"], "train/l0": fired.sum(1).float().mean(), "train/lr": lr,
+                "train/aux": out["aux"], "train/l0": out["l0"], "train/lr": lr,
                 "train/grad_norm": grad_norm, "train/dead_frac": self.dead_mask.float().mean()}
 
     @property

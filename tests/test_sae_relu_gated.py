@@ -243,7 +243,8 @@ def test_relu_penalty_hand_computed():
     # x_hat = [[4.5, 4], [0, 6]], err = [[1.5, 3], [1, 3]] -> mse = (2.25 + 9 + 1 + 9) / 4 = 5.3125
     sae = hand_relu()
     out = sae.loss(HAND_X)
-    assert torch.equal(out["feature_acts"], torch.tensor([[3.0, 1.0, 2.5], [0.0, 3.0, 0.0]]))
+    assert torch.equal(sae.encode(HAND_X), torch.tensor([[3.0, 1.0, 2.5], [0.0, 3.0, 0.0]]))
+    assert torch.equal(out["firing_counts"], torch.tensor([1, 2, 1])) and out["l0"].item() == 2.0
     assert out["sparsity"].item() == pytest.approx(6.75)
     assert out["mse"].item() == pytest.approx(5.3125)
     assert out["aux"].item() == 0.0
@@ -269,18 +270,18 @@ def test_relu_penalty_scales_with_decoder_norm():
     # the norm in the penalty is what stops the SAE from buying sparsity by growing W_dec.
     sae = make_sae("relu", d_in=8, d_sae=32)
     randomise_(sae)
-    out0, x_hat0 = sae.loss(x), sae(x)
+    out0, x_hat0, f0 = sae.loss(x), sae(x), sae.encode(x)
     c = 4.0
     with torch.no_grad():
         sae.W_dec[i] *= c
         sae.W_enc[:, i] /= c
         sae.b_enc[i] /= c
-    out1 = sae.loss(x)
+    out1, f1 = sae.loss(x), sae.encode(x)
     assert torch.allclose(sae(x), x_hat0, atol=1e-5)
-    assert torch.allclose(out1["feature_acts"][:, i], out0["feature_acts"][:, i] / c)
+    assert torch.allclose(f1[:, i], f0[:, i] / c)
     assert out1["sparsity"].item() == pytest.approx(out0["sparsity"].item(), rel=1e-5)
-    l1 = lambda o: o["feature_acts"].sum(-1).mean().item()  # noqa: E731
-    assert l1(out1) < l1(out0) - 1e-3
+    l1 = lambda f: f.sum(-1).mean().item()  # noqa: E731
+    assert l1(f1) < l1(f0) - 1e-3
 
 
 def test_relu_sparsity_warmup():
@@ -324,7 +325,8 @@ def test_gated_hand_computed_loss():
     # gate reconstruction = [[3.96, 2.28], [0.48, 3.64]] -> aux = (2.56 + 2.6) / 4 = 1.29
     sae = hand_gated()
     out = sae.loss(HAND_X)
-    assert torch.allclose(out["feature_acts"], torch.tensor([[5.0, 2.0, 0.0], [0.0, 6.0, 0.0]]))
+    assert torch.allclose(sae.encode(HAND_X), torch.tensor([[5.0, 2.0, 0.0], [0.0, 6.0, 0.0]]))
+    assert torch.equal(out["firing_counts"], torch.tensor([1, 2, 0])) and out["l0"].item() == 1.5
     assert out["mse"].item() == pytest.approx(3.75)
     assert out["sparsity"].item() == pytest.approx(4.7)
     assert out["aux"].item() == pytest.approx(1.29)
@@ -418,7 +420,7 @@ def train(arch: str, lam: float, data: torch.Tensor) -> tuple[float, float, floa
         sae.set_decoder_norm_to_unit_()
     with torch.no_grad():
         out = sae.loss(data[-1], step=len(data))
-    return first, out["loss"].item(), (out["feature_acts"] > 0).float().sum(1).mean().item()
+    return first, out["loss"].item(), out["l0"].item()
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from models.sae.kernels import encoder_pre_acts, firing_counts
+
 
 @dataclass
 class SAEConfig:
@@ -96,7 +98,7 @@ class SAE(nn.Module):
     # --- forward -------------------------------------------------------------------------
 
     def pre_acts(self, x: Tensor) -> Tensor:
-        return (x - self.b_dec) @ self.W_enc + self.b_enc
+        return encoder_pre_acts(x, self.W_enc, self.b_enc, self.b_dec)
 
     def activate(self, pre: Tensor) -> Tensor:
         raise NotImplementedError
@@ -126,15 +128,20 @@ class SAE(nn.Module):
         pre = self.pre_acts(x)
         f = self.activate(pre)
         x_hat = self.decode(f)
+        return self._loss_terms(x, x_hat, self.sparsity_loss(pre, f), self.aux_loss(x, x_hat, pre, dead_mask), step,
+                                firing_counts(f))
+
+    def _loss_terms(self, x: Tensor, x_hat: Tensor, sparsity: Tensor, aux: Tensor, step: int,
+                    firing: Tensor) -> dict[str, Tensor]:
+        """The loss and its logged parts; `firing` [d_sae] counts the rows each latent fired on."""
         mse = F.mse_loss(x_hat, x)
-        sparsity = self.sparsity_loss(pre, f)
-        aux = self.aux_loss(x, x_hat, pre, dead_mask)
         return {
             "loss": mse + self.sparsity_coef_at(step) * sparsity + self.cfg.aux_coef * aux,
             "mse": mse.detach(),
             "sparsity": sparsity.detach(),
             "aux": aux.detach(),
-            "feature_acts": f.detach(),
+            "firing_counts": firing,
+            "l0": firing.sum() / (x.numel() // x.shape[-1]),
         }
 
     # --- training-time helpers -------------------------------------------------------------

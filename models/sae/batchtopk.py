@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from models.sae.base import SAEConfig, register
+from models.sae.kernels import SparseActs
 from models.sae.topk import TopKSAE, topk_scatter
 
 
@@ -34,6 +35,13 @@ class BatchTopKSAE(TopKSAE):
         # untrained model still has L0 = k (theta = 0 would make it a dense ReLU).
         self.register_buffer("num_batches", torch.zeros((), dtype=torch.long))
 
+    def select(self, pre: Tensor) -> SparseActs:
+        """Sparse training path: the k*B largest entries of the batch; theta is updated from them."""
+        n_rows = pre.shape[0]
+        vals, flat = pre.reshape(-1).topk(self.cfg.k * n_rows, sorted=False)
+        self._update_threshold_(vals.relu())
+        return SparseActs.from_flat(flat, n_rows, pre.shape[-1])
+
     def activate(self, pre: Tensor) -> Tensor:
         if self.training:
             n_rows = pre.numel() // pre.shape[-1]
@@ -46,8 +54,9 @@ class BatchTopKSAE(TopKSAE):
 
     @torch.no_grad()
     def _update_threshold_(self, f: Tensor) -> None:
-        # Smallest positive kept value; zeros kept only because fewer than k*B pre-activations
-        # were positive say nothing about the threshold. Tensor ops only: no host sync per step.
+        # Smallest positive kept value (f: the kept activations, dense or not); zeros kept only
+        # because fewer than k*B pre-activations were positive say nothing about the threshold.
+        # Tensor ops only: no host sync per step.
         batch_min = f.detach().masked_fill(f <= 0, float("inf")).min().to(self.threshold.dtype)
         seen = torch.isfinite(batch_min)
         self.num_batches += seen.long()

@@ -40,11 +40,11 @@ class GatedSAE(SAE):
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae))
 
     def activate(self, pre: Tensor) -> Tensor:
-        pi_mag = (pre - self.b_enc) * self.r_mag.exp() + self.b_mag
-        return (pre > 0).to(pre.dtype) * pi_mag.relu()
+        pi_mag = torch.addcmul(self.b_mag, pre - self.b_enc, self.r_mag.exp())
+        return pi_mag.relu_() * (pre > 0)
 
     def sparsity_loss(self, pre: Tensor, f: Tensor) -> Tensor:
-        return pre.relu().sum(-1).mean()
+        return pre.relu().sum() / (pre.numel() // pre.shape[-1])
 
     def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
         """Reconstruction from the gate's relu through the frozen decoder (pre is pi_gate)."""

@@ -16,51 +16,40 @@ import torch
 from torch import Tensor
 
 from models.sae.base import SAE, SAEConfig, register
+from models.sae.kernels import firing_counts
 
 
-def _window(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """K((pre - theta) / eps): 1 where pre lies within eps/2 of the threshold."""
-    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype)
+class JumpReLUWithL0(torch.autograd.Function):
+    """f = pre * H(pre - theta), the mean L0 = sum_i H(pre_i - theta_i) over rows, and the per-latent
+    firing counts, from one comparison. Gradients:
 
+        d f / d pre = H(pre - theta)
+        d f / d theta = -(theta / eps) K((pre - theta) / eps)
+        d L0 / d theta = -(1 / eps) K((pre - theta) / eps) / n_rows; none to pre: the L0 penalty moves
+        thresholds only, never the encoder (as in the paper).
 
-def _sum_to_latents(t: Tensor) -> Tensor:
-    """Sum a [..., d_sae] tensor over its leading dims: theta is shared by all rows."""
-    return t.reshape(-1, t.shape[-1]).sum(0)
-
-
-class JumpReLUFn(torch.autograd.Function):
-    """pre * H(pre - theta); d/dpre = H(pre - theta), d/dtheta = -(theta/eps) K((pre - theta)/eps)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return pre * (pre > threshold).to(pre.dtype)
+    Both threshold gradients share one window computation.
+    """
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre, threshold = ctx.saved_tensors
+    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> tuple[Tensor, Tensor, Tensor]:
+        active = pre > threshold
+        f = pre * active
+        counts = firing_counts(f)  # f > 0 exactly where active, since theta > 0
+        n_rows = pre.numel() // pre.shape[-1]
+        ctx.save_for_backward(pre, threshold, active)
+        ctx.bandwidth, ctx.n_rows = bandwidth, n_rows
+        ctx.mark_non_differentiable(counts)
+        return f, counts.sum() / n_rows, counts
+
+    @staticmethod
+    def backward(ctx: Any, grad_f: Tensor, grad_l0: Tensor, _: Tensor) -> tuple[Tensor, Tensor, None]:
+        pre, threshold, active = ctx.saved_tensors
         eps = ctx.bandwidth
-        grad_pre = grad * (pre > threshold).to(grad.dtype)
-        grad_threshold = _sum_to_latents(grad * _window(pre, threshold, eps)) * (-threshold / eps)
-        return grad_pre, grad_threshold, None
-
-
-class HeavisideFn(torch.autograd.Function):
-    """H(pre - theta); d/dtheta = -(1/eps) K((pre - theta)/eps) and, as in the paper, no gradient to
-    pre: the L0 penalty moves thresholds only, never the encoder."""
-
-    @staticmethod
-    def forward(ctx: Any, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre > threshold).to(pre.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor, None]:
-        pre, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        return None, _sum_to_latents(grad * _window(pre, threshold, eps)) / -eps, None
+        window = (pre - threshold).abs_() < eps / 2  # K((pre - theta) / eps) = 1
+        per_entry = (grad_f * threshold).add_(grad_l0 / ctx.n_rows) * window
+        grad_threshold = per_entry.reshape(-1, pre.shape[-1]).sum(0) / -eps
+        return grad_f * active, grad_threshold, None
 
 
 @register("jumprelu")
@@ -81,16 +70,22 @@ class JumpReLUSAE(SAE):
         return self.log_threshold.exp()
 
     def activate(self, pre: Tensor) -> Tensor:
-        return JumpReLUFn.apply(pre, self.threshold, self.cfg.bandwidth)
+        return JumpReLUWithL0.apply(pre, self.threshold, self.cfg.bandwidth)[0]
+
+    def _l0_penalty(self, l0: Tensor) -> Tensor:
+        """L0 itself; with cfg.target_l0 = t set, (L0/t - 1)^2 instead, which pushes L0 toward t from
+        either side rather than always down."""
+        return l0 if self.cfg.target_l0 is None else (l0 / self.cfg.target_l0 - 1) ** 2
 
     def sparsity_loss(self, pre: Tensor, f: Tensor) -> Tensor:
-        """Mean over the batch of L0 = sum_i H(pre_i - theta_i); with cfg.target_l0 = t set, (L0/t - 1)^2
-        instead, which pushes L0 toward t from either side rather than always down."""
-        active = HeavisideFn.apply(pre, self.threshold, self.cfg.bandwidth)
-        l0 = active.reshape(-1, active.shape[-1]).sum(-1).mean()
-        if self.cfg.target_l0 is None:
-            return l0
-        return (l0 / self.cfg.target_l0 - 1) ** 2
+        """The penalty on the batch's mean L0 (see _l0_penalty)."""
+        return self._l0_penalty(JumpReLUWithL0.apply(pre, self.threshold, self.cfg.bandwidth)[1])
+
+    def loss(self, x: Tensor, step: int = 0, dead_mask: Tensor | None = None) -> dict[str, Tensor]:
+        # One pass gives f, L0 and the firing counts that the generic loss would compute separately.
+        pre = self.pre_acts(x)
+        f, l0, counts = JumpReLUWithL0.apply(pre, self.threshold, self.cfg.bandwidth)
+        return self._loss_terms(x, self.decode(f), self._l0_penalty(l0), x.new_zeros(()), step, counts)
 
     @torch.no_grad()
     def reinit_latents_(self, idx: Tensor, directions: Tensor, enc_norm: float) -> None:

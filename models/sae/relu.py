@@ -37,4 +37,6 @@ class ReLUSAE(SAE):
         return pre.relu()
 
     def sparsity_loss(self, pre: Tensor, f: Tensor) -> Tensor:
-        return (f * self.W_dec.norm(dim=1)).sum(-1).mean()
+        # Column sums first: the [B, d_sae] work is one reduction, and its gradient a broadcast.
+        f = f.reshape(-1, f.shape[-1])
+        return f.sum(0) @ self.W_dec.norm(dim=1) / f.shape[0]

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from models.sae.base import SAE, register
+from models.sae.kernels import SparseActs, selected_pre_acts, sparse_decode
 
 
 def topk_scatter(pre: Tensor, k: int) -> Tensor:
@@ -17,6 +18,19 @@ def topk_scatter(pre: Tensor, k: int) -> Tensor:
 
 @register("topk")
 class TopKSAE(SAE):
+    # Training step: "sparse" (only the selected latents are decoded and receive gradients, see
+    # models/sae/kernels.py), "dense" (the plain expression), or "auto": sparse when
+    # k <= d_sae / SPARSE_MIN_RATIO. Both give the same results up to float rounding, so this is a
+    # runtime choice, not part of the config. Evaluation always decodes densely.
+    training_path: str = "auto"
+    SPARSE_MIN_RATIO = 8
+
+    @property
+    def sparse_step(self) -> bool:
+        if self.training_path == "auto":
+            return self.cfg.k * self.SPARSE_MIN_RATIO <= self.cfg.d_sae
+        return self.training_path == "sparse"
+
     @property
     def aux_k(self) -> int:
         return min(self.cfg.aux_k or self.cfg.d_in // 2, self.cfg.d_sae)
@@ -24,19 +38,53 @@ class TopKSAE(SAE):
     def activate(self, pre: Tensor) -> Tensor:
         return topk_scatter(pre, self.cfg.k)
 
+    def select(self, pre: Tensor) -> SparseActs:
+        """The latents kept for each row of pre [B, d_sae] (their values may still be <= 0)."""
+        return SparseActs.from_topk(pre.topk(self.cfg.k, dim=-1, sorted=False).indices)
+
+    def loss(self, x: Tensor, step: int = 0, dead_mask: Tensor | None = None) -> dict[str, Tensor]:
+        if not self.sparse_step:
+            return super().loss(x, step, dead_mask)
+        x = x.reshape(-1, x.shape[-1])
+        with torch.no_grad():
+            pre = self.pre_acts(x)
+            acts = self.select(pre)
+        vals = selected_pre_acts(pre, acts, x, self.W_enc, self.b_enc, self.b_dec).relu()
+        x_hat = sparse_decode(acts, vals, self.W_dec) + self.b_dec
+        return self._loss_terms(x, x_hat, x.new_zeros(()), self._sparse_aux_loss(x, x_hat, pre, dead_mask), step,
+                                acts.firing_counts(vals.detach(), self.cfg.d_sae))
+
+    def _dead_pre_acts(self, pre: Tensor, dead_mask: Tensor | None) -> Tensor | None:
+        """pre with alive latents at -inf, or None when AuxK has nothing to do."""
+        if not self.cfg.auxk or dead_mask is None or not bool(dead_mask.any()):
+            return None
+        # Alive latents get -inf, so they are never selected (or, when fewer than aux_k latents
+        # are dead, are selected with value relu(-inf) = 0 and no gradient).
+        return pre.masked_fill(~dead_mask, float("-inf"))
+
+    @staticmethod
+    def _normalised_residual_mse(e: Tensor, e_hat: Tensor) -> Tensor:
+        e = e.reshape(-1, e.shape[-1])
+        e_hat = e_hat.reshape(-1, e.shape[-1])
+        return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+
+    def _sparse_aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
+        """aux_loss on the sparse path: the same selection, decoded with embedding_bag."""
+        dead_pre = self._dead_pre_acts(pre, dead_mask)
+        if dead_pre is None:
+            return x.new_zeros(())
+        acts = SparseActs.from_topk(dead_pre.topk(self.aux_k, dim=-1, sorted=False).indices)
+        vals = selected_pre_acts(dead_pre, acts, x, self.W_enc, self.b_enc, self.b_dec).relu()
+        return self._normalised_residual_mse((x - x_hat).detach(), sparse_decode(acts, vals, self.W_dec))
+
     def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
         """AuxK: reconstruct the residual from the top-aux_k dead latents, as a normalised MSE.
 
         ||e - e_hat||^2 / ||e - mean(e)||^2 summed over the batch, with e = x - x_hat (detached, so
         only the dead latents' path is trained) and e_hat decoded without b_dec (e has no offset).
         """
-        if not self.cfg.auxk or dead_mask is None or not bool(dead_mask.any()):
+        dead_pre = self._dead_pre_acts(pre, dead_mask)
+        if dead_pre is None:
             return x.new_zeros(())
-        e = (x - x_hat).detach()
-        # Alive latents get -inf, so they are never selected (or, when fewer than aux_k latents
-        # are dead, are selected with value relu(-inf) = 0 and no gradient).
-        z = topk_scatter(pre.masked_fill(~dead_mask, float("-inf")), self.aux_k)
-        e_hat = z @ self.W_dec
-        e = e.reshape(-1, e.shape[-1])
-        e_hat = e_hat.reshape(-1, e.shape[-1])
-        return (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+        z = topk_scatter(dead_pre, self.aux_k)
+        return self._normalised_residual_mse((x - x_hat).detach(), z @ self.W_dec)

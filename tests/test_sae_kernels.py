@@ -1,0 +1,115 @@
+"""The training step's fast paths (models/sae/kernels.py) against the plain expressions they replace."""
+import pytest
+import torch
+
+from models.sae import SAEConfig, build_sae
+from models.sae.kernels import SparseActs, encoder_pre_acts, selected_pre_acts, sparse_decode
+
+
+def params64(seed: int, d_in: int = 6, d_sae: int = 10):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+            for shape in ((5, d_in), (d_in, d_sae), (d_sae,), (d_in,))]
+
+
+def test_encoder_pre_acts_equals_the_plain_expression_and_its_gradients():
+    x, W_enc, b_enc, b_dec = params64(0)
+    out = encoder_pre_acts(x, W_enc, b_enc, b_dec)
+    assert torch.equal(out, (x - b_dec) @ W_enc + b_enc)  # the forward is the expression itself
+    assert torch.autograd.gradcheck(encoder_pre_acts, (x, W_enc, b_enc, b_dec))
+    # Without an input gradient (the training case) the parameters' gradients are unchanged.
+    g = torch.randn_like(out)
+    ours = torch.autograd.grad(encoder_pre_acts(x.detach(), W_enc, b_enc, b_dec), (W_enc, b_enc, b_dec), g)
+    plain = torch.autograd.grad((x.detach() - b_dec) @ W_enc + b_enc, (W_enc, b_enc, b_dec), g)
+    for a, b in zip(ours, plain):
+        assert torch.allclose(a, b)
+
+
+def test_sparse_acts_layouts_by_hand():
+    acts = SparseActs.from_topk(torch.tensor([[2, 0], [1, 2]]))
+    assert acts.cols.tolist() == [2, 0, 1, 2] and acts.offsets.tolist() == [0, 2] and acts.rows.tolist() == [0, 0, 1, 1]
+    # Flat indices into a [3, 4] matrix: (0, 1), (2, 0), (2, 3), (0, 3); row 1 has none.
+    acts = SparseActs.from_flat(torch.tensor([1, 8, 11, 3]), n_rows=3, width=4)
+    assert acts.cols.tolist() == [1, 3, 0, 3] and acts.rows.tolist() == [0, 0, 2, 2] and acts.offsets.tolist() == [0, 2, 2]
+    values = torch.tensor([1.0, 0.0, 2.0, 3.0])
+    assert acts.to_dense(values, 4).tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [2, 0, 0, 3]]
+    assert acts.firing_counts(values, 4).tolist() == [1, 1, 0, 1]  # the 0.0 value is kept but did not fire
+    W = torch.arange(8.0).reshape(4, 2)  # decoder rows [0,1], [2,3], [4,5], [6,7]
+    assert sparse_decode(acts, values, W).tolist() == [[2, 3], [0, 0], [18, 23]]
+
+
+def test_selected_pre_acts_gradients_match_the_dense_gather():
+    x, W_enc, b_enc, b_dec = params64(1)
+    acts = SparseActs.from_flat(torch.tensor([0, 7, 9, 13, 22, 41, 49]), n_rows=5, width=10)
+    with torch.no_grad():
+        pre = encoder_pre_acts(x, W_enc, b_enc, b_dec)
+    ours = selected_pre_acts(pre, acts, x.detach(), W_enc, b_enc, b_dec)
+    plain = encoder_pre_acts(x.detach(), W_enc, b_enc, b_dec)[acts.rows, acts.cols]
+    assert torch.equal(ours, plain)
+    g = torch.randn_like(ours)
+    for a, b in zip(torch.autograd.grad(ours, (W_enc, b_enc, b_dec), g), torch.autograd.grad(plain, (W_enc, b_enc, b_dec), g)):
+        assert torch.allclose(a, b)
+
+
+def both_paths(arch: str, **kw):
+    """The same SAE twice (same seed), one forced onto each training path."""
+    saes = []
+    for path in ("dense", "sparse"):
+        sae = build_sae(SAEConfig(arch, d_in=16, d_sae=128, k=4, aux_k=12, **kw))
+        with torch.no_grad():
+            sae.b_dec.copy_(torch.randn(16, generator=torch.Generator().manual_seed(5)) * 0.1)
+        sae.training_path = path
+        saes.append(sae)
+    return saes
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+@pytest.mark.parametrize("with_dead", [False, True])
+def test_sparse_step_equals_dense_step(arch, with_dead):
+    dense, sparse = both_paths(arch)
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    dead = (torch.arange(128) % 3 == 0) if with_dead else None
+    outs = []
+    for sae in (dense, sparse):
+        out = sae.loss(x, dead_mask=dead)
+        out["loss"].backward()
+        outs.append(out)
+    for key in ("loss", "mse", "aux", "l0"):
+        assert torch.allclose(outs[0][key], outs[1][key], rtol=1e-5, atol=1e-7), key
+    assert torch.equal(outs[0]["firing_counts"], outs[1]["firing_counts"])
+    if with_dead:
+        assert outs[1]["aux"] > 0
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), name
+    for (name, b), c in zip(dense.named_buffers(), sparse.buffers()):
+        assert torch.allclose(b, c), name  # BatchTopK's threshold estimate
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk"])
+def test_sparse_and_dense_training_stay_together(arch):
+    """60 Adam steps on each path end at the same weights and loss, to float rounding."""
+    g = torch.Generator().manual_seed(3)
+    true_dirs = torch.randn(40, 16, generator=g)
+    data = [(torch.rand(64, 40, generator=g) * (torch.rand(64, 40, generator=g) < 0.1)) @ true_dirs for _ in range(60)]
+    final = []
+    for sae in both_paths(arch):
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        dead = torch.zeros(128, dtype=torch.bool)
+        for step, x in enumerate(data):
+            out = sae.loss(x, step, dead_mask=dead)
+            opt.zero_grad()
+            out["loss"].backward()
+            sae.remove_gradient_parallel_to_decoder_()
+            opt.step()
+            sae.set_decoder_norm_to_unit_()
+            dead = out["firing_counts"] == 0
+        final.append((sae, out["loss"].item()))
+    (dense, loss_d), (sparse, loss_s) = final
+    assert loss_s == pytest.approx(loss_d, rel=1e-3)
+    for (name, p), q in zip(dense.named_parameters(), sparse.parameters()):
+        assert torch.allclose(p, q, atol=1e-4), name
+
+
+def test_auto_path_is_sparse_only_when_k_is_small():
+    assert build_sae(SAEConfig("topk", 8, 256, k=32)).sparse_step
+    assert not build_sae(SAEConfig("topk", 8, 128, k=32)).sparse_step
