@@ -24,6 +24,7 @@ from experiments.concepts import ConceptSet, score_concepts
 from experiments.metrics import frequency_stats, rank_stability
 from experiments.recovery import abs_cosine
 from experiments.synthetic import SyntheticTruth
+from experiments.timing import phase
 from visualization.local_sink import read_json, write_json_atomic
 
 PROBE_KINDS = {"activations": set(), "emergence": {"concepts", "umap"}, "frequency": {"frequency"},
@@ -137,7 +138,8 @@ class ArmProbes:
             from experiments.embedding import decoder_embedding
 
             W_dec = sae.W_dec.detach().cpu().numpy()
-            xy = decoder_embedding(W_dec, self.seed)
+            with phase("umap"):
+                xy = decoder_embedding(W_dec, self.seed)
             if self.truth is not None:
                 cos = abs_cosine(W_dec, self.truth.dictionary)
                 names = self.role_names

@@ -25,6 +25,7 @@ from experiments.activation_cache import BuildInterrupted, build_or_open
 from experiments.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
                                  token_sequences)
 from experiments.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
+from experiments.timing import CLOCK, phase
 from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer
 from visualization.local_sink import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
@@ -241,7 +242,8 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
 def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag):
     """Harvest (or reopen) the subject model's activations at the hook."""
     device = cfg.train.device
-    model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
+    with phase("model"):
+        model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
     hook_name = resolve_hook(model, cfg.data)
     sequences = token_sequences(model, cfg.data, cfg.train.seed)
     harvest = harvester(model, hook_name, device)
@@ -254,7 +256,8 @@ def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag):
                  "dataset": dataset_fingerprint(cfg.data), "seed": cfg.train.seed,
                  "eval_fraction": cfg.data.eval_fraction}
     writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size, cfg.data.eval_fraction)
-    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
+    with phase("harvest"):
+        cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
     return cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec, model
 
 
@@ -264,12 +267,14 @@ def _synthetic_source(cfg: RunConfig, root: Path, stop: StopFlag):
     data_spec = {"source": "synthetic", "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
                  "eval_fraction": cfg.data.eval_fraction}
     writer = SyntheticWriter(model, cfg.train.seed, cfg.data.eval_fraction)
-    cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
+    with phase("harvest"):
+        cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
     truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
     return cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None
 
 
 def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
+    CLOCK.reset()
     root = Path(cfg.log.checkpoint_dir)
     study_json = study_dir / "study.json"
     meta = read_json(study_json) if study_json.exists() else {
@@ -349,26 +354,31 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
 
     status = "failed" if failed else "complete"
     finished = {**meta, "status": status}  # what the outputs describe; study.json says so only once they exist
-    results = analyse(study_dir, finished)
+    with phase("report"):
+        results = analyse(study_dir, finished)
     summary = {"study_id": study_dir.name, "status": status, "arms": [
         {"arm_id": r["arm_id"], "name": r["name"], "architecture": r["architecture"],
          "dead_handling": r["dead_handling"], "studies": r.get("studies", []), "status": r["status"],
          "steps": r.get("steps"), "tokens": r.get("tokens"), "final": r.get("final", {}), "weights": r.get("weights"),
          "wandb_run_id": r.get("wandb_run_id"), "seconds": r.get("seconds"), "reason": r.get("reason")}
         for r in meta["arms"]], "studies": {res.name: res.summary for res in results}}
-    report = write_report(study_dir, finished, results)
+    with phase("report"):
+        report = write_report(study_dir, finished, results)
     if wandb is not None:
         runs = meta.setdefault("summary_runs", {})
         for res in results:
-            runs[res.name] = log_summary_run(wandb, study_dir, res, shared_config, runs.get(res.name))
+            with phase("logging"):
+                runs[res.name] = log_summary_run(wandb, study_dir, res, shared_config, runs.get(res.name))
             write_json_atomic(study_json, meta)  # a resumed study logs to these runs again, adding none
             faults.reached("summary-run")
         summary["summary_runs"] = runs
+    summary["timing"] = timing = CLOCK.split()  # this process only: a resumed study counts what it ran
     write_json_atomic(study_dir / "summary.json", summary)
     meta["status"] = status
     write_json_atomic(study_json, meta)
     print_tables(results)
-    print(f"report: {report}\noutputs: {study_dir}")
+    shown = ", ".join(f"{name} {sec:.0f} s" for name, sec in timing.items() if name != "total" and sec >= 0.5)
+    print(f"time: {timing['total']:.0f} s ({shown})\nreport: {report}\noutputs: {study_dir}")
     return 1 if failed else 0
 
 

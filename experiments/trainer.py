@@ -17,6 +17,7 @@ import torch
 from config.schema import OPTION_ARCHITECTURES, SAEArmConfig, TrainConfig, UsageError
 from experiments.activation_cache import ActivationCache
 from experiments import faults
+from experiments.timing import phase
 from experiments.checkpointing import list_checkpoints, load_latest, save_checkpoint
 from experiments.resampling import resample_dead_latents_
 from experiments.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
@@ -283,10 +284,11 @@ class Trainer:
         if probes is not None:
             probe_metrics, embedding = probes.run(self.step, self.tokens, self.sae, out)
             logs.update(probe_metrics)
-        self.sinks.log(self.step, self.tokens, logs)
-        self.sinks.log_density(self.step, self.tokens, out.density, self.cache.n_eval_rows)
-        if embedding is not None:
-            self.sinks.log_embedding(self.step, self.tokens, embedding, self.cache.n_eval_rows)
+        with phase("logging"):
+            self.sinks.log(self.step, self.tokens, logs)
+            self.sinks.log_density(self.step, self.tokens, out.density, self.cache.n_eval_rows)
+            if embedding is not None:
+                self.sinks.log_embedding(self.step, self.tokens, embedding, self.cache.n_eval_rows)
 
     def run(self, name: str, resume: bool) -> ArmResult:
         from visualization.terminal import progress_bar
@@ -298,30 +300,37 @@ class Trainer:
             self.sae.init_b_dec_(self.cache.train_rows(self.batch_indices(0)) * self.scale)
         if self.probes is not None:
             self.probes.resume_at(self.step)
-        self.wandb_run_id = self.sinks.start(self.wandb_run_id, resumed_at=self.step if restored else None)
+        with phase("logging"):
+            self.wandb_run_id = self.sinks.start(self.wandb_run_id, resumed_at=self.step if restored else None)
         bar = progress_bar(total=self.n_steps, initial=self.step, desc=name, disable=not self.progress)
         cfg = self.cfg
         eval_at = set(self.eval_steps)
         while self.step < self.n_steps:
-            stats = self.train_step()
+            with phase("training"):
+                stats = self.train_step()
             faults.reached(f"step:{self.step}")
             if self.step % cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in stats:
-                logs = {k: float(v) for k, v in stats.items()}
-                self.sinks.log(self.step, self.tokens, logs)
+                with phase("logging"):
+                    logs = {k: float(v) for k, v in stats.items()}
+                    self.sinks.log(self.step, self.tokens, logs)
                 bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
             if self.step in eval_at:
-                self.run_eval()
+                with phase("eval"):
+                    self.run_eval()
             bar.update(1)
             if self.step % cfg.checkpoint_every == 0 or self.step == self.n_steps:
-                self.save()
+                with phase("checkpoints"):
+                    self.save()
             if self.stop.requested and self.step < self.n_steps:
                 self.save()
                 bar.close()
                 self.sinks.finish({})
                 raise StopRequested(self.step)
         bar.close()
-        self.sae.save(self.arm_dir, scale=self.scale)
-        self.sinks.finish({f"final/{k}": v for k, v in self.last_eval.items()})
+        with phase("checkpoints"):
+            self.sae.save(self.arm_dir, scale=self.scale)
+        with phase("logging"):
+            self.sinks.finish({f"final/{k}": v for k, v in self.last_eval.items()})
         return ArmResult(self.step, self.tokens, dict(self.last_eval), self.wandb_run_id,
                          time.time() - start)
 

@@ -70,6 +70,11 @@ def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     assert final["l0"] <= 32 + 1e-6
     assert Path(arm["weights"]).exists() and (Path(arm["weights"]).parent / "config.json").exists()
     assert "╔" in out.stdout and "explained_variance" in out.stdout  # the boxed table
+    timing = s["timing"]  # where this run's wall time went
+    assert timing["training"] > 0 and timing["harvest"] > 0 and timing["model"] > 0 and timing["eval"] > 0
+    assert timing["umap"] == 0  # the activations study has no UMAP probe
+    assert sum(v for k, v in timing.items() if k != "total") == pytest.approx(timing["total"], abs=0.1)
+    assert timing["total"] < seconds and "time: " in out.stdout
 
     wb = read_offline_runs(Path(wandb_env["WANDB_DIR"]), arm["wandb_run_id"])
     assert wb.group == "q" and wb.job_type == "activations" and wb.name == arm["name"]
