@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test quick clean-venv
+.PHONY: run test quick clean-venv bench-peers
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -24,3 +24,18 @@ test: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# `make bench-peers`: our training step against SAELens and sparsify (benchmarks/bench_peers.py).
+# Its own venv, .venv-peers/: sae-lens needs transformer-lens < 4, requirements.txt pins 4.x.
+PEERS_VENV := .venv-peers
+PEERS_PY := $(PEERS_VENV)/bin/python
+PEERS_STAMP := $(PEERS_VENV)/.installed-$(shell cksum benchmarks/requirements-peers.txt | cut -d' ' -f1)
+
+$(PEERS_STAMP): benchmarks/requirements-peers.txt
+	test -x $(PEERS_PY) || $(PYTHON_SYSTEM) -m venv $(PEERS_VENV)
+	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-peers.txt
+	rm -f $(PEERS_VENV)/.installed-* && touch $(PEERS_STAMP)
+
+bench-peers: $(PEERS_STAMP)
+	$(PEERS_PY) benchmarks/bench_peers.py $(ARGS)

@@ -5,14 +5,19 @@
 
 Each row times the harness's real training step (`Trainer.train_step`: the batch read from an
 in-memory activation cache, loss, backward, gradient projection, clipping, Adam, decoder
-renormalisation, the dead-latent window) and, in the same run, the matmuls that step cannot avoid
-for those shapes. A dense encode/decode step does 5 of them: the encoder and decoder forward
-products, and in the backward the decoder-input gradient, the decoder weight gradient and the
-encoder weight gradient (the input needs no gradient): 10·B·d_in·d_sae FLOPs. "Achieved" is those
-FLOPs over the step's median time; "of matmul peak" is the matmuls' own time over the step's, i.e.
-the fraction of the step spent in work a perfect implementation would still do. Gated computes
-one more decoder product for its auxiliary loss (14·B·d_in·d_sae in all), which shows up as a lower
-fraction.
+renormalisation, the dead-latent window), in a process set up as `run_experiments.py` sets it up
+(experiments/host_memory.py), and, in the same run, the matmuls a dense step cannot avoid for those
+shapes. A dense encode/decode step does 5 of them: the encoder and decoder forward products, and in
+the backward the decoder-input gradient, the decoder weight gradient and the encoder weight gradient
+(the input needs no gradient): 10·B·d_in·d_sae FLOPs. Gated adds its auxiliary decoder product and
+that product's input gradient: 7 products, 14·B·d_in·d_sae. "of matmul peak" is the time of the
+architecture's own products over the step's, i.e. the fraction of the step spent in work a perfect
+dense implementation would still do; "GFLOP/s" counts those products' FLOPs over the step time.
+
+The TopK family runs twice: on its sparse path (only the k selected latents per row are decoded
+and receive gradients; models/sae/kernels.py) and forced onto the dense path; "sparse ÷ dense" is
+the speed-up. A sparse step does far fewer FLOPs than a dense one, so its GFLOP/s column counts the
+dense-equivalent work (how fast a dense step would have to run to keep up).
 """
 from __future__ import annotations
 
@@ -21,14 +26,17 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.schema import ARCHITECTURE_DEFAULTS, SAEArmConfig, TrainConfig  # noqa: E402
+from config.schema import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, SAEArmConfig, TrainConfig  # noqa: E402
+from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.activation_cache import ActivationCache  # noqa: E402
 from experiments.trainer import EvalContext, StopFlag, Trainer  # noqa: E402
 
@@ -44,43 +52,65 @@ def in_memory_cache(d_in: int, rows: int, seed: int = 0) -> ActivationCache:
     return ActivationCache(Path("."), manifest, acts, None)
 
 
-def time_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int) -> list[float]:
+@contextmanager
+def trainer_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int,
+                 training_path: str | None = None) -> Iterator[Callable[[], object]]:
+    """`Trainer.train_step` for these shapes on an in-memory cache, to be called steps + 1 times.
+    `training_path` forces the TopK family's sparse or dense path (default: its own choice)."""
     cache = in_memory_cache(d_in, batch * (steps + 1))
     sae_cfg = SAEArmConfig.for_architecture(arch, hidden_dim=d_sae, **({"k": k} if "k" in ARCHITECTURE_DEFAULTS[arch] else {}))
     cfg = TrainConfig(batch_size=batch, steps=steps + 1, warmup_steps=1)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(Path(tmp), sae_cfg, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag(), progress=False)
         trainer.sae.train()
-        trainer.train_step()  # warm-up: allocator, thread pool, first Adam state
+        if training_path is not None:
+            trainer.sae.training_path = training_path
+        yield trainer.train_step
+
+
+def time_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int,
+              training_path: str | None = None) -> list[float]:
+    with trainer_step(arch, d_in, d_sae, batch, steps, k, training_path) as step:
+        step()  # warm-up: allocator, thread pool, first Adam state
         times = []
         for _ in range(steps):
             start = time.perf_counter()
-            trainer.train_step()
+            step()
             times.append(time.perf_counter() - start)
     return times
 
 
-def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int) -> float:
-    """Median time of the 5 products of a dense step, in the layouts autograd uses."""
+def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int) -> dict[str, float]:
+    """Median times of the products of a dense step, in the layouts autograd uses: "dense" (the
+    5 every architecture does) and "gated" (those plus Gated's auxiliary decoder product and its
+    input gradient)."""
     g = torch.Generator().manual_seed(0)
     x, grad_out = torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)
     w_enc, w_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
     f = torch.randn(batch, d_sae, generator=g)
 
-    def products():
+    def dense():
         x @ w_enc  # encoder forward
         f @ w_dec  # decoder forward
         grad_f = grad_out @ w_dec.t()  # decoder: gradient of its input
         f.t() @ grad_out  # decoder weight gradient
         x.t() @ grad_f  # encoder weight gradient
 
-    products()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    def gated():
+        dense()
+        f @ w_dec  # auxiliary decoder product
+        grad_out @ w_dec.t()  # its input gradient
+
+    out = {}
+    for name, products in (("dense", dense), ("gated", gated)):
         products()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            products()
+            times.append(time.perf_counter() - start)
+        out[name] = statistics.median(times)
+    return out
 
 
 def main() -> None:
@@ -90,21 +120,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up (default: 3)")
     p.add_argument("--k", type=int, default=32, help="k of the TopK family (default: 32)")
     a = p.parse_args()
+    retain_freed_memory()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    header = f"{'architecture':<11} {'d_in':>5} {'d_sae':>6} {'batch':>5} {'step ms':>9} {'tokens/s':>10} " \
-             f"{'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'of matmul peak':>15}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, k {a.k}")
+    header = f"{'architecture':<18} {'d_in':>5} {'d_sae':>6} {'batch':>5} {'step ms':>9} {'tokens/s':>10} " \
+             f"{'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'of matmul peak':>15} {'sparse / dense':>15}"
     print(header)
     print("-" * len(header))
     for shape_set in a.shapes.split(","):
         for d_in, d_sae, batch in SHAPES[shape_set]:
-            flops = 10 * batch * d_in * d_sae
             matmul_s = time_matmuls(d_in, d_sae, batch, repeats=max(3, a.steps))
             for arch in a.architectures.split(","):
-                step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k))
-                print(f"{arch:<11} {d_in:>5} {d_sae:>6} {batch:>5} {step_s * 1e3:>9.1f} {batch / step_s:>10,.0f} "
-                      f"{flops / step_s / 1e9:>8.1f} {flops / matmul_s / 1e9:>15.1f} {matmul_s / step_s:>14.0%}",
-                      flush=True)
+                paths = ["sparse", "dense"] if arch in OPTION_ARCHITECTURES["k"] else [None]
+                dense_s = None
+                for path in reversed(paths):  # dense first, so the sparse row can show its speed-up
+                    step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k, path))
+                    products = "gated" if arch == "gated" else "dense"
+                    flops = (14 if arch == "gated" else 10) * batch * d_in * d_sae
+                    name = arch if path is None else f"{arch} ({path})"
+                    peak = f"{matmul_s[products] / step_s:>14.0%}" if path != "sparse" else f"{'-':>14}"
+                    speedup = f"{dense_s / step_s:>14.2f}x" if path == "sparse" else f"{'':>15}"
+                    print(f"{name:<18} {d_in:>5} {d_sae:>6} {batch:>5} {step_s * 1e3:>9.1f} {batch / step_s:>10,.0f} "
+                          f"{flops / step_s / 1e9:>8.1f} {flops / matmul_s[products] / 1e9:>15.1f} {peak} {speedup}",
+                          flush=True)
+                    dense_s = step_s
 
 
 if __name__ == "__main__":
