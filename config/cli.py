@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "(or the one named by --study-id) from its last checkpoints (default: off)")
     study.add_argument("--quick", action="store_true", default=False,
                        help="smoke run: small harvest, %d steps; explicit flags still win (default: off)" % QUICK_DEFAULTS["steps"])
+    study.add_argument("--sequential-arms", action="store_true", default=False,
+                       help="train arms one after another, each reading its own batches, instead of stepping arms "
+                       "that share the activation cache, batch size and seed together over one batch read; the "
+                       "results are the same, but each arm's are ready as soon as it finishes (default: off)")
     study.add_argument("--seed", type=_int, help=f"seed for data order, SAE init and everything else (default: {t.seed})")
 
     data = p.add_argument_group("activations")
@@ -293,6 +297,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     )
     probes = ProbeConfig(**{**source_preset.get("probes", {}), **config.get("probes", {}), **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
+                        lockstep=not a.sequential_arms,
                         report=a.report)
     cfg = RunConfig(data=data, synthetic=synthetic, plans=plans, train=run_wide_train(plans), probes=probes, log=log, study=study)
     validate_static(cfg)

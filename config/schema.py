@@ -169,6 +169,7 @@ class StudyConfig:
     resume: bool = False
     quick: bool = False
     report: str | None = None  # rebuild this study's report from its files, train nothing
+    lockstep: bool = True  # arms that read the same batches train step by step together (same results)
 
     @property
     def label(self) -> str:

@@ -26,7 +26,7 @@ from experiments.sources import (HarvestWriter, dataset_fingerprint, harvester, 
                                  token_sequences)
 from experiments.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.timing import CLOCK, phase
-from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer
+from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer, lockstep_key, train_arms
 from visualization.local_sink import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
 from visualization.report import figure_file, write_report
@@ -308,8 +308,9 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
 
         wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode)
 
-    failed = False
     shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
+    trainers: dict[str, Trainer] = {}
+    index_of: dict[str, int] = {}
     for index, (p, record) in enumerate(zip(planned, meta["arms"])):
         arm, spec = p.arm, p.spec
         if record["status"] == "complete":
@@ -319,38 +320,64 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         run_config = {**shared_config, **flatten({"sae": asdict(spec.sae), "train": asdict(spec.train)}),
                       "arm_id": arm.arm_id, "studies": p.studies, "study_id": study_dir.name, "d_in": cache.d_in,
                       "d_sae": spec.sae.d_sae(cache.d_in), "hook_name": ctx.hook_name, "norm_scale": scale}
-        sinks = ArmSinks(arm_dir, wandb, arm.name, group=study_dir.name, job_type="+".join(p.studies),
-                         config=run_config)
+        sinks = ArmSinks(arm_dir, wandb.for_another_run() if wandb is not None else None, arm.name,
+                         group=study_dir.name, job_type="+".join(p.studies), config=run_config)
         trainer = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, progress=cfg.log.progress)
         trainer.probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
                                    umap_steps(trainer.eval_steps, cfg.probes.umap_evals), spec.train.seed,
                                    cache.n_eval_rows, truth=ctx.truth)
-        record.update(status="running", steps_total=trainer.n_steps)
+        trainers[arm.arm_id], index_of[arm.arm_id] = trainer, index
+    records = {r["arm_id"]: r for r in meta["arms"]}
+    failed = False
+
+    def on_done(arm_id: str, result) -> None:
+        records[arm_id].update(status="complete", steps=result.steps, tokens=result.tokens, final=result.final,
+                               weights=str(study_dir / arm_id / "sae.safetensors"),
+                               wandb_run_id=result.wandb_run_id, seconds=round(result.seconds, 2))
+        write_json_atomic(study_json, meta)
+        faults.reached(f"arm-done:{index_of[arm_id] + 1}")
+
+    def on_error(arm_id: str, trainer: Trainer, err: Exception) -> None:
+        nonlocal failed
+        if isinstance(err, (StopRequested, UsageError)) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE):
+            raise err  # a stop, a usage error or a full disk ends the study (resumable), not just this arm
+        # One arm failing must not take the others down.
+        name = planned[index_of[arm_id]].arm.name
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        error_file = study_dir / arm_id / "error.txt"
+        error_file.write_text("".join(traceback.format_exception(err)))
+        print(f"arm {name} failed: {reason} (traceback in {error_file})", file=sys.stderr)
+        records[arm_id].update(status="failed", reason=reason, steps=trainer.step)
         write_json_atomic(study_json, meta)
         try:
-            result = trainer.run(f"[{index + 1}/{len(planned)}] {arm.name}", resume=cfg.study.resume)
+            trainer.sinks.finish({})
+        except Exception:  # noqa: BLE001  (closing the failed arm's logs is best effort)
+            pass
+        failed = True
+
+    def on_stop(arm_id: str, trainer: Trainer) -> None:
+        records[arm_id].update(status="interrupted", steps=trainer.step)
+        write_json_atomic(study_json, meta)
+
+    groups: dict[tuple, dict[str, Trainer]] = {}
+    for arm_id, trainer in trainers.items():  # in plan order; arms that read the same batches train together
+        key = lockstep_key(trainer) if cfg.study.lockstep else arm_id
+        groups.setdefault(key, {})[arm_id] = trainer
+    for group in groups.values():
+        first, last = index_of[next(iter(group))] + 1, index_of[list(group)[-1]] + 1
+        desc = (f"[{first}/{len(planned)}] {planned[first - 1].arm.name}" if len(group) == 1 else
+                f"[{first}-{last}/{len(planned)}] {len(group)} arms in lockstep")
+        if len(group) > 1:
+            print(f"training {len(group)} arms in lockstep (one batch read per step for all of them; "
+                  f"--sequential-arms trains them one by one)", flush=True)
+        for arm_id, trainer in group.items():
+            records[arm_id].update(status="running", steps_total=trainer.n_steps)
+        write_json_atomic(study_json, meta)
+        try:
+            train_arms(group, cfg.study.resume, stop, desc, on_done, on_error, on_stop, progress=cfg.log.progress)
         except StopRequested as stopped:
-            record.update(status="interrupted", steps=stopped.step)
-            write_json_atomic(study_json, meta)
             stopped.study_id = study_dir.name
             raise
-        except (UsageError, KeyboardInterrupt):
-            raise
-        except Exception as err:  # one arm failing must not take the others down
-            if isinstance(err, OSError) and err.errno in OUT_OF_SPACE:
-                raise  # nor would the next arm have space: stop the study, resumable
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            (arm_dir / "error.txt").write_text(traceback.format_exc())
-            print(f"arm {arm.name} failed: {reason} (traceback in {arm_dir / 'error.txt'})", file=sys.stderr)
-            record.update(status="failed", reason=reason, steps=trainer.step)
-            write_json_atomic(study_json, meta)
-            failed = True
-            continue
-        record.update(status="complete", steps=result.steps, tokens=result.tokens, final=result.final,
-                      weights=str(arm_dir / "sae.safetensors"), wandb_run_id=result.wandb_run_id,
-                      seconds=round(result.seconds, 2))
-        write_json_atomic(study_json, meta)
-        faults.reached(f"arm-done:{index + 1}")
 
     status = "failed" if failed else "complete"
     finished = {**meta, "status": status}  # what the outputs describe; study.json says so only once they exist

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -241,10 +242,14 @@ class Trainer:
         self.dead_mask = torch.zeros_like(self.dead_mask)  # revived: give them a window to prove themselves
         return n
 
-    def train_step(self) -> dict[str, torch.Tensor | float]:
-        """One optimizer step. Returns the step's training statistics as tensors, so nothing waits
-        on them unless they are logged."""
-        x = self.cache.train_rows(self.batch_indices(self.step)) * self.scale
+    def batch(self, step: int) -> torch.Tensor:
+        """The (normalised) training batch of `step`."""
+        return self.cache.train_rows(self.batch_indices(step)) * self.scale
+
+    def train_step(self, x: torch.Tensor | None = None) -> dict[str, torch.Tensor | float]:
+        """One optimizer step on x (default: this step's batch). Returns the step's training
+        statistics as tensors, so nothing waits on them unless they are logged."""
+        x = self.batch(self.step) if x is None else x
         out = self.sae.loss(x, self.step, self.dead_mask)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -290,47 +295,126 @@ class Trainer:
             if embedding is not None:
                 self.sinks.log_embedding(self.step, self.tokens, embedding, self.cache.n_eval_rows)
 
-    def run(self, name: str, resume: bool) -> ArmResult:
-        from visualization.terminal import progress_bar
-
-        start = time.time()
+    # -- one arm's run, in pieces a driver can interleave with other arms' (see train_arms) ------
+    def begin(self, resume: bool) -> None:
+        """Restore the latest checkpoint (with `resume`) or initialise, and open the logs."""
+        start = time.perf_counter()
         self.sae.train()
         restored = resume and self.restore()
         if not restored:
-            self.sae.init_b_dec_(self.cache.train_rows(self.batch_indices(0)) * self.scale)
+            self.sae.init_b_dec_(self.batch(0))
         if self.probes is not None:
             self.probes.resume_at(self.step)
         with phase("logging"):
             self.wandb_run_id = self.sinks.start(self.wandb_run_id, resumed_at=self.step if restored else None)
-        bar = progress_bar(total=self.n_steps, initial=self.step, desc=name, disable=not self.progress)
-        cfg = self.cfg
-        eval_at = set(self.eval_steps)
-        while self.step < self.n_steps:
-            with phase("training"):
-                stats = self.train_step()
-            faults.reached(f"step:{self.step}")
-            if self.step % cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in stats:
-                with phase("logging"):
-                    logs = {k: float(v) for k, v in stats.items()}
-                    self.sinks.log(self.step, self.tokens, logs)
-                bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
-            if self.step in eval_at:
-                with phase("eval"):
-                    self.run_eval()
-            bar.update(1)
-            if self.step % cfg.checkpoint_every == 0 or self.step == self.n_steps:
-                with phase("checkpoints"):
-                    self.save()
-            if self.stop.requested and self.step < self.n_steps:
+        self._eval_at = set(self.eval_steps)
+        self.seconds = time.perf_counter() - start
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.n_steps
+
+    def advance(self, x: torch.Tensor | None = None) -> dict[str, float] | None:
+        """One training step on x (default: this step's batch) and what follows it: logs, eval,
+        checkpoint. Returns the logged training statistics, when this step logs them."""
+        start = time.perf_counter()
+        with phase("training"):
+            stats = self.train_step(x)
+        faults.reached(f"step:{self.step}")
+        logs = None
+        if self.step % self.cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in stats:
+            with phase("logging"):
+                logs = {k: float(v) for k, v in stats.items()}
+                self.sinks.log(self.step, self.tokens, logs)
+        if self.step in self._eval_at:
+            with phase("eval"):
+                self.run_eval()
+        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.n_steps:
+            with phase("checkpoints"):
                 self.save()
-                bar.close()
-                self.sinks.finish({})
-                raise StopRequested(self.step)
-        bar.close()
+        self.seconds += time.perf_counter() - start
+        return logs
+
+    def interrupt(self) -> None:
+        """Stop here: checkpoint the current step and close the logs."""
+        self.save()
+        self.sinks.finish({})
+
+    def finish(self) -> ArmResult:
+        """Write the final weights and close the logs (after the last step)."""
+        start = time.perf_counter()
         with phase("checkpoints"):
             self.sae.save(self.arm_dir, scale=self.scale)
         with phase("logging"):
             self.sinks.finish({f"final/{k}": v for k, v in self.last_eval.items()})
-        return ArmResult(self.step, self.tokens, dict(self.last_eval), self.wandb_run_id,
-                         time.time() - start)
+        self.seconds += time.perf_counter() - start
+        return ArmResult(self.step, self.tokens, dict(self.last_eval), self.wandb_run_id, self.seconds)
 
+
+def lockstep_key(trainer: Trainer) -> tuple:
+    """Arms with equal keys read the same batch at every step (see Trainer.batch_indices)."""
+    return id(trainer.cache), trainer.cache.n_train_rows, trainer.cfg.batch_size, trainer.cfg.seed, trainer.scale
+
+
+def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, desc: str,
+               on_done: Callable[[str, ArmResult], None], on_error: Callable[[str, Trainer, Exception], None],
+               on_stop: Callable[[str, Trainer], None], progress: bool = True) -> None:
+    """Train arms that read the same batches (equal lockstep_key) together, step by step: each
+    step's batch is read once for all of them. The result equals training them one after another:
+    a batch depends only on (seed, step) and the arms share no other state. Arms at different steps
+    (resumed from checkpoints written at different steps) each go on alone until level.
+
+    As arms finish, on_done gets their result. An arm that raises goes to on_error, and the others
+    carry on unless on_error re-raises. A stop request checkpoints every unfinished arm (on_stop
+    for each) and raises StopRequested."""
+    from visualization.terminal import progress_bar
+
+    assert len({lockstep_key(t) for t in trainers.values()}) <= 1, "arms that read different batches"
+    active: dict[str, Trainer] = {}
+    for key, trainer in trainers.items():
+        try:
+            trainer.begin(resume)
+            active[key] = trainer
+        except Exception as err:
+            on_error(key, trainer, err)
+
+    def finish_done() -> None:
+        for key, trainer in list(active.items()):
+            if trainer.done:
+                del active[key]
+                try:
+                    result = trainer.finish()
+                except Exception as err:
+                    on_error(key, trainer, err)
+                    continue
+                on_done(key, result)
+
+    bar = progress_bar(total=sum(t.n_steps for t in trainers.values()), initial=sum(t.step for t in active.values()),
+                       desc=desc, disable=not progress)
+    finish_done()
+    while active:
+        step = min(t.step for t in active.values())
+        level = [key for key, t in active.items() if t.step == step]
+        x = active[level[0]].batch(step)
+        for key in level:
+            trainer = active[key]
+            try:
+                logs = trainer.advance(x)
+            except Exception as err:
+                del active[key]
+                on_error(key, trainer, err)
+                continue
+            if logs is not None:
+                bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
+        bar.update(len(level))
+        finish_done()
+        if stop.requested and active:
+            bar.close()
+            for key, trainer in active.items():
+                trainer.interrupt()
+                on_stop(key, trainer)
+            steps = sorted({t.step for t in active.values()})
+            where = (f"at step {steps[0]} with a checkpoint saved" if len(active) == 1 else
+                     f"at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} with checkpoints saved")
+            raise StopRequested(steps[0], where=where)
+    bar.close()

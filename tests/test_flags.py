@@ -215,3 +215,22 @@ def test_concepts_probe_k_and_f1_threshold_shape_the_emergence_study(ckpt, tmp_p
     strict, _ = emergence("c2", "--probe-k", "2", "--f1-threshold", "1.0")
     emerged = lambda s: sum(c["emerged_single_tokens"] is not None for c in s["arms"][0]["concepts"])  # noqa: E731
     assert emerged(study) > emerged(strict) == 0  # at F1 >= 0.05 something emerges; at 1.0 nothing does
+
+
+def test_lockstep_arms_equal_sequential_arms(ckpt, capsys):
+    """Five arms stepping together over one batch read per step end exactly where the same arms
+    trained one after another do: same final metrics, weights and logged curves."""
+    args = [*COMMON, "--activation", "topk,batchtopk,relu,jumprelu,gated", "--k", "8", "--steps", "12",
+            "--checkpoint-dir", str(ckpt)]
+    assert main([*args, "--study-id", "lockstep"]) == 0
+    assert "training 5 arms in lockstep" in capsys.readouterr().out
+    assert main([*args, "--study-id", "sequential", "--sequential-arms"]) == 0
+    assert "in lockstep" not in capsys.readouterr().out
+    runs = [json.loads((ckpt / sid / "summary.json").read_text()) for sid in ("lockstep", "sequential")]
+    assert [a["arm_id"] for a in runs[0]["arms"]] == [a["arm_id"] for a in runs[1]["arms"]]
+    assert [a["final"] for a in runs[0]["arms"]] == [a["final"] for a in runs[1]["arms"]]
+    for arm in runs[0]["arms"]:
+        dirs = [ckpt / sid / arm["arm_id"] for sid in ("lockstep", "sequential")]
+        w = [load_file(str(d / "sae.safetensors")) for d in dirs]
+        assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
+        assert (dirs[0] / "metrics.csv").read_text() == (dirs[1] / "metrics.csv").read_text()

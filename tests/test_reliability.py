@@ -8,8 +8,8 @@ import sys
 import torch
 
 from experiments import checkpointing
-from experiments.activation_cache import ActivationCache
 from experiments.checkpointing import list_checkpoints, load_latest
+from models.sae import TopKSAE
 from run_experiments import main
 from tests.test_flags import BASE, ckpt, go  # noqa: F401  (ckpt: fixture)
 from tests.test_study_lock import HOLDER
@@ -28,14 +28,14 @@ def _finals(study_dir):
 
 
 def test_non_finite_loss_fails_that_arm_only_and_keeps_its_last_good_checkpoint(ckpt, tmp_path, monkeypatch, capsys):
-    real, calls = ActivationCache.train_rows, []
+    real, calls = TopKSAE.loss, []
 
-    def poisoned(self, indices):  # call 1 initialises b_dec, call s + 1 is step s: step 8 gets inf
+    def poisoned(self, *args, **kw):  # the topk arm's loss at step 8 is inf; relu's is untouched
         calls.append(1)
-        rows = real(self, indices)
-        return rows * float("inf") if len(calls) == 9 else rows
+        out = real(self, *args, **kw)
+        return {**out, "loss": out["loss"] * float("inf")} if len(calls) == 8 else out
 
-    monkeypatch.setattr(ActivationCache, "train_rows", poisoned)
+    monkeypatch.setattr(TopKSAE, "loss", poisoned)
     args = [*TWO_ARMS, *_every_5(tmp_path), "--checkpoint-dir", str(ckpt), "--study-id", "nan"]
     assert main(args) == 1  # the exit code says something failed
     err = capsys.readouterr().err
@@ -50,7 +50,7 @@ def test_non_finite_loss_fails_that_arm_only_and_keeps_its_last_good_checkpoint(
     assert all(torch.isfinite(t).all() for t in kept.tensors.values() if t.is_floating_point())
 
     # with the cause gone, --resume retrains the failed arm from that checkpoint, as if nothing happened
-    monkeypatch.setattr(ActivationCache, "train_rows", real)
+    monkeypatch.setattr(TopKSAE, "loss", real)
     assert main([*args, "--resume"]) == 0
     assert main([*args[:-1], "ref"]) == 0
     assert _finals(ckpt / "nan") == _finals(ckpt / "ref")
@@ -59,9 +59,9 @@ def test_non_finite_loss_fails_that_arm_only_and_keeps_its_last_good_checkpoint(
 def test_full_disk_stops_in_one_line_and_resume_loses_nothing(ckpt, tmp_path, monkeypatch, capsys):
     real, writes = checkpointing._fsync_write, []
 
-    def full(path, write):  # a checkpoint is 4 writes: the second one (step 10) finds the disk full
-        writes.append(path)
-        if len(writes) == 6:
+    def full(path, write):  # a checkpoint is 4 writes, the arms (in lockstep) write theirs in turn:
+        writes.append(path)  # step 5 topk, step 5 relu, then the 2nd write of topk's step 10 finds the disk full
+        if len(writes) == 10:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
         return real(path, write)
 
@@ -73,7 +73,7 @@ def test_full_disk_stops_in_one_line_and_resume_loses_nothing(ckpt, tmp_path, mo
     assert err.startswith("error: no space left on device writing ") and "step-00000010" in err
     assert err.endswith("--study-id full --resume")
     study = json.loads((ckpt / "full" / "study.json").read_text())
-    assert [a["status"] for a in study["arms"]] == ["running", "pending"]  # the next arm was not tried
+    assert [a["status"] for a in study["arms"]] == ["running", "running"]  # both stopped where they were
     assert not (ckpt / "full" / ".lock").exists()
 
     monkeypatch.setattr(checkpointing, "_fsync_write", real)  # space freed

@@ -68,13 +68,15 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
         p.relative_to(study_dir / "report-old") for p in (study_dir / "report-old").rglob("*.png"))
 
 
-# Where the chained run below is killed, in order, and what it leaves for the next --resume.
+# Where the chained run below is killed, in order, and what it leaves for the next --resume. The two
+# arms train in lockstep, so a resume can find them at different steps (the damaged checkpoint).
 KILLS = [
     ("cache-chunk:1", "harvest: chunk 1 of 2 written, not yet recorded"),
-    ("step:25", "arm 1 mid-training, after its checkpoints at steps 10 and 20"),
-    ("checkpoint-write@2", "arm 1 inside its second checkpoint write (step 30), after resuming from step 10"),
-    ("arm-done:1", "between arms: arm 1 recorded complete"),
-    ("wandb-log@4", "arm 2 right after its 4th W&B log call (step 20), before that step's checkpoint"),
+    ("step:25", "mid-training, after both arms' checkpoints at steps 10 and 20"),
+    ("checkpoint-write@2", "topk, resumed from step 10 (its step 20 was damaged), caught up alone and writing "
+                           "step 30, the process's second checkpoint, with relu resumed from step 20"),
+    ("arm-done:1", "arm 1 recorded complete, arm 2 past its last step but not yet recorded"),
+    ("wandb-log@4", "arm 2, resumed at its last step, replaying its logged history to W&B (4th log call)"),
     ("report-figure", "the report half written: its first figure saved"),
     ("summary-run", "the first study's W&B summary run logged, summary.json not yet written"),
 ]

@@ -73,7 +73,14 @@ class WandbSink:
         self._run: wandb.Run | None = None
         self._run_dir: Path | None = None
         self._failed = False  # a wandb call of the current run raised: make no more calls for it
-        self._online_failed = False  # later arms in this process then go straight to offline
+        self._online = {"failed": False}  # shared with for_another_run: later runs then go straight to offline
+
+    def for_another_run(self) -> "WandbSink":
+        """A sink for one more run, open at the same time as this one's (arms training in lockstep);
+        it shares what this one learned about reaching W&B online."""
+        other = WandbSink(self.project, self.mode, self.root_dir)
+        other._online = self._online
+        return other
 
     @property
     def run_dir(self) -> Path | None:
@@ -94,7 +101,7 @@ class WandbSink:
             resume=resume,
             mode=mode,
             dir=str(self.root_dir) if self.root_dir is not None else None,
-            reinit="finish_previous",  # arms run one after another in one process
+            reinit="create_new",  # arms in lockstep each have a run open at the same time
             settings=wandb.Settings(
                 silent=mode == "offline",  # our one-line sync hint replaces wandb's banner and its hint at finish
                 init_timeout=ONLINE_INIT_TIMEOUT_S,
@@ -114,7 +121,7 @@ class WandbSink:
         self._run, self._run_dir, self._failed = None, None, False
         if mode == "disabled":
             return None
-        if mode == "online" and self._online_failed:  # don't wait out the init timeout again for every arm
+        if mode == "online" and self._online["failed"]:  # don't wait out the init timeout again for every arm
             mode, why_offline = "offline", "online init failed earlier in this process"
         # The id is fixed up front so an offline fallback keeps the id the trainer checkpoints.
         args = dict(run_id=run_id or _new_run_id(), resume="allow" if run_id else None,
@@ -125,7 +132,7 @@ class WandbSink:
             if mode == "offline":
                 self._fail("init", exc)
                 return args["run_id"]
-            self._online_failed, why_offline = True, f"online init failed: {_one_line(exc)}"
+            self._online["failed"], why_offline = True, f"online init failed: {_one_line(exc)}"
             try:
                 wandb.teardown()  # the failed online run still holds its id in wandb's service process
                 run = self._init("offline", **args)
