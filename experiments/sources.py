@@ -6,6 +6,7 @@ use) via `boot_native`, anything else via `boot_transformers`.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import socket
@@ -155,13 +156,50 @@ def token_sequences(model: SubjectModel, data: DataConfig, seed: int) -> torch.T
 
 
 def harvester(model: SubjectModel, hook_name: str, device: str):
-    """tokens [B, T] -> activations [B, T, d_in] at `hook_name`, stopping after its block."""
+    """tokens [B, T] -> activations [B, T, d_in] at `hook_name`, on the CPU.
+
+    Gives exactly what `bridge.run_with_cache(tokens, names_filter=[hook_name], stop_at_layer=...)[hook_name]`
+    gives (tests/test_harvest.py checks it is bit-identical), without run_with_cache's per-call
+    bookkeeping (alias maps, filter sweeps over every hook point, signature inspection, the cache
+    object): one plain forward with a single hook on the hook point, which keeps the activation
+    and ends the forward there, so nothing after the hook runs (the rest of the block, and for the
+    last layer's hooks the final norm and unembedding). The forward's arguments are the ones
+    run_with_cache passes (`output_attentions` where it would), so Hugging Face models compute the
+    same activations too."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    bridge = model.bridge
     layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else None
     stop = layer + 1 if layer is not None and layer + 1 < model.n_layers else None
+    hook_point = bridge.hook_dict[hook_name]
+    bridge._check_hook_fireable(hook_name, hook_point.name or hook_name)
+    gated = bridge._gated_hook_reason(hook_point.name or hook_name)
+    if gated is not None:
+        raise UsageError(f"hook point {hook_name!r} is switched off in {model.name} (TransformerLens {gated})")
+    kwargs = {"stop_at_layer": stop} if stop is not None else {}
+    if bridge.adapter.supports_hf_output_attentions:  # as run_with_cache does: it decides the attention kernel
+        underlying = getattr(bridge._driver, "underlying_model", None)
+        params = inspect.signature(underlying.forward).parameters if underlying is not None else None
+        if params is None or "output_attentions" in params or any(
+                p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            kwargs["output_attentions"] = True
+    captured: list[torch.Tensor] = []
+
+    def capture(tensor, *, hook):
+        captured.append((tensor[0] if isinstance(tensor, tuple) else tensor).detach())
+        raise StopAtLayerException(tensor)  # the bridge's own early exit: its forward returns here
 
     def run(tokens: torch.Tensor) -> torch.Tensor:
-        _, cache = model.bridge.run_with_cache(tokens.to(device), names_filter=[hook_name], stop_at_layer=stop)
-        return cache[hook_name].cpu()
+        captured.clear()
+        handle = hook_point.add_hook(capture)
+        try:
+            bridge.forward(tokens.to(device), **kwargs)  # as run_with_cache calls it
+        finally:
+            handle.hook.remove()
+            hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]
+        if not captured:
+            raise RuntimeError(f"hook point {hook_name!r} did not fire in {model.name}'s forward")
+        return captured.pop().cpu()
 
     return run
 
@@ -194,8 +232,9 @@ class HarvestWriter:
         per = self.per_seq
         for b in range(start, stop, self.batch_size):
             e = min(b + self.batch_size, stop)
-            out = self.harvest(self.sequences[b:e])[:, 1:, :]  # drop the BOS position
-            acts[b * per:e * per] = out.reshape(-1, self.d_in).float().numpy()
+            out = self.harvest(self.sequences[b:e])[:, 1:, :].float()  # drop the BOS position
+            # One strided copy straight into the memmap's rows (a view of them as [B, T - 1, d_in]).
+            np.copyto(acts[b * per:e * per].reshape(e - b, per, self.d_in), out.numpy())
 
     def finish(self, path: Path) -> list[str]:
         return ["tokens.npy"]

@@ -87,10 +87,10 @@ def test_sparse_step_equals_dense_step(arch, with_dead):
 
 @pytest.mark.parametrize("arch", ["topk", "batchtopk"])
 def test_sparse_and_dense_training_stay_together(arch):
-    """60 Adam steps on each path end at the same weights and loss, to float rounding."""
+    """40 Adam steps on each path end at the same weights and loss, to float rounding."""
     g = torch.Generator().manual_seed(3)
     true_dirs = torch.randn(40, 16, generator=g)
-    data = [(torch.rand(64, 40, generator=g) * (torch.rand(64, 40, generator=g) < 0.1)) @ true_dirs for _ in range(60)]
+    data = [(torch.rand(64, 40, generator=g) * (torch.rand(64, 40, generator=g) < 0.1)) @ true_dirs for _ in range(40)]
     final = []
     for sae in both_paths(arch):
         opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
