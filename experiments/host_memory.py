@@ -10,7 +10,6 @@ as with PyTorch's caching allocator on GPUs.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _LIMIT = 2**31 - 1  # the largest value mallopt accepts (an int)
@@ -18,10 +17,8 @@ _LIMIT = 2**31 - 1  # the largest value mallopt accepts (an int)
 
 def retain_freed_memory() -> bool:
     """Apply the setting to this process; False where the C library is not glibc."""
-    name = ctypes.util.find_library("c")
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the symbols already loaded in this process, libc's included
     except (OSError, AttributeError, TypeError):
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, _LIMIT)) and bool(mallopt(_M_TRIM_THRESHOLD, _LIMIT))
