@@ -2,7 +2,9 @@
 
 The default tinylm takes 2.5-3 minutes to train on 2 cores. So that the session does not wait for
 it, it trains in a background process started once the tests are collected, and the tests that do
-not need it run first (ordered below); the first test that needs it waits for the process.
+not need it run first (ordered below); the first test that needs it waits for the process. The
+process runs at the lowest CPU priority: it soaks up what those mostly single-threaded tests
+leave idle instead of slowing them down. It sets up its memory as run_experiments.py does.
 """
 import os
 import shutil
@@ -17,7 +19,8 @@ from models.tinylm import TinyLM, load_or_train_tinylm
 
 ROOT = Path(__file__).resolve().parents[1]
 NEEDS_MODEL = "tinylm_models_dir"
-_TRAIN = "import sys, pathlib; from models.tinylm import load_or_train_tinylm; " \
+_TRAIN = "import os, sys, pathlib; os.nice(19); from experiments.host_memory import retain_freed_memory; " \
+         "retain_freed_memory(); from models.tinylm import load_or_train_tinylm; " \
          "load_or_train_tinylm(pathlib.Path(sys.argv[1]), progress=False)"
 _background: dict = {}
 
