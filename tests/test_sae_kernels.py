@@ -113,3 +113,17 @@ def test_sparse_and_dense_training_stay_together(arch):
 def test_auto_path_is_sparse_only_when_k_is_small():
     assert build_sae(SAEConfig("topk", 8, 256, k=32)).sparse_step
     assert not build_sae(SAEConfig("topk", 8, 128, k=32)).sparse_step
+
+
+def test_eval_mode_loss_uses_the_inference_selection():
+    """In eval mode BatchTopK selects by its threshold, so the sparse path (a batch top-k that also
+    updates the threshold) must not be taken."""
+    dense, sparse = both_paths("batchtopk")
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(4))
+    for sae in (dense, sparse):
+        sae.loss(x)  # a training batch sets the threshold
+        sae.eval()
+    before = sparse.threshold.clone()
+    a, b = dense.loss(x), sparse.loss(x)
+    assert torch.equal(sparse.threshold, before)
+    assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["firing_counts"], b["firing_counts"])

@@ -43,7 +43,7 @@ class TopKSAE(SAE):
         return SparseActs.from_topk(pre.topk(self.cfg.k, dim=-1, sorted=False).indices)
 
     def loss(self, x: Tensor, step: int = 0, dead_mask: Tensor | None = None) -> dict[str, Tensor]:
-        if not self.sparse_step:
+        if not (self.sparse_step and self.training):  # in eval mode BatchTopK selects by its threshold
             return super().loss(x, step, dead_mask)
         x = x.reshape(-1, x.shape[-1])
         with torch.no_grad():
