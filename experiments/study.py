@@ -339,8 +339,8 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
 
     def on_error(arm_id: str, trainer: Trainer, err: Exception) -> None:
         nonlocal failed
-        if isinstance(err, (StopRequested, UsageError)) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE):
-            raise err  # a stop, a usage error or a full disk ends the study (resumable), not just this arm
+        if isinstance(err, UsageError) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE):
+            raise err  # a usage error or a full disk ends the study (resumable), not just this arm
         # One arm failing must not take the others down.
         name = planned[index_of[arm_id]].arm.name
         reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

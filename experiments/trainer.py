@@ -172,6 +172,7 @@ class Trainer:
         self.step = 0
         self.wandb_run_id: str | None = None
         self.last_eval: dict[str, float] = {}
+        self.seconds = 0.0  # spent on this arm (begin, advance, finish): arms in lockstep interleave
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -308,7 +309,7 @@ class Trainer:
         with phase("logging"):
             self.wandb_run_id = self.sinks.start(self.wandb_run_id, resumed_at=self.step if restored else None)
         self._eval_at = set(self.eval_steps)
-        self.seconds = time.perf_counter() - start
+        self.seconds += time.perf_counter() - start
 
     @property
     def done(self) -> bool:
@@ -353,7 +354,7 @@ class Trainer:
 
 def lockstep_key(trainer: Trainer) -> tuple:
     """Arms with equal keys read the same batch at every step (see Trainer.batch_indices)."""
-    return id(trainer.cache), trainer.cache.n_train_rows, trainer.cfg.batch_size, trainer.cfg.seed, trainer.scale
+    return id(trainer.cache), trainer.cfg.batch_size, trainer.cfg.seed, trainer.scale
 
 
 def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, desc: str,

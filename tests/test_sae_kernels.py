@@ -32,7 +32,9 @@ def test_sparse_acts_layouts_by_hand():
     acts = SparseActs.from_flat(torch.tensor([1, 8, 11, 3]), n_rows=3, width=4)
     assert acts.cols.tolist() == [1, 3, 0, 3] and acts.rows.tolist() == [0, 0, 2, 2] and acts.offsets.tolist() == [0, 2, 2]
     values = torch.tensor([1.0, 0.0, 2.0, 3.0])
-    assert acts.to_dense(values, 4).tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [2, 0, 0, 3]]
+    dense = torch.zeros(3, 4)
+    dense[acts.rows, acts.cols] = values
+    assert dense.tolist() == [[0, 1, 0, 0], [0, 0, 0, 0], [2, 0, 0, 3]]
     assert acts.firing_counts(values, 4).tolist() == [1, 1, 0, 1]  # the 0.0 value is kept but did not fire
     W = torch.arange(8.0).reshape(4, 2)  # decoder rows [0,1], [2,3], [4,5], [6,7]
     assert sparse_decode(acts, values, W).tolist() == [[2, 3], [0, 0], [18, 23]]

@@ -63,14 +63,13 @@ class SparseActs:
     cols: Tensor  # [nnz] long
     offsets: Tensor  # [B] long
     rows: Tensor  # [nnz] long: the row of each entry
-    n_rows: int
 
     @classmethod
     def from_topk(cls, idx: Tensor) -> SparseActs:
         """Per-row selections idx [B, k]."""
         B, k = idx.shape
         rows = torch.arange(B, device=idx.device)
-        return cls(idx.reshape(-1), rows * k, rows.repeat_interleave(k), B)
+        return cls(idx.reshape(-1), rows * k, rows.repeat_interleave(k))
 
     @classmethod
     def from_flat(cls, flat_idx: Tensor, n_rows: int, width: int) -> SparseActs:
@@ -79,7 +78,7 @@ class SparseActs:
         rows = flat_idx // width
         counts = torch.bincount(rows, minlength=n_rows)
         offsets = torch.cumsum(counts, 0) - counts
-        return cls(flat_idx % width, offsets, rows, n_rows)
+        return cls(flat_idx % width, offsets, rows)
 
     def gather(self, pre: Tensor) -> Tensor:
         return pre[self.rows, self.cols]
@@ -87,11 +86,6 @@ class SparseActs:
     def firing_counts(self, values: Tensor, d_sae: int) -> Tensor:
         """How many rows each latent fired on (value > 0), as int64 [d_sae]."""
         return torch.bincount(self.cols[values > 0], minlength=d_sae)
-
-    def to_dense(self, values: Tensor, d_sae: int) -> Tensor:
-        out = values.new_zeros(self.n_rows, d_sae)
-        out[self.rows, self.cols] = values
-        return out
 
 
 def _scatter_rows(acts: SparseActs, weights: Tensor, rows_in: Tensor, n_latents: int) -> Tensor:
