@@ -202,6 +202,46 @@ def test_online_init_failure_falls_back_to_offline(wandb_env: Path, monkeypatch:
     assert hints[1].startswith("W&B logging offline (online init failed earlier in this process); ")
 
 
+def test_online_fallback_leaves_other_open_runs_logging(wandb_env: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capfd: pytest.CaptureFixture[str]) -> None:
+    """Arms in lockstep: when a later arm's online init fails while an earlier arm's run is open,
+    the fallback must not tear down W&B's service (that ends the open run: its later logs fail).
+    The fake init behaves as wandb does after a real failed online init (seen with an unreachable
+    server): the failed id stays "in use" until wandb.teardown()."""
+    real_init, real_teardown = wandb_sink.wandb.init, wandb_sink.wandb.teardown
+    held: set[str] = set()
+
+    def init_without_network(**kwargs: object) -> object:
+        if kwargs["mode"] == "online":
+            held.add(kwargs["id"])
+            raise ConnectionError("no route to host")
+        if kwargs["id"] in held:
+            raise RuntimeError(f"run ID {kwargs['id']} is in use")
+        return real_init(**kwargs)
+
+    def teardown() -> None:
+        held.clear()
+        real_teardown()
+
+    first = WandbSink(project="sae-test", mode="offline", root_dir=wandb_env)
+    first.start(name="a", group="g", job_type="activations", config={})
+    first.log(1, 10, {"train/loss": 1.0})
+    monkeypatch.setattr(wandb_sink.wandb, "init", init_without_network)
+    monkeypatch.setattr(wandb_sink.wandb, "teardown", teardown)
+    second = WandbSink(project="sae-test", mode="online", root_dir=wandb_env)
+    second_id = second.start(name="b", group="g", job_type="activations", config={}, run_id="resumed01")
+    second.log(1, 10, {"train/loss": 3.0})
+    first.log(2, 20, {"train/loss": 2.0})
+    first.finish({})
+    second.finish({})
+
+    err = capfd.readouterr().err
+    assert "failed" not in err.replace("online init failed", "")  # no W&B call of either run failed
+    assert read_offline_run(first.run_dir).values("train/loss") == [1.0, 2.0]
+    assert second_id != "resumed01" and second.run_dir.name.endswith(second_id)  # the trainer checkpoints the new id
+    assert read_offline_run(second.run_dir).values("train/loss") == [3.0]
+    assert f"online init failed: ConnectionError: no route to host; as run {second_id}, since W&B still holds resumed01" in err
+
 def test_mode_from_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_BASE_URL"):

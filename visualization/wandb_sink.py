@@ -59,6 +59,10 @@ def _cell(value):
     return value if value is None or isinstance(value, (int, float, str)) else str(value)
 
 
+# Runs this process has open (arms in lockstep each hold one). wandb.teardown() would end them all.
+_open_runs: set[str] = set()
+
+
 def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".replace("\n", " ")
 
@@ -123,7 +127,7 @@ class WandbSink:
             return None
         if mode == "online" and self._online["failed"]:  # don't wait out the init timeout again for every arm
             mode, why_offline = "offline", "online init failed earlier in this process"
-        # The id is fixed up front so an offline fallback keeps the id the trainer checkpoints.
+        # The id is fixed up front so an offline fallback keeps the id the trainer checkpoints (but see below).
         args = dict(run_id=run_id or _new_run_id(), resume="allow" if run_id else None,
                     name=name, group=group, job_type=job_type, config=config)
         try:
@@ -133,13 +137,21 @@ class WandbSink:
                 self._fail("init", exc)
                 return args["run_id"]
             self._online["failed"], why_offline = True, f"online init failed: {_one_line(exc)}"
+            # The failed online run still holds its id in wandb's service process. Tearing the
+            # service down frees it, but would also end the runs other arms have open; then this
+            # run takes a fresh id instead (returned, so the trainer checkpoints that one).
             try:
-                wandb.teardown()  # the failed online run still holds its id in wandb's service process
+                if _open_runs:
+                    held, args["run_id"] = args["run_id"], _new_run_id()
+                    why_offline += f"; as run {args['run_id']}, since W&B still holds {held}"
+                else:
+                    wandb.teardown()
                 run = self._init("offline", **args)
             except Exception as exc:
                 self._fail("offline init", exc)
                 return args["run_id"]
         self._run = run
+        _open_runs.add(run.id)
         try:
             self._run_dir = Path(run.settings.sync_dir)
             run.define_metric("tokens")
@@ -220,6 +232,7 @@ class WandbSink:
         run, self._run = self._run, None
         if run is None:
             return
+        _open_runs.discard(run.id)
         try:
             if not self._failed:
                 run.summary.update(summary)
