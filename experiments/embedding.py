@@ -31,6 +31,7 @@ them in well under a second. Same machine code, same layouts.
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import numpy as np
@@ -110,8 +111,6 @@ def _import_umap():
     umap declares them at import time through `numba.njit` / `numba.jit`, so those two are wrapped
     for the duration of the import only. Importing umap-learn (numba, pynndescent) takes seconds,
     hence lazily."""
-    import sys
-
     if "umap" in sys.modules:
         return sys.modules["umap"]
     import numba

@@ -242,6 +242,7 @@ def test_online_fallback_leaves_other_open_runs_logging(wandb_env: Path, monkeyp
     assert read_offline_run(second.run_dir).values("train/loss") == [3.0]
     assert f"online init failed: ConnectionError: no route to host; as run {second_id}, since W&B still holds resumed01" in err
 
+
 def test_mode_from_credentials(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path))
     for var in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "NETRC", "WANDB_BASE_URL"):
