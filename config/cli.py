@@ -79,7 +79,6 @@ def _float_type(accept, requirement: str):
 
 _positive_float = _float_type(lambda v: 0 < v < float("inf"), "a positive number")
 _nonnegative_float = _float_type(lambda v: 0 <= v < float("inf"), "a non-negative number")
-_fraction = _float_type(lambda v: 0 <= v < 1, "in [0, 1)")
 _unit_interval = _float_type(lambda v: 0 < v <= 1, "in (0, 1]")
 
 
@@ -181,26 +180,33 @@ def build_parser() -> argparse.ArgumentParser:
     coef = {arch: ARCHITECTURE_DEFAULTS[arch]["sparsity_coef"] for arch in ("relu", "gated", "jumprelu")}
     sae.add_argument("--l1-coefficient", type=_nonnegative_float, help=f"L1 penalty weight for relu and gated, "
                      f"warmed up over the first 5%% of steps (default: relu {coef['relu']:g}, gated {coef['gated']:g})")
-    sae.add_argument("--l0-coefficient", type=_nonnegative_float, help=f"L0 penalty weight for jumprelu, warmed up "
-                     f"over the first 5%% of steps (default: {coef['jumprelu']:g})")
-    sae.add_argument("--target-l0", type=_positive_float, help="jumprelu: penalise (L0/target - 1)^2 instead of "
-                     "L0, steering the arm to this L0 (default: off)")
+    sae.add_argument("--l0-coefficient", type=_nonnegative_float, help=f"L0 penalty weight for jumprelu (of the "
+                     f"target penalty while --target-l0 is set), warmed up over the first 5%% of steps (default: "
+                     f"{coef['jumprelu']:g}; --source synthetic: 0.1)")
+    sae.add_argument("--target-l0", type=_nonnegative_float, help=f"jumprelu: penalise (L0/target - 1)^2 instead of "
+                     f"L0, steering the arm to this L0; 0 for the plain L0 penalty (default: "
+                     f"{ARCHITECTURE_DEFAULTS['jumprelu']['target_l0']:g}; --source synthetic: 0)")
     sae.add_argument("--dead-handling", choices=sorted({m for ms in DEAD_HANDLING.values() for m in ms}),
-                     help="what to do about dead latents: auxk = auxiliary TopK loss on dead latents (Gao et al. "
-                     "2024; topk, batchtopk), resample = re-initialise them from badly reconstructed inputs at the "
-                     "end of each dead window (Anthropic 2023; any architecture), none (default: auxk for the TopK "
-                     "family, resample for the others)")
+                     help="what to do about dead latents (no firing in --dead-window tokens): auxk = auxiliary TopK "
+                     "loss that trains dead latents on the residual (Gao et al. 2024; TopK family), resample = "
+                     "re-initialise them from badly reconstructed inputs each time another dead window has passed "
+                     "(Anthropic 2023; any architecture), none (default: auxk for the TopK family; none for relu, "
+                     "jumprelu and gated, as SAELens and dictionary_learning train them)")
     dead = sae.add_mutually_exclusive_group()
     dead.add_argument("--dead-resample", dest="dead_resample", action="store_true", default=None,
-                      help="revive dead latents during training, with the architecture's default method "
-                      "(see --dead-handling) (default: on)")
+                      help="revive dead latents during training: AuxK for the TopK family, resampling for the "
+                      "others (default: on for the TopK family, off for the others)")
     dead.add_argument("--no-dead-resample", dest="dead_resample", action="store_false",
-                      help="leave dead latents alone, same as --dead-handling none (default: off)")
-    sae.add_argument("--dead-threshold", type=_fraction, help=f"firing frequency within the dead window "
-                     f"below which a latent counts as dead (default: {t.dead_threshold})")
-    sae.add_argument("--dead-window", type=_positive_int, help=f"training tokens over which firing frequency is "
-                     f"counted to decide which latents are dead (default: {t.dead_window:,}; --quick: "
+                      help="leave dead latents alone, same as --dead-handling none (default: see --dead-resample)")
+    sae.add_argument("--dead-window", type=_positive_int, help=f"a latent that has not fired in this many training "
+                     f"tokens counts as dead (for AuxK and resampling, which revives the dead latents each time "
+                     f"another window has passed) (default: {t.dead_window:,}; --quick: "
                      f"{QUICK_DEFAULTS['dead_window']:,})")
+    sae.add_argument("--matryoshka-levels", type=_positive_int, help=f"matryoshka: nested prefixes of the dictionary "
+                     f"that must each reconstruct the input, of d_sae / 2^(levels-1), ..., d_sae / 2, d_sae latents "
+                     f"(default: {s.matryoshka_levels})")
+    sae.add_argument("--aux-k", type=_positive_int, help="AuxK (topk, batchtopk): dead latents per token that learn "
+                     "to reconstruct the residual (default: d_in / 2, as Gao et al. 2024)")
 
     probes = p.add_argument_group("probes (emergence and frequency studies)")
     probes.add_argument("--concepts", type=_text, metavar="FILE", help="YAML of concept word lists "
@@ -239,8 +245,9 @@ TRANSFORMER_FLAGS = ("model_name", "layer", "hook", "hook_point", "n_samples", "
 DATA_FLAGS = (*TRANSFORMER_FLAGS, "source", "normalize")
 SYNTHETIC_FLAGS = {"n_features": "n_features", "d_in": "d_in", "n_tokens": "n_tokens", "mean_l0": "mean_l0",
                    "feature_frequency": "frequency", "noise_std": "noise_std"}
-TRAIN_FLAGS = ("lr", "batch_size", "epochs", "steps", "seed", "dead_window", "dead_threshold", "device")
-SAE_FLAGS = ("expansion_factor", "hidden_dim", "k", "l1_coefficient", "l0_coefficient", "target_l0")
+TRAIN_FLAGS = ("lr", "batch_size", "epochs", "steps", "seed", "dead_window", "device")
+SAE_FLAGS = ("expansion_factor", "hidden_dim", "k", "aux_k", "matryoshka_levels", "l1_coefficient", "l0_coefficient",
+             "target_l0")
 PROBE_FLAGS = ("concepts", "probe_k", "f1_threshold", "cos_threshold")
 
 
@@ -267,13 +274,15 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     studies = parse_studies(a.study or config.get("study") or "all", "--study" if a.study else "study")
 
     flag_sae = _given(a, SAE_FLAGS)
+    if flag_sae.get("target_l0") == 0:
+        flag_sae["target_l0"] = None  # the plain L0 penalty
     if a.dead_handling is not None:
         if a.dead_resample is not None and (a.dead_handling == "none") == a.dead_resample:
             flag = "--dead-resample" if a.dead_resample else "--no-dead-resample"
             raise UsageError(f"{flag} contradicts --dead-handling {a.dead_handling}")
         flag_sae["dead_handling"] = a.dead_handling
     elif a.dead_resample is not None:
-        flag_sae["dead_handling"] = "default" if a.dead_resample else "none"
+        flag_sae["dead_handling"] = "revive" if a.dead_resample else "none"
     flags = {"sae": flag_sae, "train": _given(a, TRAIN_FLAGS),
              "architectures": parse_architectures(a.activation, "--activation") if a.activation else None,
              "sparsity_sweep": a.sparsity_sweep}

@@ -42,7 +42,7 @@ RUN_WIDE_TRAIN = ("seed", "device", "ce_eval_sequences")
 NON_NEGATIVE = {"layer", "warmup_steps", "umap_evals", "n_groups", "n_parents"}
 POSITIVE = {"lr", "target_l0", "bandwidth", "init_threshold", "sparsity_sweep", "ultra_low_density", "dense_threshold",
             "f1_threshold", "cos_threshold", "mean_l0", "magnitude_mean", "child_probability"}
-FRACTIONS = {"dead_threshold", "decay_fraction", "eval_fraction", "sparsity_warmup_fraction", "group_correlation"}
+FRACTIONS = {"decay_fraction", "eval_fraction", "sparsity_warmup_fraction", "group_correlation"}
 AT_MOST_ONE = {"f1_threshold", "cos_threshold", "child_probability"}
 CHOICES = {"source": SOURCES, "frequency": FREQUENCY_LAWS, "magnitude": MAGNITUDE_LAWS, "wandb_mode": WANDB_MODES}
 
@@ -98,7 +98,7 @@ def _kind(cls, name: str) -> str:
 # User-facing SAE settings and their kinds.
 SAE_KINDS = {"expansion_factor": "int", "hidden_dim": "int?", "k": "int", "l1_coefficient": "float",
              "l0_coefficient": "float", "target_l0": "float?", "dead_handling": "str", "aux_coef": "float",
-             "bandwidth": "float", "init_threshold": "float"}
+             "aux_k": "int?", "bandwidth": "float", "init_threshold": "float", "matryoshka_levels": "int"}
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -295,8 +295,8 @@ def _arm_sae(architecture: str, layers: list[dict], mode: str | None, multiplier
 def _modes(architecture: str, user_mode: str | None, preset_modes: list[str] | None, where: str) -> list[str | None]:
     allowed = DEAD_HANDLING[architecture]
     if user_mode is not None:
-        if user_mode == "default":
-            return [None]
+        if user_mode == "revive":  # --dead-resample: the architecture's own way of reviving latents
+            return [allowed[0]]
         if user_mode not in allowed:
             raise UsageError(f"{where} {user_mode} does not apply to {architecture}; it takes {', '.join(allowed)}")
         return [user_mode]

@@ -18,6 +18,10 @@ class EvalAccumulator:
     FVU uses the mean over the whole eval set, obtained in one pass from
     sum ||x - mean||^2 = sum ||x||^2 - ||sum x||^2 / N (fine in float64 unless the mean norm
     dwarfs the spread by ~1e7 or more).
+
+    cos (x, x_hat) and l2_ratio ||x_hat|| / ||x|| are undefined where x = 0, so they are means over
+    the non-zero rows only (a toy's all-zero rows, where no true feature fires, would otherwise put
+    ||x_hat|| / 1e-12 into the mean).
     """
 
     def __init__(self, d_sae: int) -> None:
@@ -43,6 +47,7 @@ class EvalAccumulator:
             self._act_sum = torch.zeros(self.d_sae, dtype=torch.float64, device=f.device)
         x_norm = x.norm(dim=-1)
         x_hat_norm = x_hat.norm(dim=-1)
+        nonzero = x_norm > 0
         # Per-latent sums over the batch in float32 (0/1 counts are exact below 2**24 rows, a batch is far
         # smaller), accumulated in float64: converting [B, d_sae] to float64 first costs more than the SAE.
         fired = (f > 0).float()
@@ -53,9 +58,10 @@ class EvalAccumulator:
             "x_sq": x.pow(2).sum(),
             "l0": counts.double().sum(),
             "l1": f.abs().sum(dtype=torch.float64),
-            # Clamps make a zero vector give cos 0 rather than NaN.
-            "cos": ((x * x_hat).sum(-1) / (x_norm * x_hat_norm).clamp_min(_EPS)).sum(),
-            "l2_ratio": (x_hat_norm / x_norm.clamp_min(_EPS)).sum(),
+            # Over non-zero rows; the clamp makes a zero x_hat give cos 0 rather than NaN.
+            "cos": ((x * x_hat).sum(-1)[nonzero] / (x_norm * x_hat_norm)[nonzero].clamp_min(_EPS)).sum(),
+            "l2_ratio": (x_hat_norm[nonzero] / x_norm[nonzero]).sum(),
+            "nonzero_rows": nonzero.sum(dtype=torch.float64),
         }
         for k, v in batch.items():
             self._sums[k] = self._sums[k] + v if k in self._sums else v
@@ -69,15 +75,15 @@ class EvalAccumulator:
             raise ValueError("EvalAccumulator.result() called before any update()")
         n, s = self.n_tokens, {k: v.item() for k, v in self._sums.items()}
         total_var = s["x_sq"] - self._sum_x.pow(2).sum().item() / n
-        fvu = s["sq_err"] / total_var
+        fvu = s["sq_err"] / total_var if total_var > 0 else float("nan")  # constant inputs: nothing to explain
         return {
             "mse": s["sq_err"] / (n * self.d_in),
             "fvu": fvu,
             "explained_variance": 1 - fvu,
             "l0": s["l0"] / n,
             "l1": s["l1"] / n,
-            "cos": s["cos"] / n,
-            "l2_ratio": s["l2_ratio"] / n,
+            "cos": s["cos"] / s["nonzero_rows"] if s["nonzero_rows"] else float("nan"),
+            "l2_ratio": s["l2_ratio"] / s["nonzero_rows"] if s["nonzero_rows"] else float("nan"),
             "n_tokens": float(n),
         }
 

@@ -18,6 +18,11 @@ Shapes: W_dec [d_sae, d_in] (decoder rows, one per latent), true_dict [n_feature
 - recovery_metrics: firing_precision / firing_recall are nanmeans over true features that are
   recovered (best_cos >= threshold) and matched. The firing pair is the matched latent, which is
   not necessarily the best latent.
+- recovery_breakdown: frac_recovered within each quarter of the true features by firing
+  probability (frac_recovered_q1 the most frequent quarter, q4 the rarest; quarters by rank, ties
+  broken by index, sizes differing by at most one) and within each role of a structured toy
+  (frac_recovered_parent, _child, _group, _independent; only for roles that occur, and only when
+  more than one does).
 """
 
 from __future__ import annotations
@@ -205,4 +210,22 @@ def recovery_metrics(recovery: Recovery, firing: FiringMatch | None = None) -> d
         keep = recovery.recovered & (recovery.matched_latent >= 0)
         out["firing_precision"] = _nanmean(firing.precision()[keep])
         out["firing_recall"] = _nanmean(firing.recall()[keep])
+    return out
+
+
+QUARTERS = 4
+
+
+def recovery_breakdown(recovery: Recovery, probability: np.ndarray, roles: list[str]) -> dict[str, float]:
+    """frac_recovered by frequency quarter and by role (see the module docstring)."""
+    recovered = recovery.recovered
+    if len(probability) != len(recovered) or len(roles) != len(recovered):
+        raise ValueError(f"{len(recovered)} features, but {len(probability)} probabilities and {len(roles)} roles")
+    order = np.argsort(-np.asarray(probability, dtype=np.float64), kind="stable")  # most frequent first
+    out = {f"frac_recovered_q{i + 1}": float(recovered[part].mean())
+           for i, part in enumerate(np.array_split(order, QUARTERS)) if part.size}
+    kinds = sorted(set(roles))
+    if len(kinds) > 1:
+        role_of = np.asarray(roles)
+        out.update({f"frac_recovered_{kind}": float(recovered[role_of == kind].mean()) for kind in kinds})
     return out

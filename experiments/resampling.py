@@ -3,13 +3,16 @@
 Dead latents are pointed at inputs the SAE reconstructs badly: inputs are drawn with probability
 proportional to their squared reconstruction loss, each dead latent's decoder row becomes the
 (centred, unit) input direction and its encoder column the same direction scaled to 0.2 x the
-mean encoder norm of the alive latents; its encoder bias and any per-latent parameters of the
-architecture are reset, and so is their Adam state, so stale moments do not push them back.
+mean encoder norm of the alive latents (Anthropic's and dictionary_learning's value, for every
+architecture); its encoder bias and any per-latent parameters of the architecture are reset.
 
-The 0.2 suits penalised SAEs, where a small positive pre-activation already fires. A TopK-family
-latent fires only if it beats the k-th largest pre-activation, which a latent at 0.2 x the alive
-norm almost never does: it stays dead (measured on tinylm: 12.8% dead after resampling against
-0.6% without any handling). There the revived encoder column gets the full alive norm.
+Their Adam state is reset too. Zeroing both moments, as the references do, is not enough on its
+own: Adam's bias correction has long worn off, so a zeroed second moment makes the revived
+weights' first steps about 3x the normal size (m / sqrt(v) = 0.1 g / sqrt(0.001 g^2)), and they
+stay several times too large for the ~1/(1 - beta2) = 1,000 steps the second moment takes to
+build up again (dictionary_learning re-warms the learning rate of every weight instead). Here
+the first moment is zeroed (no stale direction) and the second set to the mean of the alive
+latents' (ordinary step sizes from the first step on), which touches no other latent.
 """
 from __future__ import annotations
 
@@ -18,12 +21,24 @@ import torch
 from models.sae import SAE
 
 ENCODER_NORM_FRACTION = 0.2
-# Architectures whose latents compete for k slots: revived latents need the alive latents' scale.
-COMPETITIVE_ENCODER_NORM_FRACTION = {"topk": 1.0, "batchtopk": 1.0}
 
 
-def encoder_norm_fraction(architecture: str) -> float:
-    return COMPETITIVE_ENCODER_NORM_FRACTION.get(architecture, ENCODER_NORM_FRACTION)
+@torch.no_grad()
+def reset_adam_state_(sae: SAE, opt: torch.optim.Optimizer, dead_mask: torch.Tensor) -> None:
+    """Adam state of the latents in dead_mask: first moment 0, second moment the alive latents' mean."""
+    idx = dead_mask.nonzero().squeeze(1)
+    alive = (~dead_mask).nonzero().squeeze(1)
+    for name, dim in sae.LATENT_DIMS.items():
+        state = opt.state.get(getattr(sae, name))
+        if not state or "exp_avg" not in state:
+            continue  # no step taken yet: nothing stale
+        state["exp_avg"].index_fill_(dim, idx, 0.0)
+        second = state["exp_avg_sq"]
+        if alive.numel() == 0:
+            second.index_fill_(dim, idx, 0.0)
+            continue
+        typical = second.index_select(dim, alive).mean(dim, keepdim=True)
+        second.index_copy_(dim, idx, typical.expand_as(second.index_select(dim, idx)).contiguous())
 
 
 @torch.no_grad()
@@ -45,10 +60,6 @@ def resample_dead_latents_(sae: SAE, opt: torch.optim.Optimizer, dead_mask: torc
     directions = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
     alive = ~dead_mask
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean().item() if bool(alive.any()) else 1.0
-    sae.reinit_latents_(idx, directions, encoder_norm_fraction(sae.cfg.architecture) * enc_norm)
-    for name, dim in sae.LATENT_DIMS.items():
-        state = opt.state.get(getattr(sae, name))
-        for key in ("exp_avg", "exp_avg_sq"):
-            if state and key in state:
-                state[key].index_fill_(dim, idx, 0.0)
+    sae.reinit_latents_(idx, directions, ENCODER_NORM_FRACTION * enc_norm)
+    reset_adam_state_(sae, opt, dead_mask)
     return int(idx.numel())

@@ -21,6 +21,9 @@ from visualization.plots import density_floor, log10_density
 
 FINAL_METRICS = ("l0", "explained_variance", "mse", "cos", "dead_frac", "dense_frac", "ce_loss_recovered", "kl",
                  "mcc", "frac_recovered")
+# Synthetic sources: frac_recovered by frequency quarter and by role (experiments/recovery.py).
+RECOVERY_BREAKDOWN = (*(f"frac_recovered_q{i}" for i in range(1, 5)),
+                      *(f"frac_recovered_{role}" for role in ("parent", "child", "group", "independent")))
 
 
 @dataclass
@@ -109,8 +112,14 @@ def activations(arms: list[ArmData], probes: dict) -> StudyResult:
             top = max(done, key=lambda a: a.final.get("frac_recovered", -1))
             res.findings.append(f"Most true features recovered: **{top.name}**, {top.final['frac_recovered']:.1%} "
                                 f"(MCC {top.final['mcc']:.3f}).")
-    res.summary = {"arms": [{"name": a.name, "arm_id": a.record["arm_id"], **{m: a.final.get(m) for m in metrics}}
-                            for a in arms]}
+    breakdown = [k for k in RECOVERY_BREAKDOWN if any(_r(a.final.get(k)) is not None for a in arms)]
+    if breakdown:
+        res.tables["recovery"] = Table(
+            "Fraction of true features recovered, by frequency quarter (q1 the most frequent) and by role",
+            ["arm", "all", *(k.removeprefix("frac_recovered_") for k in breakdown)],
+            [[a.name, _r(a.final.get("frac_recovered")), *(_r(a.final.get(k)) for k in breakdown)] for a in arms])
+    res.summary = {"arms": [{"name": a.name, "arm_id": a.record["arm_id"],
+                             **{m: a.final.get(m) for m in (*metrics, *breakdown)}} for a in arms]}
     return res
 
 
@@ -337,8 +346,8 @@ def resampling(arms: list[ArmData], probes: dict) -> StudyResult:
                      int(resampled.sum()) if resampled.size else 0, _r(a.final.get("explained_variance")),
                      _r(a.final.get("l0"), 2)])
     res.tables["final"] = Table(
-        "Dead latents by handling mode (dead: never fired on the eval split; window-dead: below the dead "
-        "threshold in the last training window)",
+        "Dead latents by handling mode (dead: never fired on the eval split; window-dead: not fired in the "
+        "last dead window of training)",
         ["arm", "handling", "dead (final)", "dead (peak)", "window-dead (final)", "resampled", "explained variance",
          "l0"], rows)
     if curves:

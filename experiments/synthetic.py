@@ -14,8 +14,10 @@ Dictionary: `n_features` unit vectors in `d_in` dims (Gaussian, then normalised)
 
 Firing probabilities. Base weights w_i are 1 (uniform) or (i+1)^-zipf_exponent (zipf: rank by
 index, so parents are the most frequent). A non-child feature has marginal p_i = min(1, s*w_i);
-child c of parent q has p_c = child_probability * p_q: it fires only when its parent fires, then
-with probability child_probability, independently of its siblings. The scale s is found by
+child c of parent q fires only when its parent fires: then with probability child_probability,
+independently of its siblings (p_c = child_probability * p_q), or, with `exclusive_children`, one
+child of the C at most does (with probability child_probability, which one uniform: p_c =
+child_probability / C * p_q). The scale s is found by
 bisection so that sum(p) = mean_l0, the expected L0; a mean_l0 beyond what s -> inf gives is a
 UsageError.
 
@@ -105,7 +107,7 @@ def solve_probabilities(cfg: SyntheticConfig, parent: np.ndarray) -> np.ndarray:
     idx = np.arange(n, dtype=np.float64)
     w = np.ones(n) if cfg.frequency == "uniform" else (idx + 1.0) ** -float(cfg.zipf_exponent)
     is_child = parent >= 0
-    cp = float(cfg.child_probability)
+    cp = float(cfg.child_probability) / (cfg.children_per_parent if cfg.exclusive_children else 1)
 
     def probs(s: float) -> np.ndarray:
         p = np.minimum(1.0, s * w)
@@ -202,7 +204,13 @@ class ToyModel:
             z *= math.sqrt(1 - rho)
             z += math.sqrt(rho) * shared[:, plan["group_of"]]
             fire[:, plan["group_idx"]] = z < plan["group_threshold"]
-        if plan["child_idx"].size:
+        if plan["child_idx"].size and cfg.exclusive_children:
+            # One uniform draw per (row, parent): below child_probability it picks the child that fires.
+            P, C, cp = cfg.n_parents, cfg.children_per_parent, float(cfg.child_probability)
+            u = rng.random((rows, P))
+            r, q = np.nonzero((u < cp) & fire[:, :P])
+            fire[r, P + q * C + np.minimum((u[r, q] / cp * C).astype(np.int64), C - 1)] = True
+        elif plan["child_idx"].size:
             own = rng.random((rows, plan["child_idx"].size)) < float(cfg.child_probability)
             fire[:, plan["child_idx"]] = own & fire[:, plan["child_parent"]]
         return fire
@@ -232,7 +240,7 @@ class ToyModel:
         if pj_ == i:
             return float(p[j])
         if pi_ >= 0 and pi_ == pj_:
-            return float(p[pi_]) * float(self.cfg.child_probability) ** 2
+            return 0.0 if self.cfg.exclusive_children else float(p[pi_]) * float(self.cfg.child_probability) ** 2
         if self.group[i] >= 0 and self.group[i] == self.group[j]:
             if p[i] >= 1 or p[j] >= 1:
                 return float(min(p[i], p[j]))

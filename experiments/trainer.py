@@ -22,7 +22,7 @@ from experiments.timing import phase
 from experiments.checkpointing import list_checkpoints, load_latest, save_checkpoint
 from experiments.resampling import resample_dead_latents_
 from experiments.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
-from experiments.recovery import FiringMatch, Recovery, feature_recovery, recovery_metrics
+from experiments.recovery import FiringMatch, Recovery, feature_recovery, recovery_breakdown, recovery_metrics
 from experiments.synthetic import SyntheticTruth
 from models.sae import SAE, SAEConfig, build_sae
 
@@ -101,9 +101,10 @@ def build_arm_sae(arm: SAEArmConfig, train_cfg: TrainConfig, d_in: int, n_steps:
         raise UsageError(f"--k {arm.k} exceeds the number of latents d_sae = {d_sae}")
     return build_sae(SAEConfig(
         architecture=arm.architecture, d_in=d_in, d_sae=d_sae, k=arm.k if uses_k else 1,
-        aux_coef=arm.aux_coef, auxk=arm.dead_handling == "auxk", sparsity_coef=arm.sparsity_coef,
+        aux_coef=arm.aux_coef, aux_k=arm.aux_k, auxk=arm.dead_handling == "auxk", sparsity_coef=arm.sparsity_coef,
         sparsity_warmup_steps=int(train_cfg.sparsity_warmup_fraction * n_steps), bandwidth=arm.bandwidth,
-        init_threshold=arm.init_threshold, target_l0=arm.target_l0, seed=train_cfg.seed))
+        init_threshold=arm.init_threshold, target_l0=arm.target_l0, matryoshka_levels=arm.matryoshka_levels,
+        seed=train_cfg.seed))
 
 
 @dataclass
@@ -145,6 +146,7 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
     metrics = acc.result()
     if recovery is not None:
         metrics.update(recovery_metrics(recovery, firing))
+        metrics.update(recovery_breakdown(recovery, ctx.truth.probability, ctx.truth.roles))
     counts = acc.firing_counts()
     metrics.update(density_stats(counts, cache.n_eval_rows, dense_threshold))
     if ctx.bridge is not None:
@@ -166,9 +168,9 @@ class Trainer:
         self.sae = build_arm_sae(sae_cfg, cfg, cache.d_in, self.n_steps)
         self.opt = torch.optim.Adam(self.sae.parameters(), lr=cfg.lr)
         d_sae = self.sae.cfg.d_sae
-        self.window_counts = torch.zeros(d_sae, dtype=torch.int64)
-        self.window_tokens = 0
-        self.dead_mask = torch.zeros(d_sae, dtype=torch.bool)
+        # Tokens since each latent last fired: dead = none in the last dead_window tokens (the rule
+        # of Gao et al. 2024, SAELens and sparsify), updated every step.
+        self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64)
         self.step = 0
         self.wandb_run_id: str | None = None
         self.last_eval: dict[str, float] = {}
@@ -194,11 +196,10 @@ class Trainer:
     # -- checkpoint state ---------------------------------------------------------------------
     def _state(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {f"sae.{k}": v for k, v in self.sae.state_dict().items()}
-        tensors.update({"window_counts": self.window_counts, "dead_mask": self.dead_mask,
-                        "rng_torch": torch.get_rng_state()})
+        tensors.update({"tokens_since_fired": self.tokens_since_fired, "rng_torch": torch.get_rng_state()})
         state = {"step": self.step, "tokens": self.tokens,
                  "data_position": dict(zip(("epoch", "batch"), divmod(self.step, self.spe))),
-                 "window_tokens": self.window_tokens, "n_steps": self.n_steps,
+                 "n_steps": self.n_steps,
                  "lr": lr_at(self.step, self.cfg, self.n_steps), "wandb_run_id": self.wandb_run_id,
                  "last_eval": self.last_eval}
         return tensors, state
@@ -213,34 +214,35 @@ class Trainer:
             return False
         self.sae.load_state_dict({k[4:]: v for k, v in ckpt.tensors.items() if k.startswith("sae.")})
         self.opt.load_state_dict(ckpt.optim)
-        self.window_counts = ckpt.tensors["window_counts"].clone()
-        self.dead_mask = ckpt.tensors["dead_mask"].clone()
+        self.tokens_since_fired = ckpt.tensors["tokens_since_fired"].clone()
         torch.set_rng_state(ckpt.tensors["rng_torch"])
         self.step = ckpt.state["step"]
-        self.window_tokens = ckpt.state["window_tokens"]
         self.wandb_run_id = ckpt.state["wandb_run_id"]
         self.last_eval = ckpt.state["last_eval"]
         return True
 
     # -- training -----------------------------------------------------------------------------
-    def _update_dead_window(self, firing_counts: torch.Tensor, n_rows: int) -> int | None:
-        """Count firing ([d_sae] rows fired on); at the end of each window decide which latents are
-        dead and, with resampling, revive them (not once the learning rate decays). Returns how
-        many were resampled."""
-        self.window_counts += firing_counts
-        self.window_tokens += n_rows
-        if self.window_tokens < self.cfg.dead_window:
-            return None
-        self.dead_mask = self.window_counts < self.cfg.dead_threshold * self.window_tokens
-        self.window_counts.zero_()
-        self.window_tokens = 0
-        if self.arm.dead_handling != "resample" or self.step >= decay_start(self.cfg, self.n_steps):
+    @property
+    def dead_mask(self) -> torch.Tensor:
+        """[d_sae] bool: latents that have not fired in the last dead_window training tokens."""
+        return self.tokens_since_fired >= self.cfg.dead_window
+
+    def _update_dead(self, firing_counts: torch.Tensor, n_rows: int) -> int | None:
+        """Count tokens since each latent fired; with resampling, each time another dead_window
+        tokens have passed (not once the learning rate decays), revive the dead latents. Returns
+        how many were resampled, or None where no resampling was due."""
+        self.tokens_since_fired += n_rows
+        self.tokens_since_fired.masked_fill_(firing_counts > 0, 0)
+        window = self.cfg.dead_window
+        if (self.arm.dead_handling != "resample" or self.tokens // window == (self.tokens - n_rows) // window
+                or self.step >= decay_start(self.cfg, self.n_steps)):
             return None
         # Seeded by the step, so a resumed run draws the same inputs.
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7_919 * self.step + 1)
         rows = torch.randperm(self.cache.n_train_rows, generator=gen)[:self.cfg.resample_inputs].numpy()
-        n = resample_dead_latents_(self.sae, self.opt, self.dead_mask, self.cache.train_rows(rows) * self.scale, gen)
-        self.dead_mask = torch.zeros_like(self.dead_mask)  # revived: give them a window to prove themselves
+        dead = self.dead_mask
+        n = resample_dead_latents_(self.sae, self.opt, dead, self.cache.train_rows(rows) * self.scale, gen)
+        self.tokens_since_fired.masked_fill_(dead, 0)  # revived: a full window to prove themselves
         return n
 
     def batch(self, step: int) -> torch.Tensor:
@@ -265,9 +267,9 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = lr
         self.opt.step()
-        self.sae.set_decoder_norm_to_unit_()
+        self.sae.apply_constraints_()
         self.step += 1
-        resampled = self._update_dead_window(out["firing_counts"], len(x))
+        resampled = self._update_dead(out["firing_counts"], len(x))
         stats = {} if resampled is None else {"train/resampled": resampled}
         return {**stats, "train/loss": out["loss"].detach(), "train/mse": out["mse"], "train/sparsity": out["sparsity"],
                 "train/aux": out["aux"], "train/l0": out["l0"], "train/lr": lr,

@@ -39,7 +39,10 @@ def test_defaults():
     (["--no-dead-resample"], "arms.0.sae.dead_handling", "none"),
     (["--dead-resample"], "arms.0.sae.dead_handling", "auxk"),
     (["--dead-handling", "none"], "arms.0.sae.dead_handling", "none"),
-    (["--dead-threshold", "0.01"], "train.dead_threshold", 0.01),
+    (["--aux-k", "8"], "arms.0.sae.aux_k", 8),
+    (["--activation", "matryoshka", "--matryoshka-levels", "3"], "arms.0.sae.matryoshka_levels", 3),
+    (["--activation", "relu", "--dead-resample"], "arms.0.sae.dead_handling", "resample"),
+    (["--activation", "relu"], "arms.0.sae.dead_handling", "none"),
     (["--dead-window", "4096"], "train.dead_window", 4096),
     (["--use-wandb"], "log.use_wandb", True),
     (["--wandb-mode", "offline"], "log.use_wandb", True),
@@ -60,7 +63,8 @@ def test_defaults():
     (["--activation", "gated", "--l1-coefficient", "0.3"], "arms.0.sae.sparsity_coef", 0.3),
     (["--activation", "jumprelu", "--l0-coefficient", "0.01"], "arms.0.sae.sparsity_coef", 0.01),
     (["--activation", "jumprelu", "--target-l0", "20"], "arms.0.sae.target_l0", 20.0),
-    (["--activation", "relu"], "arms.0.sae.dead_handling", "resample"),
+    (["--activation", "jumprelu"], "arms.0.sae.dead_handling", "none"),  # as SAELens and dictionary_learning
+    (["--activation", "jumprelu", "--dead-resample"], "arms.0.sae.dead_handling", "resample"),
     (["--activation", "relu", "--no-dead-resample"], "arms.0.sae.dead_handling", "none"),
     (["--activation", "topk", "--dead-handling", "resample"], "arms.0.sae.dead_handling", "resample"),
     (["--activation", "gated"], "arms.0.sae.aux_coef", 1.0),
@@ -79,11 +83,12 @@ def test_several_architectures_and_all():
     assert [a.sae.architecture for a in cfg.arms] == ["relu", "topk", "jumprelu"]
     everything = parse_args(["--study", "activations", "--activation", "all", "--k", "16", "--l1-coefficient", "0.2"])
     by_arch = {a.sae.architecture: a.sae for a in everything.arms}
-    assert set(by_arch) == {"relu", "jumprelu", "topk", "batchtopk", "gated"}
+    assert set(by_arch) == {"relu", "jumprelu", "topk", "batchtopk", "matryoshka", "gated"}
     # each option reaches only the architectures it applies to
-    assert by_arch["topk"].k == by_arch["batchtopk"].k == 16 and by_arch["relu"].sparsity_coef == 0.2
+    assert by_arch["topk"].k == by_arch["batchtopk"].k == by_arch["matryoshka"].k == 16
+    assert by_arch["relu"].sparsity_coef == 0.2
     assert by_arch["gated"].sparsity_coef == 0.2 and by_arch["jumprelu"].sparsity_coef != 0.2
-    assert by_arch["topk"].dead_handling == "auxk" and by_arch["relu"].dead_handling == "resample"
+    assert by_arch["topk"].dead_handling == "auxk" and by_arch["relu"].dead_handling == "none"
     assert all(a.sae.dead_handling == "none" for a in parse_args(["--activation", "all", "--no-dead-resample"]).arms)
 
 
@@ -107,7 +112,7 @@ def test_help_explains_every_flag_with_its_default():
     assert out.returncode == 0
     for flag in ["--hidden-dim", "--lr", "--epochs", "--batch-size", "--activation", "--model-name", "--layer",
                  "--n-samples", "--seq-len", "--use-wandb", "--normalize-activations", "--no-normalize",
-                 "--dead-resample", "--no-dead-resample", "--dead-threshold", "--resume", "--study", "--quick",
+                 "--dead-resample", "--no-dead-resample", "--dead-window", "--aux-k", "--matryoshka-levels", "--resume", "--study", "--quick",
                  "--steps", "--seed", "--checkpoint-dir", "--study-id", "--hook", "--hook-point", "--k",
                  "--expansion-factor", "--wandb-project", "--wandb-mode"]:
         assert flag in out.stdout, flag

@@ -104,28 +104,34 @@ def test_normalisation_on_and_off(ckpt, base):
     assert base.arm["final"]["explained_variance"] != raw.arm["final"]["explained_variance"]
 
 
-def test_dead_threshold_window_and_dead_resample(ckpt):
-    # threshold 0.5 over a 2,048-token window: after the first window nearly every latent counts as dead
+def test_dead_window_aux_k_and_dead_resample(ckpt):
+    # 256 latents, k 8, 64 tokens a step: some latents go a whole 2,048-token window (32 steps)
+    # without firing. Dead means exactly that, counted every step: nothing is dead before step 32.
     window = ["--dead-window", "2048", "--steps", "60"]
-    many = go(ckpt, "dt", "--dead-threshold", "0.5", *window)
-    dead = many.series("train/dead_frac")
-    assert dead[0] == 0 and max(dead) > 0.5 and max(many.series("train/aux")) > 0
-    none = go(ckpt, "dt0", "--dead-threshold", "0.0", *window)
-    assert max(none.series("train/dead_frac")) == 0 and max(none.series("train/aux")) == 0
+    auxk = go(ckpt, "dw", *window)
+    dead = auxk.series("train/dead_frac")
+    steps = [r["step"] for r in auxk.metrics if r["name"] == "train/dead_frac"]
+    assert max(d for d, s in zip(dead, steps) if s < 32) == 0 and max(dead) > 0
+    assert max(auxk.series("train/aux")) > 0
+    narrow = go(ckpt, "ak", *window, "--aux-k", "2")
+    assert narrow.sae_config["aux_k"] == 2 and not same_weights(narrow, auxk)
     # the default window (262,144 tokens) is not reached in 60 steps of 64 tokens
-    assert max(go(ckpt, "dw", "--dead-threshold", "0.5", "--steps", "60").series("train/dead_frac")) == 0
-    off = go(ckpt, "nores", "--dead-threshold", "0.5", *window, "--no-dead-resample")
-    assert max(off.series("train/dead_frac")) > 0.5 and max(off.series("train/aux")) == 0
-    assert not same_weights(many, off)
+    assert max(go(ckpt, "dd", "--steps", "60").series("train/dead_frac")) == 0
+    off = go(ckpt, "nores", *window, "--no-dead-resample")
+    assert max(off.series("train/dead_frac")) > 0 and max(off.series("train/aux")) == 0
+    assert not same_weights(auxk, off)
 
 
 def test_dead_handling_resample_revives_dead_latents(ckpt):
-    r = go(ckpt, "rs", "--dead-handling", "resample", "--dead-threshold", "0.5", "--dead-window", "2048",
-           "--steps", "60")
+    r = go(ckpt, "rs", "--dead-handling", "resample", "--dead-window", "2048", "--steps", "60")
     events = [row for row in r.metrics if row["name"] == "train/resampled"]
     # a window ends every 32 steps of 64 tokens: one event at step 32 (step 64 is past the run)
     assert [e["step"] for e in events] == [32] and events[0]["value"] > 0
     assert r.arm["dead_handling"] == "resample" and r.arm["name"] == "topk-k8-resample"
+    # revived latents get a full window before they can count as dead again
+    steps = [row["step"] for row in r.metrics if row["name"] == "train/dead_frac"]
+    dead = dict(zip(steps, r.series("train/dead_frac")))
+    assert dead[40] < dead[30] or dead[30] == 0
 
 
 def test_activation_all_trains_every_architecture(ckpt):
@@ -133,13 +139,14 @@ def test_activation_all_trains_every_architecture(ckpt):
                  "--study-id", "all"]) == 0
     summary = json.loads((ckpt / "all" / "summary.json").read_text())
     archs = {a["architecture"]: a for a in summary["arms"]}
-    assert set(archs) == {"topk", "batchtopk", "relu", "jumprelu", "gated"}
-    assert len({a["arm_id"] for a in summary["arms"]}) == 5
+    assert set(archs) == {"topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"}
+    assert len({a["arm_id"] for a in summary["arms"]}) == 6
     for arch, arm in archs.items():
         assert arm["status"] == "complete" and arm["steps"] == 12
         config = json.loads((Path(arm["weights"]).parent / "config.json").read_text())
         assert config["architecture"] == arch
-        assert arm["dead_handling"] == ("auxk" if arch.endswith("topk") else "resample")
+        # AuxK for the TopK family; the penalised ones, as SAELens and dictionary_learning train them
+        assert arm["dead_handling"] == ("auxk" if arch in ("topk", "batchtopk", "matryoshka") else "none")
     assert archs["gated"]["name"].startswith("gated-coef") and archs["batchtopk"]["name"] == "batchtopk-k8"
 
 

@@ -51,6 +51,20 @@ def test_hand_computed_2x2():
     assert r["n_tokens"] == 2
 
 
+def test_cos_and_l2_ratio_skip_zero_rows():
+    """A zero input row has no direction and no norm to compare with: the row x = 0 (with any
+    x_hat) is left out of cos and l2_ratio, so they equal the 2x2 case's, and the other metrics
+    still count it (sq err 1 + 1 + 4 = 6 over 3 rows)."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 0.0], [3.0, 2.0]])
+    x_hat = torch.tensor([[1.0, 1.0], [0.0, 2.0], [2.0, 2.0]])
+    r = accumulate(x, x_hat, torch.zeros(3, 3)).result()
+    assert r["cos"] == pytest.approx((1 / math.sqrt(2) + 10 / math.sqrt(13 * 8)) / 2)
+    assert r["l2_ratio"] == pytest.approx((math.sqrt(2) + math.sqrt(8 / 13)) / 2)
+    assert r["mse"] == pytest.approx(6 / 6) and r["n_tokens"] == 3
+    only_zero = accumulate(torch.zeros(2, 2), torch.ones(2, 2), torch.zeros(2, 3)).result()
+    assert math.isnan(only_zero["cos"]) and math.isnan(only_zero["l2_ratio"])
+
+
 def test_against_numpy_and_streaming_equals_one_batch():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(103, 7, generator=g) * 3 + 5

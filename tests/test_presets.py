@@ -24,12 +24,13 @@ def test_default_run_shares_arms_between_studies():
     by_study = {p.name: p.arms for p in cfg.plans}
     # emergence and frequency read exactly the activations arms: nothing is trained twice
     assert by_study["emergence"] == by_study["activations"] == by_study["frequency"]
-    assert [a.sae.architecture for a in by_study["activations"]] == ["topk", "batchtopk", "relu", "jumprelu", "gated"]
+    assert [a.sae.architecture for a in by_study["activations"]] == ["topk", "batchtopk", "matryoshka", "relu",
+                                                                     "jumprelu", "gated"]
     modes = [a.sae.dead_handling for a in by_study["resampling"]]
     assert modes == ["none", "resample", "auxk"]
     resampling = by_study["resampling"][0]
     assert resampling.sae.expansion_factor == 16 and resampling.sae.k == 16 and resampling.train.lr == 0.01
-    assert len(cfg.arms) == 8  # 5 shared + 3 resampling arms
+    assert len(cfg.arms) == 9  # 6 shared + 3 resampling arms
 
 
 def test_layers_preset_then_quick_then_config_then_flags(tmp_path):
@@ -62,7 +63,7 @@ studies:
     assert cfg.log.use_wandb and cfg.log.wandb_project == "proj"
     acts = cfg.plans[0].arms
     assert [(a.sae.architecture, a.sae.k, a.sae.sparsity_coef) for a in acts] == [
-        ("topk", 16, 0.0), ("topk", 32, 0.0), ("relu", 32, 0.015), ("relu", 32, 0.0075)]
+        ("topk", 16, 0.0), ("topk", 32, 0.0), ("relu", 32, 0.0085), ("relu", 32, 0.00425)]
     assert all(a.sae.expansion_factor == 4 for a in acts)
     res = cfg.plans[1].arms
     assert [a.sae.dead_handling for a in res] == ["none", "auxk"]
@@ -85,7 +86,7 @@ def test_flags_beat_config_for_architectures_and_study(tmp_path):
     ("train: {steps: 1.5}", "train.steps must be an integer"),
     ("train: {batch_size: 0}", "must be positive"),
     ("train: {lr: -1}", "must be positive"),
-    ("train: {dead_threshold: 2}", "must be in [0, 1)"),
+    ("train: {dead_window: 0}", "must be positive"),
     ("data: {normalize: maybe}", "must be true or false"),
     ("data: [1, 2]", "must be a mapping"),
     ("sae: {k: 0}", "sae.k must be positive"),

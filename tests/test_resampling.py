@@ -1,9 +1,9 @@
 """Anthropic-style resampling: dead latents revived toward badly reconstructed inputs, alive ones
-untouched, Adam state of the revived rows reset."""
+untouched, Adam state of the revived rows reset to a fresh direction with ordinary step sizes."""
 import pytest
 import torch
 
-from experiments.resampling import encoder_norm_fraction, resample_dead_latents_
+from experiments.resampling import ENCODER_NORM_FRACTION, resample_dead_latents_
 from models.sae import ARCHITECTURES, SAEConfig, build_sae
 
 
@@ -40,17 +40,22 @@ def test_dead_latents_revived_alive_untouched_adam_reset(architecture):
     assert torch.allclose(match.sort(dim=1).values[:, -1], torch.ones(3), atol=1e-5)
     assert sorted(match.argmax(1).tolist()) == [0, 1, 2]
     for i in (1, 5, 9):
-        fraction = 1.0 if architecture in ("topk", "batchtopk") else 0.2  # TopK latents must win a top-k slot
-        assert encoder_norm_fraction(architecture) == fraction
-        assert torch.allclose(sae.W_enc[:, i], sae.W_dec[i] * fraction * alive_norm, atol=1e-6)
+        # 0.2 of the alive norm for every architecture, TopK family included (Anthropic, dictionary_learning)
+        assert torch.allclose(sae.W_enc[:, i], sae.W_dec[i] * 0.2 * alive_norm, atol=1e-6)
         assert sae.b_enc[i] == 0
+    dead_idx, alive = dead.nonzero().squeeze(1), (~dead).nonzero().squeeze(1)
     for name, dim in sae.LATENT_DIMS.items():
-        param, alive = getattr(sae, name), (~dead).nonzero().squeeze(1)
+        param = getattr(sae, name)
         assert torch.equal(param.index_select(dim, alive), before[name].index_select(dim, alive)), name
+        first, second = opt.state[param]["exp_avg"], opt.state[param]["exp_avg_sq"]
+        assert torch.count_nonzero(first.index_select(dim, dead_idx)) == 0, name
+        # the second moment of each revived latent: the alive latents' mean, entry by entry
+        typical = adam_before[name]["exp_avg_sq"].index_select(dim, alive).mean(dim, keepdim=True)
+        revived = second.index_select(dim, dead_idx)
+        assert torch.allclose(revived, typical.expand_as(revived)), name
         for key in ("exp_avg", "exp_avg_sq"):
-            state = opt.state[param][key]
-            assert torch.count_nonzero(state.index_select(dim, dead.nonzero().squeeze(1))) == 0, (name, key)
-            assert torch.equal(state.index_select(dim, alive), adam_before[name][key].index_select(dim, alive))
+            assert torch.equal(opt.state[param][key].index_select(dim, alive),
+                               adam_before[name][key].index_select(dim, alive))
     assert torch.equal(sae.b_dec, before["b_dec"])
 
 
@@ -60,3 +65,27 @@ def test_nothing_dead_changes_nothing():
     assert resample_dead_latents_(sae, opt, torch.zeros(16, dtype=torch.bool), torch.randn(8, 8),
                                   torch.Generator().manual_seed(0)) == 0
     assert all(torch.equal(v, before[k]) for k, v in sae.state_dict().items())
+
+
+def test_revived_latents_take_ordinary_adam_steps():
+    """The first update of a revived weight is about lr in size, as for the alive ones. With both
+    moments zeroed (the references' reset) it is sqrt(1 / (1 - beta2)) * (1 - beta1) ~ 3.2 lr,
+    because Adam's bias correction has long worn off."""
+    assert ENCODER_NORM_FRACTION == 0.2
+    sae, opt = trained("relu")
+    for _ in range(300):  # let the bias correction wear off
+        opt.zero_grad()
+        sae.loss(torch.randn(32, 8), step=10)["loss"].backward()
+        opt.step()
+    dead = torch.zeros(16, dtype=torch.bool)
+    dead[[2, 7]] = True
+    resample_dead_latents_(sae, opt, dead, torch.randn(64, 8), torch.Generator().manual_seed(1))
+    before = sae.W_dec.detach().clone()
+    opt.zero_grad()
+    sae.loss(torch.randn(32, 8), step=10)["loss"].backward()
+    opt.step()
+    lr = opt.param_groups[0]["lr"]
+    step = (sae.W_dec.detach() - before).abs()
+    revived, alive = step[dead].median(), step[~dead].median()
+    assert revived < 2 * lr, (revived, lr)
+    assert revived < 3 * alive

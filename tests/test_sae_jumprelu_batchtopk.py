@@ -43,7 +43,7 @@ def make_batchtopk(d_in: int = 8, d_sae: int = 32, k: int = 4, **kw) -> BatchTop
 
 def set_thresholds_(sae: JumpReLUSAE, theta: torch.Tensor) -> None:
     with torch.no_grad():
-        sae.log_threshold.copy_(theta.log())
+        sae.threshold.copy_(theta)
 
 
 def synthetic(n: int, d_in: int = 32, n_feat: int = 64, seed: int = 0) -> torch.Tensor:
@@ -83,7 +83,7 @@ def train_(sae: SAE, x: torch.Tensor, steps: int, lr: float = 1e-2, batch: int =
             out["loss"].backward()
             sae.remove_gradient_parallel_to_decoder_()
             opt.step()
-            sae.set_decoder_norm_to_unit_()
+            sae.apply_constraints_()
         return eval_l0(sae, x)
     finally:
         torch.set_num_threads(threads)
@@ -105,11 +105,14 @@ def test_jumprelu_registry_init_and_latent_dims():
     assert ARCHITECTURES["jumprelu"] is JumpReLUSAE
     sae = make_jumprelu(init_threshold=0.05)
     assert torch.allclose(sae.threshold, torch.full((32,), 0.05))
-    assert dict(sae.named_parameters())["log_threshold"].shape == (32,)
-    assert sae.LATENT_DIMS == {"W_enc": 1, "b_enc": 0, "W_dec": 0, "log_threshold": 0}
+    assert dict(sae.named_parameters())["threshold"].shape == (32,)
+    assert sae.LATENT_DIMS == {"W_enc": 1, "b_enc": 0, "W_dec": 0, "threshold": 0}
     params = dict(sae.named_parameters())
     assert all(params[n].shape[d] == 32 for n, d in sae.LATENT_DIMS.items())
-    assert sae.unit_norm_decoder
+    # free decoder norm from Anthropic's small tied init, as SAELens trains it
+    assert not sae.unit_norm_decoder
+    assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((32,), 0.1))
+    assert torch.allclose(sae.W_enc, sae.W_dec.T)
     with pytest.raises(ValueError):
         make_jumprelu(bandwidth=0.0)
 
@@ -145,9 +148,9 @@ def test_jumprelu_ste_gradient_hand_computed():
     (f * g).sum().backward()
     # d/dpre = g * H(pre - theta)
     assert torch.equal(pre.grad, torch.tensor([[1.0, 0.0, 3.0], [0.0, 5.0, 0.0]], dtype=torch.float64))
-    # d/dtheta = -(theta/eps) sum_b g K: (-5 * 1, -10 * (2 + 5), -20 * 6); d/dlog theta = theta * d/dtheta
+    # d/dtheta = -(theta/eps) sum_b g K: (-5 * 1, -10 * (2 + 5), -20 * 6)
     d_theta = torch.tensor([-5.0, -70.0, -120.0], dtype=torch.float64)
-    assert torch.allclose(sae.log_threshold.grad, sae.threshold.detach() * d_theta)
+    assert torch.allclose(sae.threshold.grad, d_theta)
 
 
 def test_jumprelu_l0_gradient_hand_computed_and_none_to_pre():
@@ -158,15 +161,15 @@ def test_jumprelu_l0_gradient_hand_computed_and_none_to_pre():
     assert pre.grad is None or torch.count_nonzero(pre.grad) == 0
     # d/dtheta = -(1/eps) sum_b K / B: (-10 * 1/2, -10 * 2/2, -10 * 1/2)
     d_theta = torch.tensor([-5.0, -10.0, -5.0], dtype=torch.float64)
-    assert torch.allclose(sae.log_threshold.grad, sae.threshold.detach() * d_theta)
+    assert torch.allclose(sae.threshold.grad, d_theta)
 
     # target mode: (L0/t - 1)^2 with t = 3 -> 0.25, chain factor 2 (L0/t - 1) / t = -1/3
     sae.cfg.target_l0 = 3.0
-    sae.log_threshold.grad = None
+    sae.threshold.grad = None
     pen = sae.sparsity_loss(pre, sae.activate(pre))
     assert pen.item() == pytest.approx(0.25)
     pen.backward()
-    assert torch.allclose(sae.log_threshold.grad, sae.threshold.detach() * d_theta * (-1 / 3))
+    assert torch.allclose(sae.threshold.grad, d_theta * (-1 / 3))
 
 
 def test_jumprelu_l0_penalty_gives_no_gradient_to_encoder():
@@ -176,7 +179,7 @@ def test_jumprelu_l0_penalty_gives_no_gradient_to_encoder():
     x = randn(64, 8)
     pre = sae.pre_acts(x)
     sae.sparsity_loss(pre, sae.activate(pre)).backward()
-    assert torch.count_nonzero(sae.log_threshold.grad) > 0  # some pre-activations are in the window
+    assert torch.count_nonzero(sae.threshold.grad) > 0  # some pre-activations are in the window
     for n in ("W_enc", "b_enc", "b_dec", "W_dec"):
         grad = getattr(sae, n).grad
         assert grad is None or torch.count_nonzero(grad) == 0, n
@@ -191,7 +194,7 @@ def test_jumprelu_threshold_gradient_zero_outside_window():
     out = sae.loss(x)
     assert out["sparsity"] > 0
     out["loss"].backward()
-    assert torch.count_nonzero(sae.log_threshold.grad) == 0
+    assert torch.count_nonzero(sae.threshold.grad) == 0
     for n in PARAMS:
         assert torch.count_nonzero(getattr(sae, n).grad) > 0, n
 
@@ -237,6 +240,32 @@ def test_jumprelu_reinit_latents_resets_threshold():
     assert torch.equal(sae.W_dec[idx], dirs)
 
 
+def test_jumprelu_threshold_moves_by_lr_whatever_its_size():
+    """theta is a plain parameter (as in SAELens): Adam's first step moves it by lr, so a small
+    initial threshold can reach the O(1) pre-activation scale within a short run. Trained as
+    log(theta), the step would be lr * theta: 1e-5 here, and on the toy the thresholds never left
+    the neighbourhood of their start."""
+    sae = make_jumprelu(d_in=8, d_sae=32, bandwidth=0.5, sparsity_coef=1.0, init_threshold=0.001)
+    randomise_(sae)
+    opt = torch.optim.Adam(sae.parameters(), lr=0.01)
+    before = sae.threshold.detach().clone()
+    sae.loss(randn(64, 8))["loss"].backward()
+    moved = sae.threshold.grad != 0
+    assert moved.sum() > 0
+    opt.step()
+    sae.apply_constraints_()
+    step = (sae.threshold.detach() - before)[moved].abs()
+    assert torch.allclose(step, torch.full_like(step, 0.01), rtol=1e-3)
+
+
+def test_jumprelu_threshold_kept_non_negative():
+    sae = make_jumprelu(init_threshold=0.01)
+    with torch.no_grad():
+        sae.threshold[:5] = -0.3
+    sae.apply_constraints_()
+    assert (sae.threshold[:5] == 0).all() and (sae.threshold[5:] == 0.01).all()
+
+
 def test_jumprelu_larger_lambda_lowers_l0(data):
     l0 = {}
     for lam in (1e-3, 3e-2):
@@ -246,9 +275,10 @@ def test_jumprelu_larger_lambda_lowers_l0(data):
     assert l0[3e-2] < 8  # near the ~3 true features per sample
 
 
-@pytest.mark.parametrize("init_threshold", [0.05, 2.0])
+@pytest.mark.parametrize("init_threshold", [0.01, 0.5])
 def test_jumprelu_target_l0_moves_toward_target_from_both_sides(data, init_threshold):
-    target = 8.0
+    # Pre-activations start at about 0.1 (init_norm), so these thresholds start L0 near 28 and 0.2.
+    target = 4.0
     sae = make_jumprelu(32, 64, sparsity_coef=1.0, bandwidth=0.2, init_threshold=init_threshold, target_l0=target)
     start = eval_l0(sae, data)
     end = train_(sae, data, steps=300)
@@ -267,7 +297,7 @@ def test_jumprelu_save_load_roundtrip(tmp_path):
     sae.save(tmp_path)
     loaded = SAE.load(tmp_path)
     assert isinstance(loaded, JumpReLUSAE) and loaded.cfg == sae.cfg
-    assert torch.equal(loaded.log_threshold, sae.log_threshold)
+    assert torch.equal(loaded.threshold, sae.threshold)
     x = randn(20, 8)
     assert torch.equal(loaded.encode(x), sae.encode(x))
     assert torch.equal(loaded(x), sae(x))
@@ -278,7 +308,7 @@ def test_jumprelu_fold_scale(tmp_path):
     randomise_(sae)
     set_thresholds_(sae, rand(32, seed=4) + 0.1)
     s = 0.37
-    assert torch.equal(sae.folded_state_dict(s)["log_threshold"], sae.log_threshold.detach())
+    assert torch.equal(sae.folded_state_dict(s)["threshold"], sae.threshold.detach())
     sae.save(tmp_path, scale=s)
     raw = SAE.load(tmp_path)
     x = randn(50, 8) * 10

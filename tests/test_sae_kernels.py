@@ -103,7 +103,7 @@ def test_sparse_and_dense_training_stay_together(arch):
             out["loss"].backward()
             sae.remove_gradient_parallel_to_decoder_()
             opt.step()
-            sae.set_decoder_norm_to_unit_()
+            sae.apply_constraints_()
             dead = out["firing_counts"] == 0
         final.append((sae, out["loss"].item()))
     (dense, loss_d), (sparse, loss_s) = final

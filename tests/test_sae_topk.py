@@ -140,12 +140,14 @@ def test_auxk_only_involves_dead_latents():
     (g_dec,) = torch.autograd.grad(aux, [sae.W_dec])
     assert torch.count_nonzero(g_dec[~dead]) == 0
     assert torch.count_nonzero(g_dec[dead]) > 0
-    # value: top-aux_k among dead latents only, computed independently in numpy
+    # value: top-aux_k among dead latents only, at their pre-activations (negative ones too),
+    # computed independently in numpy
     P = pre.detach().double().numpy().copy()
     P[:, ~dead.numpy()] = -np.inf
     idx = np.argsort(-P, axis=1)[:, :3]
     z = np.zeros_like(P)
-    np.put_along_axis(z, idx, np.maximum(np.take_along_axis(P, idx, axis=1), 0), axis=1)
+    np.put_along_axis(z, idx, np.take_along_axis(P, idx, axis=1), axis=1)
+    assert (z < 0).any()  # the case a ReLU would have silenced
     e = (x - x_hat).detach().double().numpy()
     e_hat = z @ sae.W_dec.detach().double().numpy()
     expected = ((e - e_hat) ** 2).sum() / ((e - e.mean(0)) ** 2).sum()
@@ -157,6 +159,8 @@ def test_auxk_only_involves_dead_latents():
 
 
 def test_auxk_more_aux_k_than_dead():
+    """Fewer dead latents than aux_k: all of them are used, none alive, and the loss is scaled by
+    dead / aux_k (here 2 / 16)."""
     sae = make_sae(d_in=8, d_sae=32, k=4, aux_k=16)
     randomise_(sae)
     x = torch.randn(32, 8)
@@ -166,6 +170,22 @@ def test_auxk_more_aux_k_than_dead():
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert all(torch.isfinite(p.grad).all() for p in sae.parameters())
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+        e = x - sae.decode(sae.activate(pre))
+        e_hat = pre[:, [3, 7]] @ sae.W_dec[[3, 7]]
+        expected = (e - e_hat).pow(2).sum() / (e - e.mean(0)).pow(2).sum() * 2 / 16
+    assert out["aux"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_auxk_trains_dead_latents_below_zero():
+    """A dead latent's pre-activations are mostly negative; AuxK must still give it a gradient (a
+    ReLU on the selected values would not: tinylm's dead latents had 2.4% of them positive)."""
+    sae = hand_sae()
+    with torch.no_grad():
+        sae.W_enc[:, 2] = -sae.W_enc[:, 2]  # latent 2 now has pre-activations -2.6 and -1.6
+    sae.loss(HAND_X, dead_mask=torch.tensor([False, False, True]))["loss"].backward()
+    assert sae.W_enc.grad[:, 2].abs().sum() > 0 and sae.W_dec.grad[2].abs().sum() > 0
 
 
 def test_default_aux_k():
@@ -206,7 +226,7 @@ def test_set_decoder_norm_to_unit():
     sae = make_sae()
     randomise_(sae)
     dirs = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True)
-    sae.set_decoder_norm_to_unit_()
+    sae.apply_constraints_()
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32))
     assert torch.allclose(sae.W_dec, dirs)
 

@@ -138,6 +138,27 @@ def test_hierarchy():
     assert close_to_rate((fired[:, 2] & fired[:, 5]).sum(), n, expect)
 
 
+def test_exclusive_children():
+    """At most one child of a parent fires; P(some child | parent) = child_probability, each child
+    equally likely, so p_child = child_probability / C * p_parent."""
+    cp = 0.6
+    m = ToyModel.build(cfg(frequency="uniform", n_parents=2, children_per_parent=3, child_probability=cp,
+                           exclusive_children=True, mean_l0=6.0), 2)
+    n = 60_000
+    _, codes = m.sample(n, chunk_rng(2, 0))
+    fired = codes > 0
+    for q, kids in ((0, [2, 3, 4]), (1, [5, 6, 7])):
+        assert fired[:, kids].sum(1).max() == 1  # never two siblings at once
+        assert not (fired[:, kids].any(1) & ~fired[:, q]).any()  # never without the parent
+        given = fired[fired[:, q]][:, kids].any(1)
+        assert close_to_rate(given.sum(), given.size, cp)
+        for c in kids:
+            assert m.probability[c] == pytest.approx(cp / 3 * m.probability[q], rel=1e-12)
+            assert close_to_rate(fired[:, c].sum(), n, m.probability[c])
+    assert m.expected_pair_firing(2, 3) == 0.0
+    assert close_to_rate(fired.sum(0), n, m.probability).all()
+
+
 def test_groups_copula():
     m = ToyModel.build(cfg(frequency="uniform", n_groups=2, group_size=3, group_correlation=0.5, n_features=40,
                            mean_l0=4.0), 3)  # p = 0.1 each

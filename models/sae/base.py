@@ -27,7 +27,7 @@ class SAEConfig:
     d_in: int
     d_sae: int
     k: int = 32  # TopK family: active latents per token
-    aux_k: int = 0  # 0 -> d_in // 2, as in the paper
+    aux_k: int | None = None  # AuxK: dead latents selected per row; None -> d_in // 2, as in the paper
     aux_coef: float = 1 / 32  # weight of the auxiliary loss (AuxK; Gated's gate reconstruction)
     auxk: bool = True  # dead-latent handling by AuxK on/off
     sparsity_coef: float = 0.0  # lambda of the sparsity penalty (L1 for relu/gated, L0 for jumprelu)
@@ -35,6 +35,7 @@ class SAEConfig:
     bandwidth: float = 0.001  # JumpReLU: width of the rectangle kernel of the straight-through estimator
     init_threshold: float = 0.001  # JumpReLU: initial threshold
     target_l0: float | None = None  # JumpReLU: penalise (L0 / target - 1)^2 instead of L0
+    matryoshka_levels: int = 5  # Matryoshka: nested prefixes d_sae / 2^(levels-1), ..., d_sae / 2, d_sae
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -42,8 +43,8 @@ class SAEConfig:
             raise ValueError(f"d_in and d_sae must be positive, got {self.d_in}, {self.d_sae}")
         if not 0 < self.k <= self.d_sae:
             raise ValueError(f"k must be in [1, d_sae={self.d_sae}], got {self.k}")
-        if self.aux_k < 0:
-            raise ValueError(f"aux_k must be >= 0, got {self.aux_k}")
+        if self.aux_k is not None and self.aux_k < 1:
+            raise ValueError(f"aux_k must be >= 1, got {self.aux_k}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +79,15 @@ class SAE(nn.Module):
     """x_hat = activate((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec."""
 
     unit_norm_decoder = True  # decoder rows kept at norm 1 during training
+    # Encoder column norm at init: W_enc starts as init_norm * W_dec^T for random unit decoder rows
+    # (decoder rows start at init_norm too where their norm is free). On inputs normalised to
+    # E||x||^2 = d_in, x . d ~ N(0, 1) for a random unit direction d, so pre-activations start at
+    # about init_norm. 1 (Gao et al. 2024) suits the TopK family, which keeps only k latents
+    # whatever the scale. The penalised architectures use 0.1 (Anthropic's April 2024 update):
+    # from 1, about half of all latents fire on every input and the first steps are spent undoing
+    # an x_hat several times too large, which on the toy cost Gated 0.2 of frac_recovered at equal
+    # L0 (tests/test_sae_relu_gated.py::test_small_encoder_init_recovers_more).
+    init_norm: float = 1.0
 
     # Which dimension of each parameter indexes latents: what resampling re-initialises and
     # whose Adam state it resets. Subclasses with per-latent parameters of their own add them.
@@ -90,8 +100,8 @@ class SAE(nn.Module):
         g = torch.Generator().manual_seed(cfg.seed)
         w_dec = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
         w_dec /= w_dec.norm(dim=1, keepdim=True)
-        self.W_dec = nn.Parameter(w_dec)
-        self.W_enc = nn.Parameter(w_dec.T.contiguous())  # tied init (Gao et al. 2024)
+        self.W_enc = nn.Parameter((w_dec.T * self.init_norm).contiguous())  # tied init (Gao et al. 2024)
+        self.W_dec = nn.Parameter(w_dec if self.unit_norm_decoder else w_dec * self.init_norm)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae))
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in))
 
@@ -132,11 +142,13 @@ class SAE(nn.Module):
                                 firing_counts(f))
 
     def _loss_terms(self, x: Tensor, x_hat: Tensor, sparsity: Tensor, aux: Tensor, step: int,
-                    firing: Tensor) -> dict[str, Tensor]:
-        """The loss and its logged parts; `firing` [d_sae] counts the rows each latent fired on."""
+                    firing: Tensor, reconstruction: Tensor | None = None) -> dict[str, Tensor]:
+        """The loss and its logged parts; `firing` [d_sae] counts the rows each latent fired on.
+        `reconstruction` is the loss's reconstruction term where it is not just the MSE of x_hat."""
         mse = F.mse_loss(x_hat, x)
         return {
-            "loss": mse + self.sparsity_coef_at(step) * sparsity + self.cfg.aux_coef * aux,
+            "loss": (mse if reconstruction is None else reconstruction) + self.sparsity_coef_at(step) * sparsity
+                    + self.cfg.aux_coef * aux,
             "mse": mse.detach(),
             "sparsity": sparsity.detach(),
             "aux": aux.detach(),
@@ -158,11 +170,11 @@ class SAE(nn.Module):
         self.b_dec.copy_(m)
 
     @torch.no_grad()
-    def set_decoder_norm_to_unit_(self) -> None:
-        """Called after every optimizer step; a no-op for architectures with a free decoder norm."""
-        if not self.unit_norm_decoder:
-            return
-        self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    def apply_constraints_(self) -> None:
+        """Called after every optimizer step: decoder rows back to unit norm (a no-op for
+        architectures with a free decoder norm); subclasses add constraints of their own."""
+        if self.unit_norm_decoder:
+            self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
 
     @torch.no_grad()
     def remove_gradient_parallel_to_decoder_(self) -> None:
