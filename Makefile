@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test quick clean-venv bench-peers
+.PHONY: run test quick clean-venv bench-peers bench-parity
 
 $(STAMP): requirements.txt
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -39,3 +39,8 @@ $(PEERS_STAMP): benchmarks/requirements-peers.txt
 
 bench-peers: $(PEERS_STAMP)
 	$(PEERS_PY) benchmarks/bench_peers.py $(ARGS)
+
+# `make bench-parity`: each architecture against its reference implementation on the synthetic toys
+# (benchmarks/bench_parity.py), in the same venv as bench-peers.
+bench-parity: $(PEERS_STAMP)
+	$(PEERS_PY) benchmarks/bench_parity.py $(ARGS)
