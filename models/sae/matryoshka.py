@@ -18,7 +18,7 @@ from torch import Tensor
 
 from models.sae.base import SAEConfig, register
 from models.sae.batchtopk import BatchTopKSAE
-from models.sae.kernels import firing_counts, selected_pre_acts, sparse_decode
+from models.sae.kernels import firing_counts, selected_pre_acts
 
 
 def prefix_widths(d_sae: int, levels: int) -> list[int]:
@@ -36,25 +36,29 @@ class MatryoshkaSAE(BatchTopKSAE):
 
     def loss(self, x: Tensor, step: int = 0, dead_mask: Tensor | None = None) -> dict[str, Tensor]:
         x = x.reshape(-1, x.shape[-1])
+        n_rows, levels = x.shape[0], len(self.widths)
         sparse = self.sparse_step and self.training  # in eval mode latents are selected by the threshold
         if sparse:
             with torch.no_grad():
                 pre = self.pre_acts(x)
                 acts = self.select(pre)
             vals = selected_pre_acts(pre, acts, x, self.W_enc, self.b_enc, self.b_dec).relu()
+            # One embedding_bag with a bag per (row, level): parts[r, l] sums row r's latents of level l.
             level = torch.bucketize(acts.cols, torch.tensor(self.widths, device=x.device), right=True)
-            parts = [sparse_decode(acts, vals * (level == i), self.W_dec) for i in range(len(self.widths))]
+            bag = acts.rows * levels + level
+            order = torch.argsort(bag, stable=True)  # bags in order (from_flat's row-major order has them so)
+            counts = torch.bincount(bag, minlength=n_rows * levels)
+            parts = F.embedding_bag(acts.cols[order], self.W_dec, torch.cumsum(counts, 0) - counts, mode="sum",
+                                    per_sample_weights=vals[order]).view(n_rows, levels, -1)
             firing = acts.firing_counts(vals.detach(), self.cfg.d_sae)
         else:
             pre = self.pre_acts(x)
             f = self.activate(pre)
-            parts = [f[:, a:b] @ self.W_dec[a:b] for a, b in zip([0, *self.widths[:-1]], self.widths)]
+            parts = torch.stack([f[:, a:b] @ self.W_dec[a:b] for a, b in zip([0, *self.widths[:-1]], self.widths)], 1)
             firing = firing_counts(f)
-        # Each prefix's reconstruction: b_dec plus the parts of every level up to it.
-        recon, prefix_mse = self.b_dec, []
-        for part in parts:
-            recon = recon + part
-            prefix_mse.append(F.mse_loss(recon, x))
-        aux = (self._sparse_aux_loss if sparse else self.aux_loss)(x, recon, pre, dead_mask)
-        return self._loss_terms(x, recon, x.new_zeros(()), aux, step, firing,
-                                reconstruction=torch.stack(prefix_mse).sum())
+        # Each prefix's reconstruction: b_dec plus the parts of every level up to it; the loss sums their MSEs.
+        recon = parts.cumsum(1) + self.b_dec
+        prefix_mse = (recon - x[:, None]).pow(2).mean(dim=(0, 2))
+        x_hat = recon[:, -1]
+        aux = (self._sparse_aux_loss if sparse else self.aux_loss)(x, x_hat, pre, dead_mask)
+        return self._loss_terms(x, x_hat, x.new_zeros(()), aux, step, firing, reconstruction=prefix_mse.sum())
