@@ -15,7 +15,8 @@ batches in the same order and scale (our normalisation to mean squared norm d_in
 learning rate, warm-up, final linear decay, number of steps and sparsity warm-up, its library's
 defaults otherwise, and the penalty coefficient in REFERENCE_COEF (in its own units: SAELens sums
 the MSE over d_in where we average it, so its coefficient is d_in = 64 times ours for the same
-objective). Both are then scored by the harness's `evaluate` on the held-out split.
+objective; its gradient clip at norm 1 is ours at 1/d_in, which is how our trainer clips). Both are
+then scored by the harness's `evaluate` on the held-out split.
 
 References (SAELens and sparsify run in .venv-peers: SAELens needs transformer-lens < 4):
     relu       SAELens StandardTrainingSAE (L1 of |f| * ||W_dec||)
@@ -59,7 +60,7 @@ ARCHITECTURES = ("relu", "jumprelu", "gated", "topk", "batchtopk", "matryoshka")
 TOYS = {"standard": None, "hierarchy": ROOT / "config" / "toys" / "hierarchy.yaml"}
 # The references' penalty coefficients, in their own units, chosen to land near our arms' L0.
 REFERENCE_COEF = {"relu": 3.0, "gated": 3.0, "jumprelu": 1.0}
-SWEEP = (0.03, 0.1, 0.3, 1.0)  # --sweep: our JumpReLU L0 coefficients, spanning 10x and more
+SWEEP = (0.005, 0.015, 0.05, 0.15)  # --sweep: our JumpReLU L0 coefficients, spanning 30x
 MARGIN, L0_TOLERANCE = 0.02, 0.2
 
 

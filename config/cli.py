@@ -182,10 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                      f"warmed up over the first 5%% of steps (default: relu {coef['relu']:g}, gated {coef['gated']:g})")
     sae.add_argument("--l0-coefficient", type=_nonnegative_float, help=f"L0 penalty weight for jumprelu (of the "
                      f"target penalty while --target-l0 is set), warmed up over the first 5%% of steps (default: "
-                     f"{coef['jumprelu']:g}; --source synthetic: 0.1)")
-    sae.add_argument("--target-l0", type=_nonnegative_float, help=f"jumprelu: penalise (L0/target - 1)^2 instead of "
-                     f"L0, steering the arm to this L0; 0 for the plain L0 penalty (default: "
-                     f"{ARCHITECTURE_DEFAULTS['jumprelu']['target_l0']:g}; --source synthetic: 0)")
+                     f"{coef['jumprelu']:g}; --source synthetic: 0.0156)")
+    sae.add_argument("--target-l0", type=_positive_float, help="jumprelu: penalise (L0/target - 1)^2 instead of "
+                     "L0, steering the arm to this L0 (default: off)")
     sae.add_argument("--dead-handling", choices=sorted({m for ms in DEAD_HANDLING.values() for m in ms}),
                      help="what to do about dead latents (no firing in --dead-window tokens): auxk = auxiliary TopK "
                      "loss that trains dead latents on the residual (Gao et al. 2024; TopK family), resample = "
@@ -274,8 +273,6 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     studies = parse_studies(a.study or config.get("study") or "all", "--study" if a.study else "study")
 
     flag_sae = _given(a, SAE_FLAGS)
-    if flag_sae.get("target_l0") == 0:
-        flag_sae["target_l0"] = None  # the plain L0 penalty
     if a.dead_handling is not None:
         if a.dead_resample is not None and (a.dead_handling == "none") == a.dead_resample:
             flag = "--dead-resample" if a.dead_resample else "--no-dead-resample"

@@ -257,7 +257,12 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.sae.remove_gradient_parallel_to_decoder_()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip)
+        # Our loss averages the squared error over d_in; SAELens and dictionary_learning sum it and
+        # clip at norm 1. Clipping at grad_clip / d_in is exactly their clip (Adam ignores the common
+        # scale): it engages in the first steps and shapes what is learnt (on the toy it took
+        # JumpReLU from L0 6 to 5 at the same coefficient, as in SAELens). At grad_clip itself it
+        # never engaged.
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip / self.cache.d_in)
         if not bool(torch.isfinite(out["loss"]) & torch.isfinite(grad_norm)):
             saved = list_checkpoints(self.arm_dir / "checkpoints")
             kept = f"the last good checkpoint is {saved[-1].name}" if saved else "no checkpoint had been written"
