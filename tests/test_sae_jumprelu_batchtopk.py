@@ -475,3 +475,12 @@ def test_leading_dims():
     f = bt.encode(x)
     assert torch.count_nonzero(f) == 4 * 6  # B counts every leading position
     assert torch.equal(f, bt.encode(x.reshape(6, 8)).reshape(2, 3, 32))
+
+
+def test_jumprelu_b_dec_starts_at_zero():
+    sae = make_jumprelu()
+    sae.init_b_dec_(randn(64, 8) + 3.0)
+    assert torch.count_nonzero(sae.b_dec) == 0
+    topk = build_sae(SAEConfig("topk", 8, 32, k=4))
+    topk.init_b_dec_(randn(64, 8) + 3.0)
+    assert (topk.b_dec > 2).all()  # the others start at the geometric median

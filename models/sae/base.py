@@ -88,6 +88,7 @@ class SAE(nn.Module):
     # an x_hat several times too large, which on the toy cost Gated 0.2 of frac_recovered at equal
     # L0 (tests/test_sae_relu_gated.py::test_small_encoder_init_recovers_more).
     init_norm: float = 1.0
+    median_b_dec = True  # start b_dec at the geometric median of the first batch (else at 0)
 
     # Which dimension of each parameter indexes latents: what resampling re-initialises and
     # whose Adam state it resets. Subclasses with per-latent parameters of their own add them.
@@ -160,7 +161,10 @@ class SAE(nn.Module):
 
     @torch.no_grad()
     def init_b_dec_(self, x_sample: Tensor, n_iter: int = 10, eps: float = 1e-8) -> None:
-        """Set b_dec to the geometric median of x_sample [N, d_in] (Weiszfeld iterations)."""
+        """Set b_dec to the geometric median of x_sample [N, d_in] (Weiszfeld iterations), where the
+        architecture starts it there (median_b_dec)."""
+        if not self.median_b_dec:
+            return
         x = x_sample.reshape(-1, self.cfg.d_in).to(torch.float64)
         m = x.mean(0)
         for _ in range(n_iter):
