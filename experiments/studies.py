@@ -337,10 +337,12 @@ def resampling(arms: list[ArmData], probes: dict) -> StudyResult:
     for a in arms:
         tokens, dead = a.curve("eval/dead_frac")
         _, ev = a.curve("eval/explained_variance")
-        _, train_dead = a.curve("train/dead_frac")
-        _, resampled = a.curve("train/resampled")
+        train_tokens, train_dead = a.curve("train/dead_frac")
+        resampled_tokens, resampled = a.curve("train/resampled")
         curves[a.name] = {"architecture": a.architecture, "dead_handling": a.record["dead_handling"],
-                          "tokens": tokens, "dead_frac": dead, "explained_variance": ev}
+                          "tokens": tokens, "dead_frac": dead, "explained_variance": ev,
+                          "train_tokens": train_tokens, "train_dead_frac": train_dead,
+                          "resampled_tokens": resampled_tokens[resampled > 0]}
         rows.append([a.name, a.record["dead_handling"], _r(a.final.get("dead_frac")),
                      _r(np.max(dead) if dead.size else None), _r(train_dead[-1] if train_dead.size else None),
                      int(resampled.sum()) if resampled.size else 0, _r(a.final.get("explained_variance")),

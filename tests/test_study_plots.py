@@ -190,11 +190,21 @@ def test_resampling_curves(tmp_path):
     arms = {f"topk-{m}": {"architecture": "topk", "dead_handling": m, "tokens": tokens,
                           "dead_frac": np.linspace(0.1, f, 5), "explained_variance": np.linspace(0.5, 0.9 - f / 4, 5)}
             for m, f in (("none", 0.6), ("resample", 0.2), ("auxk", 0.05))}
+    train_tokens = np.linspace(1e4, 1e6, 50)
+    arms["topk-resample"].update(train_tokens=train_tokens, train_dead_frac=np.tile([0.0, 0.1, 0.2, 0.3, 0.4], 10),
+                                 resampled_tokens=np.array([2e5, 4e5]))
     arms["relu-none"] = dict(arms["topk-none"], architecture="relu", explained_variance=[np.nan] * 5)
     fig = sp.resampling_curves(arms)
-    colors = {line.get_color() for line in fig.axes[0].get_lines()}
+    colors = {line.get_color() for line in fig.axes[1].get_lines()}
     assert colors == {sp.DEAD_HANDLING_COLORS[m] for m in ("none", "resample", "auxk")}
-    _check(fig, tmp_path, 2, "resampling")
+    # the training panel plots the resample arm's logged series and a dotted line per resampling
+    lines = fig.axes[0].get_lines()
+    curve = [line for line in lines if len(line.get_xdata()) == 50]
+    assert len(curve) == 1 and np.array_equal(curve[0].get_ydata(), arms["topk-resample"]["train_dead_frac"])
+    events = [line for line in lines if line.get_linestyle() == ":"]
+    assert sorted(line.get_xdata()[0] for line in events) == [2e5, 4e5]
+    assert {line.get_color() for line in events} == {sp.DEAD_HANDLING_COLORS["resample"]}
+    _check(fig, tmp_path, 3, "resampling")
 
 
 def test_umap_scatter(tmp_path):

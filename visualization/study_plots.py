@@ -492,16 +492,17 @@ def _token_range(arms: dict[str, dict]) -> tuple[float, float] | None:
     return lo - pad, hi + pad
 
 
-def _time_panels(arms: dict[str, dict], keys: Sequence[tuple[str, str, str]], styles: dict, width: float,
+def _time_panels(arms: dict[str, dict], keys: Sequence[tuple[str, ...]], styles: dict, width: float,
                  empty_text: str = "no data") -> Figure:
-    """One panel per key: each arm's series vs training tokens. Empty panels keep the token range
-    of the others and say why they are empty."""
+    """One panel per key (key, ylabel, title[, the arm's field of its tokens, default "tokens"]): each
+    arm's series vs training tokens. Empty panels keep the token range of the others and say why
+    they are empty."""
     fig, axs = _fig(len(keys), width=width, height=4.4)
     xlim = _token_range(arms)
-    for ax, (key, ylabel, title) in zip(axs[0], keys):
+    for ax, (key, ylabel, title, *tokens_key) in zip(axs[0], keys):
         any_data = False
         for name, arm in arms.items():
-            t, v = _xy_series(arm.get("tokens"), arm.get(key))
+            t, v = _xy_series(arm.get(tokens_key[0] if tokens_key else "tokens"), arm.get(key))
             any_data |= bool((np.isfinite(t) & np.isfinite(v)).any())
             _plot_series(ax, t, v, styles[name], None, linestyle=styles[name].get("linestyle", "-"))
         _token_axis(ax)
@@ -651,10 +652,13 @@ def density_over_training(name: str, tokens: np.ndarray, log10_density: np.ndarr
 
 # -- resampling study --------------------------------------------------------------------------
 def resampling_curves(arms: dict[str, dict]) -> Figure:
-    """Dead fraction and explained variance vs tokens, coloured by dead-latent handling
-    (none / resample / auxk); architectures are told apart by line style when there are several.
+    """Three panels vs tokens, coloured by dead-latent handling (none / resample / auxk;
+    architectures told apart by line style when there are several): the fraction of latents dead
+    during training (not fired in the last dead window, at every logged step) with each resampling
+    marked by a dotted line, the fraction dead on the eval split, and explained variance.
 
-    arms: name -> {"architecture", "dead_handling", "tokens", "dead_frac", "explained_variance"}.
+    arms: name -> {"architecture", "dead_handling", "tokens", "dead_frac", "explained_variance",
+    "train_tokens", "train_dead_frac", "resampled_tokens"} (the last three may be missing).
     """
     archs = list(dict.fromkeys(str(a.get("architecture", "?")) for a in arms.values()))
     linestyles = ["-", "--", ":", "-."]
@@ -670,9 +674,14 @@ def resampling_curves(arms: dict[str, dict]) -> Figure:
     def label(name: str) -> str:
         return f"{name} ({arms[name].get('dead_handling', '?')})"
 
-    keys = [("dead_frac", "fraction of latents dead", "Dead latents"),
+    keys = [("train_dead_frac", "fraction not fired in the last window", "Dead in training (dotted: resampling)",
+             "train_tokens"),
+            ("dead_frac", "fraction never fired on the eval split", "Dead on the eval split"),
             ("explained_variance", "explained variance (fraction)", "Reconstruction (held-out)")]
-    fig = _time_panels(arms, keys, styles, width=11.5)
+    fig = _time_panels(arms, keys, styles, width=15.5)
+    for name, arm in arms.items():
+        for tokens in np.asarray(arm.get("resampled_tokens", []), dtype=np.float64):
+            fig.axes[0].axvline(tokens, color=styles[name]["color"], linestyle=":", linewidth=1.0, alpha=0.7)
     handles = [Line2D([], [], color=styles[n]["color"], marker=styles[n]["marker"], markersize=5,
                       linestyle=styles[n]["linestyle"]) for n in arms]
     fig.suptitle("Dead-latent handling: dead latents and reconstruction over training")
