@@ -25,18 +25,18 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     study_dir = ckpt / "all"
     s = summary(study_dir)
     arms = s["arms"]
-    # 5 architectures shared by activations, emergence and frequency + 3 dead-handling arms for resampling
-    assert len(arms) == len({a["arm_id"] for a in arms}) == 8
+    # 6 architectures shared by activations, emergence and frequency + 3 dead-handling arms for resampling
+    assert len(arms) == len({a["arm_id"] for a in arms}) == 9
     assert sorted(p.parent.name for p in study_dir.glob("*/sae.safetensors")) == sorted(a["arm_id"] for a in arms)
     shared = [a for a in arms if a["studies"] == ["activations", "emergence", "frequency"]]
-    assert len(shared) == 5 and sorted(a["dead_handling"] for a in arms if a["studies"] == ["resampling"]) == [
+    assert len(shared) == 6 and sorted(a["dead_handling"] for a in arms if a["studies"] == ["resampling"]) == [
         "auxk", "none", "resample"]
     assert all(a["status"] == "complete" for a in arms) and s["status"] == "complete"
     for name in STUDIES:
         assert s["studies"][name]["arms"], name
         assert list((study_dir / "report" / name).glob("*.png")), name
         assert f"## {name}" in (study_dir / "report" / "report.md").read_text()
-    assert len(list((study_dir / "report" / "emergence").glob("umap_*.png"))) == 5 * 1  # one eval: umap once per arm
+    assert len(list((study_dir / "report" / "emergence").glob("umap_*.png"))) == 6 * 1  # one eval: umap once per arm
     emergence = s["studies"]["emergence"]["arms"][0]["concepts"]
     assert {c["concept"] for c in emergence} >= {"category:animals", "word:cat"}
     for table in ("╔", "activations:", "emergence:", "frequency:", "resampling:"):
