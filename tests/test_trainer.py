@@ -1,0 +1,53 @@
+"""The training step's rules, on an in-memory activation cache: gradient clipping in the
+references' units, and the dead-latent counters."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from config.schema import SAEArmConfig, TrainConfig
+from experiments.activation_cache import ActivationCache
+from experiments.trainer import EvalContext, StopFlag, Trainer
+
+
+def trainer(tmp_path: Path, arch: str = "topk", d_in: int = 16, rows: int = 4096, **train) -> Trainer:
+    acts = np.random.default_rng(0).standard_normal((rows, d_in), dtype=np.float32)
+    cache = ActivationCache(tmp_path, {"split": {"n_train_rows": rows}, "normalization": {"scale": 1.0}}, acts, None)
+    cfg = TrainConfig(batch_size=64, steps=60, warmup_steps=1, **train)
+    sae = SAEArmConfig.for_architecture(arch, hidden_dim=128, **({"k": 4} if arch == "topk" else {}))
+    t = Trainer(tmp_path / "arm", sae, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag(), progress=False)
+    t.sae.train()
+    return t
+
+
+@pytest.mark.parametrize("d_in", [16, 64])
+def test_gradient_clipped_at_grad_clip_over_d_in(tmp_path, d_in):
+    """Our loss averages over d_in where SAELens's and dictionary_learning's sum: their clip at norm 1
+    is ours at 1 / d_in. The gradient Adam is given has at most that norm, and is untouched below it."""
+    t = trainer(tmp_path, "relu", d_in=d_in, grad_clip=1.0)
+    seen = []
+    t.opt.register_step_pre_hook(lambda opt, args, kw: seen.append(
+        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in t.sae.parameters() if p.grad is not None]))))
+    with torch.no_grad():
+        t.sae.W_dec.mul_(30)  # a large reconstruction error: a gradient far above the clip
+    raw = t.train_step()["train/grad_norm"]
+    assert raw > 1 / d_in and seen[-1] == pytest.approx(1 / d_in, rel=1e-4)
+    t.cfg.grad_clip = 1e6  # no clipping: Adam sees the raw gradient
+    raw = t.train_step()["train/grad_norm"]
+    assert seen[-1] == pytest.approx(float(raw), rel=1e-4)
+
+
+def test_dead_means_no_firing_in_the_last_window_counted_every_step(tmp_path):
+    t = trainer(tmp_path, dead_window=640)  # 10 steps of 64 tokens
+    never = torch.zeros(128, dtype=torch.int64)
+    for step in range(9):
+        t._update_dead(never, 64)  # nothing fires...
+        assert not t.dead_mask.any()  # ...but a window has not passed yet
+    t._update_dead(never, 64)
+    assert t.dead_mask.all()
+    fired = never.clone()
+    fired[:5] = 3
+    t._update_dead(fired, 64)  # one firing revives a latent at once
+    assert not t.dead_mask[:5].any() and t.dead_mask[5:].all()
+    assert (t.tokens_since_fired[:5] == 0).all() and (t.tokens_since_fired[5:] == 11 * 64).all()
