@@ -63,7 +63,7 @@ studies:
     assert cfg.log.use_wandb and cfg.log.wandb_project == "proj"
     acts = cfg.plans[0].arms
     assert [(a.sae.architecture, a.sae.k, a.sae.sparsity_coef) for a in acts] == [
-        ("topk", 16, 0.0), ("topk", 32, 0.0), ("relu", 32, 0.0085), ("relu", 32, 0.00425)]
+        ("topk", 16, 0.0), ("topk", 32, 0.0), ("relu", 32, 0.0065), ("relu", 32, 0.00325)]
     assert all(a.sae.expansion_factor == 4 for a in acts)
     res = cfg.plans[1].arms
     assert [a.sae.dead_handling for a in res] == ["none", "auxk"]

@@ -150,7 +150,7 @@ def test_cli_source_flags_preset_and_layers(tmp_path):
     preset = cfg.synthetic
     assert (preset.n_features, preset.d_in, preset.mean_l0, preset.frequency) == (512, 64, 5.0, "zipf")
     assert {a.sae.architecture: a.sae.hidden_dim for a in cfg.arms} == dict.fromkeys(
-        ["topk", "batchtopk", "relu", "jumprelu", "gated"], 512)
+        ["topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"], 512)
     assert cfg.result_spec()["synthetic"]["n_features"] == 512
     assert parse_args([]).result_spec()["synthetic"] is None  # not part of a transformer study's identity
 
