@@ -399,9 +399,10 @@ def test_batchtopk_threshold_estimator_hand_computed():
 
 def test_batchtopk_eval_l0_close_to_k_after_training(data):
     sae = make_batchtopk(32, 64, k=4, aux_k=8)
-    l0 = train_(sae, data, steps=300)
-    assert sae.num_batches.item() == 300
-    # 3.6 here; theta, the mean of batch minima, sits a little above the population quantile
+    l0 = train_(sae, data, steps=600)
+    assert sae.num_batches.item() == 600
+    # 3.8 here. theta averages the batch minima of the last ~100 steps (decay 0.99), so it lags
+    # while the activations' scale still moves from its 0.1 start: after 300 steps L0 was 3.3.
     assert abs(l0 - 4) < 0.6
 
 

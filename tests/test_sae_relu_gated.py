@@ -207,6 +207,8 @@ def test_decoder_constraint_helpers_follow_class(arch):
         assert torch.equal(sae.W_dec.grad, g0) and torch.equal(sae.W_dec.detach(), w0)
     else:
         assert (sae.W_dec.grad * w0).sum(1).abs().max() < 1e-5 * g0.abs().max()
+        parallel = ((g0 * w0).sum(1, keepdim=True) / (w0 * w0).sum(1, keepdim=True)) * w0
+        assert torch.allclose(sae.W_dec.grad, g0 - parallel, atol=1e-6)  # only the radial part went
         assert torch.allclose(sae.W_dec.norm(dim=1), torch.ones(32))
         assert torch.allclose(sae.W_dec, w0 / w0.norm(dim=1, keepdim=True))
 

@@ -82,11 +82,11 @@ class SAE(nn.Module):
     # Encoder column norm at init: W_enc starts as init_norm * W_dec^T for random unit decoder rows
     # (decoder rows start at init_norm too where their norm is free). On inputs normalised to
     # E||x||^2 = d_in, x . d ~ N(0, 1) for a random unit direction d, so pre-activations start at
-    # about init_norm. 1 (Gao et al. 2024) suits the TopK family, which keeps only k latents
-    # whatever the scale. The penalised architectures use 0.1 (Anthropic's April 2024 update):
-    # from 1, about half of all latents fire on every input and the first steps are spent undoing
-    # an x_hat several times too large, which on the toy cost Gated 0.2 of frac_recovered at equal
-    # L0 (tests/test_sae_relu_gated.py::test_small_encoder_init_recovers_more).
+    # about init_norm. Every architecture here uses 0.1 (Anthropic's April 2024 update): from 1,
+    # about half of all latents fire on every input and the first steps are spent undoing an x_hat
+    # several times too large, which on the toy cost Gated 0.2 of frac_recovered at equal L0
+    # (tests/test_sae_relu_gated.py::test_small_encoder_init_recovers_more); for the TopK family
+    # see TopKSAE.
     init_norm: float = 1.0
     median_b_dec = True  # start b_dec at the geometric median of the first batch (else at 0)
 
