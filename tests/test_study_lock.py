@@ -4,7 +4,6 @@ import multiprocessing
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -41,23 +40,32 @@ def test_stale_lock_is_taken_over_even_if_its_pid_is_alive_again(tmp_path):
     assert not (tmp_path / ".lock").exists()
 
 
-def _contend(path, start, results):
+N_RACERS = 6
+
+
+def _contend(path, start, blocked, results):
     start.wait()
     try:
         with StudyLock(path):
             results.put("won")
-            time.sleep(1.0)  # hold it while the others try
+            # hold it until every other process has been refused, so that none can start late
+            # and take it after the release (a timed hold would race with a slow starter)
+            for _ in range(N_RACERS - 1):
+                if not blocked.acquire(timeout=60):
+                    break
     except UsageError:
         results.put("blocked")
+        blocked.release()
+
 
 
 def test_processes_racing_for_a_stale_lock_get_exactly_one(tmp_path):
     (tmp_path / ".lock").write_text("999999999")  # stale: no process holds it
     ctx = multiprocessing.get_context("fork")  # the children reuse this process's imports
-    start, results = ctx.Barrier(6), ctx.Queue()
-    procs = [ctx.Process(target=_contend, args=(tmp_path, start, results)) for _ in range(6)]
+    start, blocked, results = ctx.Barrier(N_RACERS), ctx.Semaphore(0), ctx.Queue()
+    procs = [ctx.Process(target=_contend, args=(tmp_path, start, blocked, results)) for _ in range(N_RACERS)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(30)
-    assert sorted(results.get(timeout=5) for _ in procs) == ["blocked"] * 5 + ["won"]
+        p.join(90)
+    assert sorted(results.get(timeout=5) for _ in procs) == ["blocked"] * (N_RACERS - 1) + ["won"]
