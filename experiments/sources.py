@@ -75,8 +75,13 @@ def load_subject_model(data: DataConfig, models_dir: Path, device: str = "cpu", 
     if data.model_name != "tinylm":
         return _boot_hf(data.model_name, device)
     from models.tinylm import load_or_train_tinylm
+    from models.tinylm.model import configured_spec
 
-    lm = load_or_train_tinylm(models_dir, progress=progress)
+    try:
+        spec = configured_spec()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    lm = load_or_train_tinylm(models_dir, spec, progress=progress)
     bridge = lm.bridge.to(device) if device != "cpu" else lm.bridge
     fingerprint = "tinylm:" + hashlib.sha256(
         json.dumps(lm.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -268,9 +268,20 @@ def ckpt(tmp_path_factory, tinylm_models_dir):
     return root
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES])
-def test_bad_input_exits_2_with_one_line(case, request, tmp_path, monkeypatch, capsys):
-    root = request.getfixturevalue("ckpt") if case.runs else tmp_path / "ckpt"
+# Two tests, so that the cases refused while parsing need no model: the session orders tests by
+# whether they request tinylm (conftest), which a fixture fetched inside the test would hide.
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if not c.runs])
+def test_bad_input_refused_while_parsing(case, request, tmp_path, monkeypatch, capsys):
+    check(case, tmp_path / "ckpt", request, tmp_path, monkeypatch, capsys)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=c.id) for c in CASES if c.runs])
+def test_bad_input_refused_at_run_time(case, ckpt, request, tmp_path, monkeypatch, capsys):
+    check(case, ckpt, request, tmp_path, monkeypatch, capsys)
+
+
+def check(case, root, request, tmp_path, monkeypatch, capsys):
+    """The case exits 2 with one line and leaves the checkpoint dir as it found it."""
     ctx = Ctx(tmp_path, root, monkeypatch, request)
     if not case.runs:  # must fail while parsing: a wrongly accepted input must not start a run
         import experiments.study

@@ -20,7 +20,7 @@ from models.tinylm import (
     word_concepts,
 )
 from models.tinylm.corpus import validation_stories
-from models.tinylm.model import pack_rows
+from models.tinylm.model import SPEC_ENV, cache_name, configured_spec, pack_rows
 
 # Small enough to train in about a second; for determinism and caching behaviour.
 TINY = TinyLMSpec(
@@ -107,8 +107,9 @@ def test_every_concept_word_is_one_token(tinylm: TinyLM) -> None:
 
 
 def test_cache_layout(tinylm_models_dir: Path, tinylm: TinyLM) -> None:
-    cache = tinylm_models_dir / "tinylm"
-    assert sorted(p.name for p in tinylm_models_dir.iterdir()) == ["tinylm"]  # no temp leftovers
+    cache = tinylm_models_dir / cache_name(tinylm.spec)
+    assert cache_name(tinylm.spec) in {p.name for p in tinylm_models_dir.iterdir()}
+    assert not [p for p in tinylm_models_dir.iterdir() if p.name.startswith(".")]  # no temp leftovers
     assert {p.name for p in cache.iterdir()} == {"config.json", "model.safetensors", "tokenizer", "meta.json"}
     config = json.loads((cache / "config.json").read_text())
     assert config["spec"] == json.loads((cache / "meta.json").read_text())["spec"]
@@ -196,20 +197,20 @@ def test_retrains_when_spec_or_corpus_changes(tmp_path: Path, count_trainings: l
     other = replace(TINY, train_steps=21)
     assert load_or_train_tinylm(tmp_path, other, progress=False).spec == other
     assert count_trainings == [TINY, other]
-    assert json.loads((tmp_path / "tinylm" / "meta.json").read_text())["spec"]["train_steps"] == 21
+    assert json.loads((tmp_path / cache_name(other) / "meta.json").read_text())["spec"]["train_steps"] == 21
 
     # A grammar change shows up as a different hash of the first stories.
-    meta_path = tmp_path / "tinylm" / "meta.json"
+    meta_path = tmp_path / cache_name(other) / "meta.json"
     meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "corpus_probe_hash": "stale"}))
     load_or_train_tinylm(tmp_path, other, progress=False)
     assert count_trainings == [TINY, other, other]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tinylm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cache_name(TINY), cache_name(other)])
 
 
 @pytest.mark.parametrize("missing", ["meta.json", "model.safetensors", "tokenizer"])
 def test_partial_cache_is_not_used(tmp_path: Path, count_trainings: list[TinyLMSpec], missing: str) -> None:
     load_or_train_tinylm(tmp_path, TINY, progress=False)
-    target = tmp_path / "tinylm" / missing
+    target = tmp_path / cache_name(TINY) / missing
     if target.is_dir():
         for f in target.iterdir():
             f.unlink()
@@ -218,20 +219,37 @@ def test_partial_cache_is_not_used(tmp_path: Path, count_trainings: list[TinyLMS
         target.unlink()
     lm = load_or_train_tinylm(tmp_path, TINY, progress=False)
     assert len(count_trainings) == 2
-    assert (tmp_path / "tinylm" / missing).exists() and lm.meta["val_loss"] > 0
+    assert (tmp_path / cache_name(TINY) / missing).exists() and lm.meta["val_loss"] > 0
 
 
 def test_interrupted_training_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     load_or_train_tinylm(tmp_path, TINY, progress=False)
-    before = json.loads((tmp_path / "tinylm" / "meta.json").read_text())
+    before = json.loads((tmp_path / cache_name(TINY) / "meta.json").read_text())
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tinylm_model, "save_file", interrupt)  # dies mid-way through writing
+    meta_path = tmp_path / cache_name(TINY) / "meta.json"
+    meta_path.write_text(json.dumps({**before, "corpus_probe_hash": "stale"}))  # so that it retrains over it
     with pytest.raises(KeyboardInterrupt):
-        load_or_train_tinylm(tmp_path, replace(TINY, train_steps=21), progress=False)
+        load_or_train_tinylm(tmp_path, TINY, progress=False)
     # The old cache is untouched, and no temp dir is left behind.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["tinylm"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [cache_name(TINY)]
+    meta_path.write_text(json.dumps(before))
     monkeypatch.undo()
     assert load_or_train_tinylm(tmp_path, TINY, progress=False).meta == before
+
+
+def test_spec_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(SPEC_ENV, raising=False)
+    assert configured_spec() == TinyLMSpec() and cache_name(TinyLMSpec()) == "tinylm"
+    monkeypatch.setenv(SPEC_ENV, '{"n_train_stories": 4000, "train_steps": 150}')
+    spec = configured_spec()
+    assert spec == replace(TinyLMSpec(), n_train_stories=4000, train_steps=150)
+    # another spec has a folder of its own, so it never replaces the real model's cache
+    assert cache_name(spec).startswith("tinylm-") and cache_name(spec) != cache_name(replace(spec, seed=1))
+    for bad in ("[1]", "{", '{"layers": 3}'):
+        monkeypatch.setenv(SPEC_ENV, bad)
+        with pytest.raises(ValueError, match=f"{SPEC_ENV}=.* is not a JSON object of TinyLMSpec fields"):
+            configured_spec()

@@ -1,12 +1,17 @@
 """tinylm: a small TransformerLens-native LM trained on first use on its own story corpus.
 
-Cache layout under `models_dir / "tinylm"`:
+Cache layout under `models_dir / "tinylm"` (another spec: `models_dir / "tinylm-<spec hash>"`, so
+a test or experimental spec never replaces the real model):
     config.json        bridge config fields + spec
     model.safetensors  bridge state_dict (TL-style keys)
     tokenizer/         PreTrainedTokenizerFast folder
     meta.json          spec, corpus_hash, corpus_probe_hash, val_loss, unigram_entropy, train_seconds, ...
 The cache is reused only when the stored spec and the hash of the corpus's first stories
 match; it is built in a temp dir and renamed into place, so it is never half-written.
+
+The environment variable TINYLM_SPEC (a JSON object of TinyLMSpec fields, e.g.
+'{"n_train_stories": 4000, "train_steps": 150}') replaces the default spec wherever tinylm is
+loaded, child processes included: the test suite trains its subject model that way in seconds.
 """
 
 import hashlib
@@ -56,6 +61,29 @@ class TinyLMSpec:
     batch_size: int = 32
     lr: float = 3e-3
     seed: int = 0
+
+
+SPEC_ENV = "TINYLM_SPEC"
+
+
+def configured_spec() -> TinyLMSpec:
+    """The default spec with the fields in $TINYLM_SPEC (a JSON object) replaced."""
+    text = os.environ.get(SPEC_ENV, "").strip()
+    if not text:
+        return TinyLMSpec()
+    try:
+        fields = json.loads(text)
+        if not isinstance(fields, dict):
+            raise TypeError("not a JSON object")
+        return TinyLMSpec(**fields)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{SPEC_ENV}={text!r} is not a JSON object of TinyLMSpec fields ({e})") from None
+
+
+def cache_name(spec: TinyLMSpec) -> str:
+    if spec == TinyLMSpec():
+        return "tinylm"
+    return "tinylm-" + hashlib.sha256(json.dumps(asdict(spec), sort_keys=True).encode()).hexdigest()[:12]
 
 
 @dataclass
@@ -194,10 +222,12 @@ def _load(cache_dir: Path, spec: TinyLMSpec, meta: dict[str, Any]) -> TinyLM:
     return TinyLM(bridge=bridge, tokenizer=tokenizer, spec=spec, meta=meta)
 
 
-def load_or_train_tinylm(models_dir: Path, spec: TinyLMSpec = TinyLMSpec(), progress: bool = True) -> TinyLM:
-    """Load tinylm from `models_dir / "tinylm"`, training (and caching) it first if needed."""
+def load_or_train_tinylm(models_dir: Path, spec: TinyLMSpec | None = None, progress: bool = True) -> TinyLM:
+    """Load tinylm (`spec`, default: configured_spec()) from `models_dir`, training (and caching) it
+    first if needed."""
+    spec = spec or configured_spec()
     models_dir = Path(models_dir)
-    cache_dir = models_dir / "tinylm"
+    cache_dir = models_dir / cache_name(spec)
     # A grammar change alters the first stories too; hashing only those keeps every load fast
     # (generating the whole corpus costs about a second).
     probe_hash = _corpus_hash(generate_stories(min(CORPUS_PROBE_STORIES, spec.n_train_stories), spec.seed))
