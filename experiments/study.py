@@ -377,6 +377,8 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
             train_arms(group, cfg.study.resume, stop, desc, on_done, on_error, on_stop, progress=cfg.log.progress)
         except StopRequested as stopped:
             stopped.study_id = study_dir.name
+            meta["status"] = "interrupted"  # resumable, as "running" is, but no process is at work on it
+            write_json_atomic(study_json, meta)
             raise
 
     status = "failed" if failed else "complete"
