@@ -129,11 +129,20 @@ def test_dead_handling_resample_revives_dead_latents(ckpt):
     # learning rate decays from step 120 on, so not at 128)
     assert [e["step"] for e in events] == [32, 64, 96] and sum(e["value"] for e in events) > 0
     assert r.arm["dead_handling"] == "resample" and r.arm["name"] == "topk-k8-resample"
-    # the revived latents get a full window before they can count as dead again
-    steps = [row["step"] for row in r.metrics if row["name"] == "train/dead_frac"]
-    dead = dict(zip(steps, r.series("train/dead_frac")))
-    revived_at = next(e["step"] for e in events if e["value"] > 0)
-    assert dead[revived_at] == 0
+    # right after each resampling no latent is dead (each revived one gets a fresh window), and from
+    # the first one until a window after the last the run stays below the same run without handling
+    # (identical until then); later the revived latents that never fired count as dead again
+    none = go(ckpt, "rs-none", "--dead-handling", "none", "--dead-window", "2048", "--steps", "150")
+
+    def dead_by_step(run):
+        steps = [row["step"] for row in run.metrics if row["name"] == "train/dead_frac"]
+        return dict(zip(steps, run.series("train/dead_frac")))
+
+    dead, dead_none = dead_by_step(r), dead_by_step(none)
+    assert all(dead[e["step"]] == 0 for e in events)
+    first = next(e["step"] for e in events if e["value"] > 0)
+    later = sorted(step for step in dead.keys() & dead_none.keys() if first < step < events[-1]["step"] + 32)
+    assert later and all(dead[step] < dead_none[step] for step in later)
 
 
 def test_activation_all_trains_every_architecture(ckpt):

@@ -11,6 +11,7 @@ from experiments import checkpointing
 from experiments.checkpointing import list_checkpoints, load_latest
 from models.sae import TopKSAE
 from run_experiments import main
+from tests.outcomes import assert_same_outcome
 from tests.test_flags import BASE, ckpt, go  # noqa: F401  (ckpt: fixture)
 from tests.test_study_lock import HOLDER
 
@@ -21,10 +22,6 @@ def _every_5(tmp_path):
     config = tmp_path / "every5.yaml"
     config.write_text("train: {checkpoint_every: 5}\n")
     return ["--config", str(config)]
-
-
-def _finals(study_dir):
-    return [a["final"] for a in json.loads((study_dir / "summary.json").read_text())["arms"]]
 
 
 def test_non_finite_loss_fails_that_arm_only_and_keeps_its_last_good_checkpoint(ckpt, tmp_path, monkeypatch, capsys):
@@ -53,7 +50,7 @@ def test_non_finite_loss_fails_that_arm_only_and_keeps_its_last_good_checkpoint(
     monkeypatch.setattr(TopKSAE, "loss", real)
     assert main([*args, "--resume"]) == 0
     assert main([*args[:-1], "ref"]) == 0
-    assert _finals(ckpt / "nan") == _finals(ckpt / "ref")
+    assert_same_outcome(ckpt / "nan", ckpt / "ref")
 
 
 def test_full_disk_stops_in_one_line_and_resume_loses_nothing(ckpt, tmp_path, monkeypatch, capsys):
@@ -80,7 +77,7 @@ def test_full_disk_stops_in_one_line_and_resume_loses_nothing(ckpt, tmp_path, mo
     assert main([*args, "--resume"]) == 0
     assert not list((ckpt / "full").rglob(".tmp-*"))
     assert main([*args[:-1], "ref"]) == 0
-    assert _finals(ckpt / "full") == _finals(ckpt / "ref")
+    assert_same_outcome(ckpt / "full", ckpt / "ref")
 
 
 def test_second_process_on_a_study_exits_2_naming_the_holder_then_runs_once_it_is_killed(ckpt, capsys):

@@ -485,3 +485,21 @@ def test_jumprelu_b_dec_starts_at_zero():
     topk = build_sae(SAEConfig("topk", 8, 32, k=4))
     topk.init_b_dec_(randn(64, 8) + 3.0)
     assert (topk.b_dec > 2).all()  # the others start at the geometric median
+
+
+def test_defaults_of_the_estimators_are_pinned():
+    # BatchTopK's inference threshold: a running mean of the batch minima for 100 batches, then an
+    # EMA of weight 0.01 (decay 0.99): after 150 batches of minimum 1, one of minimum 101 moves it by 1
+    sae = make_batchtopk(d_in=2, d_sae=3, k=1).train()
+    assert sae.threshold_decay == 0.99
+    for _ in range(150):
+        sae.activate(torch.tensor([[2.0, -1.0, -1.0], [1.0, -1.0, -1.0]]))
+    assert sae.threshold.item() == pytest.approx(1.0)
+    sae.activate(torch.tensor([[102.0, -1.0, -1.0], [101.0, -1.0, -1.0]]))
+    assert sae.threshold.item() == pytest.approx(2.0)
+    # JumpReLU as the harness builds it: SAELens's kernel width 0.05 and initial threshold 0.01
+    from config.cli import parse_args
+    (arm,) = parse_args(["--study", "activations", "--activation", "jumprelu"]).arms
+    assert (arm.sae.bandwidth, arm.sae.init_threshold) == (0.05, 0.01)
+    jumprelu = make_jumprelu(bandwidth=arm.sae.bandwidth, init_threshold=arm.sae.init_threshold)
+    assert torch.equal(jumprelu.threshold, torch.full_like(jumprelu.threshold, 0.01))
