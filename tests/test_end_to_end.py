@@ -51,8 +51,8 @@ def summary(study_dir: Path) -> dict:
     return json.loads((study_dir / "summary.json").read_text())
 
 
-def raw_topk_eval(cache: Path, arm_dir: Path) -> tuple[float, float]:
-    """(explained variance, L0) of a saved TopK SAE on the cache's eval split, in float64 numpy."""
+def raw_topk_eval(cache: Path, arm_dir: Path) -> tuple[float, float, float]:
+    """(explained variance, L0, MSE) of a saved TopK SAE on the cache's raw eval split, in float64 numpy."""
     from safetensors.numpy import load_file
     manifest = json.loads((cache / "manifest.json").read_text())
     x = np.load(cache / "acts.npy", mmap_mode="r")[manifest["split"]["n_train_rows"]:].astype(np.float64)
@@ -63,7 +63,7 @@ def raw_topk_eval(cache: Path, arm_dir: Path) -> tuple[float, float]:
     np.put_along_axis(f, top, np.maximum(np.take_along_axis(pre, top, axis=1), 0), axis=1)
     x_hat = f @ w["W_dec"] + w["b_dec"]
     total = (x ** 2).sum() - (x.sum(0) ** 2).sum() / len(x)
-    return 1 - ((x - x_hat) ** 2).sum() / total, float((f > 0).sum(1).mean())
+    return 1 - ((x - x_hat) ** 2).sum() / total, float((f > 0).sum(1).mean()), float(((x - x_hat) ** 2).mean())
 
 
 def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
@@ -86,7 +86,7 @@ def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     # numpy TopK gives the reported explained variance and L0
     study = json.loads((ckpt / "q" / "study.json").read_text())
     assert raw_topk_eval(Path(study["cache"]), Path(arm["weights"]).parent) == pytest.approx(
-        (final["explained_variance"], final["l0"]), rel=1e-5)
+        (final["explained_variance"], final["l0"], final["mse"]), rel=1e-5)
     assert "╔" in out.stdout and "explained_variance" in out.stdout  # the boxed table
     timing = s["timing"]  # where this run's wall time went
     assert timing["training"] > 0 and timing["harvest"] > 0 and timing["model"] > 0 and timing["eval"] > 0

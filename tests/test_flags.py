@@ -1,4 +1,5 @@
 """Each flag of the original project changes what a real (tiny) run does."""
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from run_experiments import main
+from tests.test_end_to_end import raw_topk_eval
 from visualization.local_sink import MetricsCSV
 
 COMMON = ["--study", "activations", "--activation", "topk", "--n-samples", "40", "--seq-len", "17", "--batch-size", "64", "--expansion-factor", "2", "--no-progress"]
@@ -102,6 +104,11 @@ def test_normalisation_on_and_off(ckpt, base):
     raw = go(ckpt, "raw", "--no-normalize")
     assert raw.sae_config["folded_scale"] == 1.0 and raw.study["cache"] == base.study["cache"]
     assert base.arm["final"]["explained_variance"] != raw.arm["final"]["explained_variance"]
+    # trained on normalised inputs, reported in the activations' own scale: the saved (folded) SAE
+    # on the raw eval rows gives the reported MSE, not the normalised one (scale^2 times it)
+    _, _, mse = raw_topk_eval(Path(base.study["cache"]), base.arm_dir)
+    assert base.arm["final"]["mse"] == pytest.approx(mse, rel=1e-5)
+    assert abs(scale ** 2 - 1) > 0.01
 
 
 def test_dead_window_aux_k_and_dead_resample(ckpt):
@@ -186,6 +193,15 @@ def test_dataset_file_is_harvested(ckpt, base, tmp_path):
     text.write_text("\n".join(json.dumps({"text": f"Bob saw {i} red cats in the park."}) for i in range(200)))
     r = go(ckpt, "ds", "--dataset", str(text))
     assert r.cache["spec"]["dataset"].startswith("sha256:") and r.study["cache"] != base.study["cache"]
+    # the cached tokens are the file's text: every piece between BOS tokens decodes to part of a document
+    from transformers import PreTrainedTokenizerFast
+    tok = PreTrainedTokenizerFast.from_pretrained(str(next((ckpt / "models").glob("tinylm*/tokenizer"))))
+    docs = [f"Bob saw {i} red cats in the park." for i in range(200)]
+    tokens = np.load(Path(r.study["cache"]) / "tokens.npy")
+    pieces = [tok.decode(list(group)).strip() for row in tokens.tolist()
+              for is_bos, group in itertools.groupby(row, key=lambda t: t == tok.bos_token_id) if not is_bos]
+    assert pieces and all(any(piece in doc for doc in docs) for piece in pieces)
+    assert any(piece in docs for piece in pieces)  # and whole documents where a row holds one
 
 
 def test_a_failing_arm_is_recorded_and_the_others_still_run(ckpt, monkeypatch, capsys):

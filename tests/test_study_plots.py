@@ -38,6 +38,16 @@ def _check(fig: Figure, tmp_path: Path, n_axes: int, name: str) -> None:
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def _points(ax) -> set[tuple[float, float]]:
+    """Every (x, y) the axes draw, as lines or scatter points, rounded to float32 precision."""
+    xy = [line.get_xydata() for line in ax.get_lines()] + [c.get_offsets() for c in ax.collections]
+    return {(round(float(x), 6), round(float(y), 6)) for arr in xy for x, y in np.asarray(arr).reshape(-1, 2)}
+
+
+def _as_points(xs, ys) -> set[tuple[float, float]]:
+    return {(round(float(x), 6), round(float(y), 6)) for x, y in zip(xs, ys) if np.isfinite(x) and np.isfinite(y)}
+
+
 def test_format_tokens_and_palette():
     assert sp.format_tokens(0) == "0"
     assert sp.format_tokens(500) == "500"
@@ -59,7 +69,13 @@ def test_frontier(tmp_path):
             "ce_loss_recovered": 0.5 + k / 200, "kl": 0.1} for i, a in enumerate(ARMS.values()) for k in (16, 32, 64)]
     pts.append({"name": "odd", "architecture": "newarch", "l0": 20.0, "explained_variance": float("nan"),
                 "ce_loss_recovered": None, "kl": None})
-    _check(sp.frontier(pts), tmp_path, 2, "frontier")
+    fig = sp.frontier(pts)
+    # each arm is drawn at its (L0, value) on both panels; the arm without a value is not drawn
+    finite = [p for p in pts if np.isfinite(p["explained_variance"])]
+    assert _as_points([p["l0"] for p in finite], [p["explained_variance"] for p in finite]) <= _points(fig.axes[0])
+    assert _as_points([p["l0"] for p in finite], [p["ce_loss_recovered"] for p in finite]) <= _points(fig.axes[1])
+    assert not any(x == 20.0 for x, _ in _points(fig.axes[0]))
+    _check(fig, tmp_path, 2, "frontier")
     # No language model: only the explained-variance panel.
     no_lm = [dict(p, ce_loss_recovered=None, kl=float("nan")) for p in pts]
     fig = sp.frontier(no_lm)
@@ -141,7 +157,12 @@ def _over_time(n_evals: int) -> dict:
 
 @pytest.mark.parametrize("n_evals", [1, 6])
 def test_dead_dense_and_rank_stability(tmp_path, n_evals):
-    _check(sp.dead_dense_over_time(_over_time(n_evals)), tmp_path, 2, f"dead_dense_{n_evals}")
+    over_time = _over_time(n_evals)
+    fig = sp.dead_dense_over_time(over_time)
+    for arm in over_time.values():  # every arm's series, at its eval tokens, on its panel
+        assert _as_points(arm["tokens"], arm["dead_frac"]) <= _points(fig.axes[0])
+        assert _as_points(arm["tokens"], arm["dense_frac"]) <= _points(fig.axes[1])
+    _check(fig, tmp_path, 2, f"dead_dense_{n_evals}")
     tokens = np.linspace(1e5, 1e6, n_evals)
     stab = {}
     for j, (name, arch) in enumerate(ARMS.items()):
