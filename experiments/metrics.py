@@ -122,7 +122,7 @@ def frequency_stats(density: np.ndarray, ultra_low: float) -> dict[str, float]:
     }
 
 
-def density_stats(fire_counts: Tensor, n_tokens: int, dense_threshold: float = 0.1) -> dict[str, float]:
+def density_stats(fire_counts: Tensor, n_tokens: int, dense_threshold: float) -> dict[str, float]:
     """dead_frac: latents that never fired; dense_frac: latents firing on > dense_threshold of tokens."""
     freq = fire_counts.to(torch.float64) / n_tokens
     return {

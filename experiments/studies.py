@@ -309,15 +309,16 @@ def frequency(arms: list[ArmData], probes: dict) -> StudyResult:
         n_tokens = int(last["n_tokens"])
         res.figures[f"density_{a.name}"] = partial(study_plots.density_over_training,
             a.name, np.array([float(e["tokens"]) for e in a.evals]),
-            np.stack([log10_density(e["density"], n_tokens) for e in a.evals]), density_floor(n_tokens))
+            np.stack([log10_density(e["density"], n_tokens) for e in a.evals]), density_floor(n_tokens),
+            probes["dense_threshold"])
     res.tables["final"] = Table(
         f"Firing frequencies on the eval split (ultra-low: alive but below {probes['ultra_low_density']:g}; "
         f"dense: above {probes['dense_threshold']:g})",
         ["arm", "dead", "dense", "ultra-low", "median log10 freq", "rank Spearman (last)", "rank Spearman (min)"], rows)
     if with_evals:
-        res.figures["dead_dense"] = partial(study_plots.dead_dense_over_time, over_time)
+        res.figures["dead_dense"] = partial(study_plots.dead_dense_over_time, over_time, probes["dense_threshold"])
         res.figures["rank_stability"] = partial(study_plots.rank_stability, stability)
-        res.figures["freq_vs_magnitude"] = partial(study_plots.freq_vs_magnitude, magnitude)
+        res.figures["freq_vs_magnitude"] = partial(study_plots.freq_vs_magnitude, magnitude, probes["dense_threshold"])
         for row in rows:
             res.findings.append(f"**{row[0]}**: {_pct(row[1])} dead, {_pct(row[2])} dense, {_pct(row[3])} ultra-low; "
                                 f"frequency ranks between the last two evals correlate at {row[5]}.")

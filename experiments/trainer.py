@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from config.schema import OPTION_ARCHITECTURES, SAEArmConfig, TrainConfig, UsageError
+from config.schema import OPTION_ARCHITECTURES, ProbeConfig, SAEArmConfig, TrainConfig, UsageError
 from experiments.activation_cache import ActivationCache
 from experiments import faults
 from experiments.timing import phase
@@ -121,7 +121,7 @@ EVAL_BATCH = 4096
 
 @torch.no_grad()
 def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, keep_firing: bool = False,
-             dense_threshold: float = 0.1) -> EvalOutput:
+             dense_threshold: float = ProbeConfig.dense_threshold) -> EvalOutput:
     """Metrics on the held-out split, in the original activation scale, plus per-latent density.
 
     The SAE is evaluated in eval mode (BatchTopK then uses its inference threshold)."""
@@ -289,8 +289,9 @@ class Trainer:
 
     def run_eval(self) -> None:
         probes = self.probes
+        dense_threshold = probes.cfg.dense_threshold if probes is not None else ProbeConfig.dense_threshold
         out = evaluate(self.sae, self.cache, self.scale, self.ctx, keep_firing=probes is not None and probes.needs_firing,
-                       dense_threshold=probes.cfg.dense_threshold if probes is not None else 0.1)
+                       dense_threshold=dense_threshold)
         self.last_eval = out.metrics
         logs = {f"eval/{k}": v for k, v in out.metrics.items()}
         embedding = None
@@ -299,7 +300,7 @@ class Trainer:
             logs.update(probe_metrics)
         with phase("logging"):
             self.sinks.log(self.step, self.tokens, logs)
-            self.sinks.log_density(self.step, self.tokens, out.density, self.cache.n_eval_rows)
+            self.sinks.log_density(self.step, self.tokens, out.density, self.cache.n_eval_rows, dense_threshold)
             if embedding is not None:
                 self.sinks.log_embedding(self.step, self.tokens, embedding, self.cache.n_eval_rows)
 

@@ -111,7 +111,7 @@ def test_firing_counts_and_density():
     assert counts.tolist() == [4, 0, 1, 1]
     np.testing.assert_allclose(feature_density(counts, 4), [1.0, 0.0, 0.25, 0.25])
     # dead: latent 1 -> 1/4; dense (> 0.1): latents 0, 2, 3 -> 3/4; (> 0.3): latent 0 -> 1/4
-    assert density_stats(counts, 4) == {"dead_frac": 0.25, "dense_frac": 0.75}
+    assert density_stats(counts, 4, dense_threshold=0.1) == {"dead_frac": 0.25, "dense_frac": 0.75}
     assert density_stats(counts, 4, dense_threshold=0.3)["dense_frac"] == 0.25
 
 

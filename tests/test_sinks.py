@@ -66,7 +66,7 @@ def test_offline_run_round_trip(wandb_env: Path, capfd: pytest.CaptureFixture[st
         sink.log(step, step * 1024, train_metrics(step))
         if step % 2 == 0:
             sink.log(step, step * 1024, eval_metrics(step))
-            sink.log_density(step, step * 1024, density, N_EVAL_TOKENS)
+            sink.log_density(step, step * 1024, density, N_EVAL_TOKENS, 0.1)
     sink.finish({"final/explained_variance": 0.95, "final/fvu": 0.05})
     assert capfd.readouterr().err.count("wandb sync") == 1  # offline by request: hint printed, wandb's own silenced
 
@@ -264,7 +264,7 @@ def test_disabled_logs_nothing(wandb_env: Path) -> None:
     sink = WandbSink(mode="disabled", root_dir=wandb_env)
     assert sink.start(name="arm", group="g", job_type="activations", config={"a": 1}) is None
     sink.log(1, 10, {"train/loss": 1.0})
-    sink.log_density(1, 10, fake_density(), N_EVAL_TOKENS)
+    sink.log_density(1, 10, fake_density(), N_EVAL_TOKENS, 0.1)
     sink.finish({"final/fvu": 0.1})
     assert sink.run_dir is None
     assert not wandb_env.exists()
@@ -284,7 +284,7 @@ def test_wandb_error_in_log_is_reported_once(wandb_env: Path, monkeypatch: pytes
         m.setattr(wandb_sink.wandb.Run, "log", broken_log)
         for step in range(2, 5):
             sink.log(step, step * 10, {"train/loss": 1.0 / step})
-            sink.log_density(step, step * 10, fake_density(), N_EVAL_TOKENS)
+            sink.log_density(step, step * 10, fake_density(), N_EVAL_TOKENS, 0.1)
             steps_trained += 1
     sink.finish({"final/fvu": 0.1})
 
@@ -365,7 +365,7 @@ def test_density_histogram_floor_bar(tmp_path: Path) -> None:
     logd = log10_density(density, N_EVAL_TOKENS)
     assert (logd[:5] == floor).all() and (logd[5:] >= -3).all()
 
-    fig = density_histogram(density, N_EVAL_TOKENS, title="topk-k8")
+    fig = density_histogram(density, N_EVAL_TOKENS, "topk-k8", 0.1)
     ax = fig.axes[0]
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("log10 firing frequency", "latents")
     floor_bars = [p for p in ax.patches if p.get_x() < floor < p.get_x() + p.get_width()]
@@ -386,3 +386,14 @@ def test_progress_bar() -> None:
     bar.set_postfix(loss=0.5)
     assert bar.n == 6 and bar.total == 10
     bar.close()
+
+
+def test_density_histogram_marks_and_counts_the_given_dense_threshold() -> None:
+    density = fake_density()
+    for threshold in (0.01, 0.3):
+        fig = density_histogram(density, N_EVAL_TOKENS, "topk-k8", threshold)
+        ax = fig.axes[0]
+        marks = [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert marks == [pytest.approx(np.log10(threshold))]
+        assert f"of tokens): {int((density > threshold).sum()):,}" in ax.get_legend().get_title().get_text()
+        plt.close(fig)

@@ -158,7 +158,7 @@ def _over_time(n_evals: int) -> dict:
 @pytest.mark.parametrize("n_evals", [1, 6])
 def test_dead_dense_and_rank_stability(tmp_path, n_evals):
     over_time = _over_time(n_evals)
-    fig = sp.dead_dense_over_time(over_time)
+    fig = sp.dead_dense_over_time(over_time, 0.1)
     for arm in over_time.values():  # every arm's series, at its eval tokens, on its panel
         assert _as_points(arm["tokens"], arm["dead_frac"]) <= _points(fig.axes[0])
         assert _as_points(arm["tokens"], arm["dense_frac"]) <= _points(fig.axes[1])
@@ -184,11 +184,11 @@ def test_freq_vs_magnitude(tmp_path):
         mean_act = np.where(density > 0, rng.uniform(0.1, 5, 300), np.nan)
         arms[name] = {"architecture": arch, "density": density, "mean_act": mean_act}
     arms["relu"] = {"architecture": "relu", "density": np.zeros(300), "mean_act": np.full(300, np.nan)}  # all dead
-    fig = sp.freq_vs_magnitude(arms)
+    fig = sp.freq_vs_magnitude(arms, 0.1)
     assert "300 never fired" in fig.axes[2].get_title()
     assert "0 never fired" in fig.axes[0].get_title()
     _check(fig, tmp_path, 5, "freq_mag")
-    _check(sp.freq_vs_magnitude({"topk-k32": arms["topk-k32"]}), tmp_path, 1, "freq_mag_one")
+    _check(sp.freq_vs_magnitude({"topk-k32": arms["topk-k32"]}, 0.1), tmp_path, 1, "freq_mag_one")
 
 
 @pytest.mark.parametrize("n_evals", [1, 8])
@@ -198,12 +198,12 @@ def test_density_over_training(tmp_path, n_evals):
     dens = np.clip(np.round(10 ** rng.normal(-2.5, 0.8, (n_evals, 256)) * n_tokens) / n_tokens, 1 / n_tokens, 1)
     dens[:, :30] = 0
     ld = np.stack([log10_density(d, n_tokens) for d in dens])
-    fig = sp.density_over_training("topk-k32", np.linspace(1e5, 1e6, n_evals), ld, density_floor(n_tokens))
+    fig = sp.density_over_training("topk-k32", np.linspace(1e5, 1e6, n_evals), ld, density_floor(n_tokens), 0.1)
     never_counts = [t.get_text() for t in fig.axes[0].texts]
     assert never_counts == ["30"] * n_evals
     _check(fig, tmp_path, 3, f"density_{n_evals}")  # never-fired column + histogram + colorbar
     all_dead = np.full((n_evals, 256), density_floor(n_tokens))
-    _check(sp.density_over_training("dead", np.linspace(1e5, 1e6, n_evals), all_dead, density_floor(n_tokens)),
+    _check(sp.density_over_training("dead", np.linspace(1e5, 1e6, n_evals), all_dead, density_floor(n_tokens), 0.1),
            tmp_path, 3, f"density_dead_{n_evals}")
 
 
@@ -400,3 +400,18 @@ def test_recovery_curves(tmp_path, n_evals):
         fig = sp.recovery_curves({}, 0.9)
         assert fig.axes[0].texts[0].get_text() == "no arms"
         _check(fig, tmp_path, 2, "recovery_empty")
+
+
+def test_plots_mark_the_dense_threshold_they_are_given():
+    # the threshold is the study's probes.dense_threshold, which eval/dense_frac used: not a constant
+    fig = sp.dead_dense_over_time(_over_time(3), 0.02)
+    assert "> 2% of tokens" in fig.axes[1].get_title()
+    rng = np.random.default_rng(0)
+    arms = {"topk-k32": {"architecture": "topk", "density": rng.uniform(1e-4, 0.5, 64), "mean_act": rng.uniform(0.1, 2, 64)}}
+    fig = sp.freq_vs_magnitude(arms, 0.02)
+    dashed = [line.get_xdata()[0] for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert dashed == [pytest.approx(np.log10(0.02))] and "dense threshold 0.02" in fig._suptitle.get_text()
+    ld = np.log10(rng.uniform(1e-4, 0.5, (3, 64)))
+    fig = sp.density_over_training("topk-k32", np.linspace(1e5, 1e6, 3), ld, density_floor(10_000), 0.02)
+    marks = [line.get_xdata()[0] for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert marks == [pytest.approx(np.log10(0.02))]

@@ -9,7 +9,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-DENSE_THRESHOLD = 0.1  # a latent firing on >10% of tokens is "dense" (barely sparse)
 N_BINS = 60
 
 
@@ -29,12 +28,13 @@ def log10_density(density: np.ndarray, n_tokens: int) -> np.ndarray:
     return out
 
 
-def density_histogram(density: np.ndarray, n_tokens: int, title: str) -> Figure:
-    """Histogram of log10 firing frequency with never-fired latents as a separate, labelled bar."""
+def density_histogram(density: np.ndarray, n_tokens: int, title: str, dense_threshold: float) -> Figure:
+    """Histogram of log10 firing frequency with never-fired latents as a separate, labelled bar, and
+    the study's dense threshold (`probes.dense_threshold`, what eval/dense_frac counts) marked."""
     density = np.asarray(density, dtype=np.float64).ravel()
     floor = density_floor(n_tokens)
     n_dead = int((density <= 0).sum())
-    n_dense = int((density > DENSE_THRESHOLD).sum())
+    n_dense = int((density > dense_threshold).sum())
     alive = np.log10(density[density > 0])
 
     # Fixed range [log10(1/n), 0] so histograms from successive evals are comparable.
@@ -47,7 +47,7 @@ def density_histogram(density: np.ndarray, n_tokens: int, title: str) -> Figure:
     ax.bar([floor], [n_dead], width=max(width, 0.15), color="tab:red", label=f"never fired (plotted at {floor:.2f})")
     if n_dead:
         ax.annotate(f"{n_dead:,}", (floor, n_dead), ha="center", va="bottom", fontsize=9, color="tab:red")
-    ax.axvline(np.log10(DENSE_THRESHOLD), color="gray", linestyle="--", linewidth=0.8, label="dense threshold")
+    ax.axvline(np.log10(dense_threshold), color="gray", linestyle="--", linewidth=0.8, label="dense threshold")
 
     ax.set_xlim(floor - 0.5, 0.25)
     ax.set_ylim(0, 1.6 * max(int(counts.max(initial=0)), n_dead, 1))  # headroom for legend and note
@@ -58,7 +58,7 @@ def density_histogram(density: np.ndarray, n_tokens: int, title: str) -> Figure:
     note = (
         f"{density.size:,} latents, {n_tokens:,} tokens\n"
         f"dead (never fired): {n_dead:,} ({n_dead / max(density.size, 1):.1%})\n"
-        f"dense (>{DENSE_THRESHOLD:.0%} of tokens): {n_dense:,}"
+        f"dense (>{dense_threshold:.0%} of tokens): {n_dense:,}"
     )
     ax.legend(loc="upper right", fontsize=9, title=note, title_fontsize=9, alignment="left")
     fig.tight_layout()

@@ -41,9 +41,9 @@ class ArmSinks:
         if self.wandb is not None:
             self.wandb.log(step, tokens, metrics)
 
-    def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int) -> None:
+    def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int, dense_threshold: float) -> None:
         if self.wandb is not None:
-            self.wandb.log_density(step, tokens, density, n_tokens)
+            self.wandb.log_density(step, tokens, density, n_tokens, dense_threshold)
 
     def log_embedding(self, step: int, tokens: int, embedding: dict, n_tokens: int) -> None:
         if self.wandb is not None:

@@ -39,7 +39,6 @@ ARCH_COLORS: dict[str, str] = {
 _EXTRA_COLORS = ["#8c564b", "#e377c2", "#bcbd22", "#17becf", "#7f7f7f", "#393b79", "#637939", "#843c39"]
 DEAD_HANDLING_COLORS: dict[str, str] = {"none": "#d62728", "resample": "#1f77b4", "auxk": "#2ca02c"}
 _MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">"]
-DENSE_THRESHOLD = 0.1  # same definition as visualization.plots / metrics: firing on > 10% of tokens
 MAX_WIDTH = 12.0
 TOKENS_LABEL = "training tokens"
 UNMATCHED_COLOR = "#d9d9d9"
@@ -527,14 +526,15 @@ def _arm_time_panels(arms: dict[str, dict], keys: Sequence[tuple[str, str, str]]
     return fig
 
 
-def dead_dense_over_time(arms: dict[str, dict]) -> Figure:
+def dead_dense_over_time(arms: dict[str, dict], dense_threshold: float) -> Figure:
     """Fractions of dead and dense latents vs training tokens (two panels).
 
-    arms: name -> {"architecture", "tokens", "dead_frac", "dense_frac"}.
+    arms: name -> {"architecture", "tokens", "dead_frac", "dense_frac"}; dense_threshold: the firing
+    frequency above which dense_frac counted a latent (for the title).
     """
     fig = _arm_time_panels(arms, [
         ("dead_frac", "fraction of latents", "Dead latents (never fired on the eval split)"),
-        ("dense_frac", "fraction of latents", f"Dense latents (firing on > {DENSE_THRESHOLD:.0%} of tokens)"),
+        ("dense_frac", "fraction of latents", f"Dense latents (firing on > {dense_threshold:.0%} of tokens)"),
     ], "Dead and dense latents over training")
     for ax in fig.axes[:2]:
         lo, hi = ax.get_ylim()
@@ -557,7 +557,7 @@ def rank_stability(arms: dict[str, dict]) -> Figure:
     return fig
 
 
-def freq_vs_magnitude(arms: dict[str, dict]) -> Figure:
+def freq_vs_magnitude(arms: dict[str, dict], dense_threshold: float) -> Figure:
     """Small multiples per arm: log10 firing frequency vs log10 mean activation when firing.
 
     arms: name -> {"architecture", "density": [d_sae], "mean_act": [d_sae]}. Latents that never fired
@@ -584,7 +584,7 @@ def freq_vs_magnitude(arms: dict[str, dict]) -> Figure:
                        color=styles.get(name, {"color": "0.3"})["color"], rasterized=True)
         else:
             _empty_note(ax, "no latent fired")
-        ax.axvline(np.log10(DENSE_THRESHOLD), color="0.5", linestyle="--", linewidth=0.8)
+        ax.axvline(np.log10(dense_threshold), color="0.5", linestyle="--", linewidth=0.8)
         ax.set_title(f"{name}\n{m - n_never:,} fired, {n_never:,} never fired", fontsize=9.5)
         ax.grid(alpha=0.3)
         if bottom:
@@ -592,11 +592,12 @@ def freq_vs_magnitude(arms: dict[str, dict]) -> Figure:
         if left:
             ax.set_ylabel("log10 mean activation when firing")
     fig.suptitle(f"Firing frequency vs activation magnitude (final eval; dashed: dense threshold "
-                 f"{DENSE_THRESHOLD:g})")
+                 f"{dense_threshold:g})")
     return fig
 
 
-def density_over_training(name: str, tokens: np.ndarray, log10_density: np.ndarray, floor: float) -> Figure:
+def density_over_training(name: str, tokens: np.ndarray, log10_density: np.ndarray, floor: float,
+                          dense_threshold: float) -> Figure:
     """How one arm's log10 feature-density histogram moves over training.
 
     Heatmap of latent counts: x = log10 firing-frequency bins, y = eval (training tokens, first eval
@@ -623,8 +624,8 @@ def density_over_training(name: str, tokens: np.ndarray, log10_density: np.ndarr
     norm = mcolors.PowerNorm(gamma=0.5, vmin=0, vmax=max(1.0, counts.max()))
     im = ax.imshow(counts, aspect="auto", cmap="viridis", norm=norm, interpolation="nearest",
                    extent=(lo, 0.0, n_e - 0.5, -0.5))
-    ax.axvline(np.log10(DENSE_THRESHOLD), color="white", linestyle="--", linewidth=1.0)
-    ax.text(np.log10(DENSE_THRESHOLD), -0.5, " dense →", color="0.2", fontsize=8, ha="left", va="bottom",
+    ax.axvline(np.log10(dense_threshold), color="white", linestyle="--", linewidth=1.0)
+    ax.text(np.log10(dense_threshold), -0.5, " dense →", color="0.2", fontsize=8, ha="left", va="bottom",
             clip_on=False)
     ax.set_xlabel("log10 firing frequency")
     ax.set_title("Fired latents per log10-frequency bin", pad=14)

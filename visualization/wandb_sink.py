@@ -174,11 +174,12 @@ class WandbSink:
             self._fail("log", exc)
         faults.reached("wandb-log")
 
-    def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int) -> None:
-        """Log10 firing-frequency histogram (never-fired latents at log10(1/n_tokens) - 1) and its plot."""
+    def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int, dense_threshold: float) -> None:
+        """Log10 firing-frequency histogram (never-fired latents at log10(1/n_tokens) - 1) and its plot,
+        with the dense threshold that eval/dense_frac used."""
         if self._run is None or self._failed:
             return
-        fig = density_histogram(density, n_tokens, title=f"{self._run.name} · step {step:,}")
+        fig = density_histogram(density, n_tokens, f"{self._run.name} · step {step:,}", dense_threshold)
         try:
             # Fixed range so the floor bin holds exactly the never-fired latents and evals share bins.
             floor = density_floor(n_tokens)
