@@ -1,9 +1,11 @@
 """Entry point: `python run_experiments.py --help` lists every flag with its default."""
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,7 +66,16 @@ def resume_command(argv: list[str], study_id: str | None) -> str:
     args = [a for a in argv if a != "--resume"]
     if study_id and not any(a == "--study-id" or a.startswith("--study-id=") for a in args):
         args += ["--study-id", study_id]
-    return f"python run_experiments.py {shlex.join(args + ['--resume'])}"
+    return f"{interpreter()} run_experiments.py {shlex.join(args + ['--resume'])}"
+
+
+def interpreter() -> str:
+    """This Python as a command that runs from the repository root in a fresh shell: the project's
+    venv (.venv/bin/python) by its relative path, any other by its absolute path. Symlinks are
+    kept: a venv's python resolved is the base interpreter, which lacks the venv's packages."""
+    path = Path(os.path.abspath(sys.executable))
+    root = Path(os.path.abspath(os.path.dirname(__file__)))
+    return shlex.quote(str(path.relative_to(root) if path.is_relative_to(root) else path))
 
 
 if __name__ == "__main__":

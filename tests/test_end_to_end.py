@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from models.tinylm.model import SPEC_ENV
 from tests.wandb_readback import read_offline_runs
 
 pytestmark = pytest.mark.slow  # real subprocess runs; about a minute together
@@ -107,14 +108,16 @@ def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
 
 
 def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(ckpt):
-    """Ctrl-C, then (after --resume) a scheduler's SIGTERM: each stops at a step boundary with a
-    checkpoint of that step, prints the command that continues, and the next run goes on from it."""
+    """Ctrl-C, then a scheduler's SIGTERM: each stops at a step boundary with a checkpoint of that
+    step and prints the command that continues; that command, copied into a fresh shell (no venv
+    on its PATH) at the repository root, goes on from there."""
     args = [*TINY, "--steps", "100000", "--checkpoint-dir", str(ckpt), "--study-id", "t"]
-    stopped_at = []
+    fresh_shell = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp"), SPEC_ENV: os.environ[SPEC_ENV]}
+    stopped_at, printed = [], None
     for signum in (signal.SIGINT, signal.SIGTERM):
-        resume = ["--resume"] if stopped_at else []
-        proc = subprocess.Popen([sys.executable, "run_experiments.py", *args, *resume], cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        command = [sys.executable, "run_experiments.py", *args] if printed is None else ["bash", "-c", f"exec {printed}"]
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=None if printed is None else fresh_shell)
         csv = next((ckpt / "t").glob("*/metrics.csv"), None) if stopped_at else None
         rows = len(csv.read_text().splitlines()) if csv else 0
         deadline = time.time() + 120
@@ -127,7 +130,8 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(ckpt):
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err[-2000:]
         assert f"{signum.name} received" in err
-        assert "python run_experiments.py" in err and "--resume" in err and "--study-id t" in err
+        printed = err.split("Continue with:\n", 1)[1].splitlines()[0].strip()
+        assert printed.split()[1:3] == ["run_experiments.py", *args[:1]] and printed.endswith("--study-id t --resume")
         study = json.loads((ckpt / "t" / "study.json").read_text())
         (arm,) = study["arms"]
         assert study["status"] == "interrupted"
