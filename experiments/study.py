@@ -437,7 +437,10 @@ def rebuild_report(cfg: RunConfig) -> int:
     """--report STUDY_ID: tables, figures and report.md again, from the study folder alone."""
     study_dir = Path(cfg.log.checkpoint_dir) / cfg.study.report
     if not (study_dir / "study.json").exists():
-        raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}")
+        root = Path(cfg.log.checkpoint_dir)
+        known = sorted(p.parent.name for p in root.glob("*/study.json")) if root.is_dir() else []
+        there = f"; the studies there: {', '.join(known)}" if known else "; it holds no study"
+        raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}{there}")
     meta = read_study_record(study_dir, "--report")
     results = analyse(study_dir, meta)
     report = write_report(study_dir, meta, results)

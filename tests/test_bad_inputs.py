@@ -324,6 +324,15 @@ def check(case, root, request, tmp_path, monkeypatch, capsys):
                 (root / name).unlink()
 
 
+def test_report_of_an_unknown_study_names_the_studies_there(ckpt, tmp_path, capsys):
+    assert run_main(["--report", "ghost", "--checkpoint-dir", str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --report: there is no study 'ghost' in ") and "; the studies there: " in err
+    assert "done" in err.split("; the studies there: ")[1].split(", ")
+    assert run_main(["--report", "ghost", "--checkpoint-dir", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip().endswith("; it holds no study")
+
+
 def test_a_good_run_in_the_same_checkpoint_dir_still_succeeds(ckpt, capsys):
     assert main([*TINY, "--checkpoint-dir", str(ckpt), "--study-id", "after"]) == 0, capsys.readouterr().err
 
