@@ -312,6 +312,8 @@ class Trainer:
         restored = resume and self.restore()
         if not restored:
             self.sae.init_b_dec_(self.batch(0))
+        else:
+            print(f"resuming {self.arm_dir.name} at step {self.step:,} of {self.n_steps:,}", flush=True)
         if self.probes is not None:
             self.probes.resume_at(self.step)
         with phase("logging"):

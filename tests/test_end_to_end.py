@@ -127,8 +127,11 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(ckpt):
                 break
             time.sleep(0.2)
         proc.send_signal(signum)
-        _, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         assert proc.returncode == 130, err[-2000:]
+        if stopped_at:  # the resumed run says where it picks up
+            (arm,) = json.loads((ckpt / "t" / "study.json").read_text())["arms"]
+            assert f"resuming {arm['arm_id']} at step {stopped_at[-1]:,} of " in out
         assert f"{signum.name} received" in err
         printed = err.split("Continue with:\n", 1)[1].splitlines()[0].strip()
         assert printed.split()[1:3] == ["run_experiments.py", *args[:1]] and printed.endswith("--study-id t --resume")
