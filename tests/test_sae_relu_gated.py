@@ -66,9 +66,9 @@ def test_relu_init_norm():
     sae = make_sae("relu", d_in=16, d_sae=64, seed=2)
     assert torch.allclose(sae.W_dec.norm(dim=1), torch.full((64,), 0.1))
     assert torch.allclose(sae.W_enc.norm(dim=0), torch.full((64,), 0.1))
-    # same directions as the base's unit-norm init for that seed, just shorter
-    unit = SAE(SAEConfig("relu", 16, 64, k=1, seed=2)).W_dec
-    assert torch.allclose(sae.W_dec, 0.1 * unit)
+    # the seed's random unit directions, just shorter
+    unit = torch.randn(64, 16, generator=torch.Generator().manual_seed(2))
+    assert torch.allclose(sae.W_dec, 0.1 * unit / unit.norm(dim=1, keepdim=True))
 
 
 def test_gated_init():

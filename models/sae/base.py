@@ -78,16 +78,18 @@ def build_sae(cfg: SAEConfig) -> SAE:
 class SAE(nn.Module):
     """x_hat = activate((x - b_dec) @ W_enc + b_enc) @ W_dec + b_dec."""
 
-    unit_norm_decoder = True  # decoder rows kept at norm 1 during training
+    # Decoder rows kept at norm 1 during training, or a free norm (every architecture but Gated,
+    # as SAELens trains them; why for each: ReLUSAE, JumpReLUSAE, TopKSAE, GatedSAE).
+    unit_norm_decoder = False
     # Encoder column norm at init: W_enc starts as init_norm * W_dec^T for random unit decoder rows
     # (decoder rows start at init_norm too where their norm is free). On inputs normalised to
     # E||x||^2 = d_in, x . d ~ N(0, 1) for a random unit direction d, so pre-activations start at
-    # about init_norm. Every architecture here uses 0.1 (Anthropic's April 2024 update): from 1,
-    # about half of all latents fire on every input and the first steps are spent undoing an x_hat
+    # about init_norm. 0.1 for every architecture (Anthropic's April 2024 update): from 1, about
+    # half of all latents fire on every input and the first steps are spent undoing an x_hat
     # several times too large, which on the toy cost Gated 0.2 of frac_recovered at equal L0
     # (tests/test_sae_relu_gated.py::test_small_encoder_init_recovers_more); for the TopK family
     # see TopKSAE.
-    init_norm: float = 1.0
+    init_norm: float = 0.1
     median_b_dec = True  # start b_dec at the geometric median of the first batch (else at 0)
 
     # Which dimension of each parameter indexes latents: what resampling re-initialises and

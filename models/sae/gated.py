@@ -32,7 +32,7 @@ class GatedSAE(SAE):
     """
 
     LATENT_DIMS = {**SAE.LATENT_DIMS, "r_mag": 0, "b_mag": 0}
-    init_norm = 0.1  # see SAE.init_norm: decoder rows unit norm, encoder columns 0.1
+    unit_norm_decoder = True  # see the class docstring; encoder columns start at SAE.init_norm
 
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__(cfg)

@@ -59,13 +59,11 @@ class JumpReLUWithL0(torch.autograd.Function):
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     LATENT_DIMS = {**SAE.LATENT_DIMS, "threshold": 0}
-    # As SAELens trains it: a free decoder norm (the L0 penalty does not depend on magnitudes, so
-    # nothing gains from trading f against ||W_dec||) from Anthropic's small init (SAE.init_norm).
-    # Measured on the toy at L0 4 with everything else equal: unit-norm decoder rows from a unit
-    # init (dictionary_learning's choice) recovered 0.52 of the true features, a free norm from
-    # that init 0.65, a free norm from 0.1 0.79.
-    unit_norm_decoder = False
-    init_norm = 0.1
+    # As SAELens trains it, a free decoder norm (SAE.unit_norm_decoder; the L0 penalty does not
+    # depend on magnitudes, so nothing gains from trading f against ||W_dec||) from Anthropic's
+    # small init (SAE.init_norm). Measured on the toy at L0 4 with everything else equal: unit-norm
+    # decoder rows from a unit init (dictionary_learning's choice) recovered 0.52 of the true
+    # features, a free norm from that init 0.65, a free norm from 0.1 0.79.
     # b_dec starts at 0, as in SAELens: from the geometric median the toys recovered 0.01-0.02 fewer
     # features in each of four runs (two toys, two seeds), at the same L0.
     median_b_dec = False

@@ -16,12 +16,10 @@ class ReLUSAE(SAE):
     growing W_dec: the penalty is invariant to that rescaling and the decoder norm is left free.
     """
 
-    unit_norm_decoder = False
-
-    # Anthropic's April 2024 update used 0.1 on inputs normalised to E||x|| ~ sqrt(d_in), which is
-    # our normalisation, so the value carries over: half the latents start on (none dead) and
-    # x_hat - b_dec ~ 0.1^2 * d_sae / (2 d_in) * x stays small, so training starts near x_hat = b_dec.
-    init_norm = 0.1
+    # The init (SAE.init_norm 0.1) is Anthropic's April 2024 value on inputs normalised to
+    # E||x|| ~ sqrt(d_in), which is our normalisation, so it carries over: half the latents start on
+    # (none dead) and x_hat - b_dec ~ 0.1^2 * d_sae / (2 d_in) * x stays small, so training starts
+    # near x_hat = b_dec.
 
     def activate(self, pre: Tensor) -> Tensor:
         return pre.relu()

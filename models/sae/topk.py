@@ -24,15 +24,14 @@ class TopKSAE(SAE):
     # runtime choice, not part of the config. Evaluation always decodes densely.
     training_path: str = "auto"
     SPARSE_MIN_RATIO = 8
-    # A free decoder norm from Anthropic's small init (SAE.init_norm), as SAELens trains TopK:
-    # selection keeps k latents whatever their scale, so nothing is lost by leaving the norm free.
+    # A free decoder norm (SAE.unit_norm_decoder) from Anthropic's small init (SAE.init_norm), as
+    # SAELens trains TopK: selection keeps k latents whatever their scale, so nothing is lost by
+    # leaving the norm free.
     # On the toys (bench_parity.py, seeds 0 and 1) the unit-norm decoder from a unit tied init of
     # Gao et al. and sparsify recovered 0.91 / 0.45 (standard / hierarchy) of the true features
     # with TopK, 0.45 / 0.34 with BatchTopK and 0.36 / 0.30 with Matryoshka; a free norm from 0.1
     # 0.97 / 0.47, 0.69 / 0.56 and 0.62 / 0.58. Encoder columns at 0.1 with unit decoder rows
     # recovered 0.87 / 0.45: it is the free norm from a small start that helps.
-    unit_norm_decoder = False
-    init_norm = 0.1
 
     @property
     def sparse_step(self) -> bool:

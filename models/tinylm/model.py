@@ -225,7 +225,7 @@ def _load(cache_dir: Path, spec: TinyLMSpec, meta: dict[str, Any]) -> TinyLM:
 def load_or_train_tinylm(models_dir: Path, spec: TinyLMSpec | None = None, progress: bool = True) -> TinyLM:
     """Load tinylm (`spec`, default: configured_spec()) from `models_dir`, training (and caching) it
     first if needed."""
-    spec = spec or configured_spec()
+    spec = configured_spec() if spec is None else spec
     models_dir = Path(models_dir)
     cache_dir = models_dir / cache_name(spec)
     # A grammar change alters the first stories too; hashing only those keeps every load fast
