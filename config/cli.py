@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--report", type=_text, metavar="STUDY_ID", help="rebuild the report of a finished (or "
                            "partly finished) study under --checkpoint-dir from its files alone, then exit "
                            "(default: off)")
+    study.add_argument("--docs", type=_text, metavar="FILE", help="with --report: also write the study's findings "
+                       "(and its setup and main tables) into the Markdown FILE, between the lines '<!-- generated "
+                       "summary (or results) from study STUDY_ID -->' and '<!-- end of generated -->', stamped with "
+                       "the commit and date; this is how README.md and docs/results.md get their figures "
+                       "(default: off)")
     study.add_argument("--resume", action="store_true", default=False,
                        help="continue the most recent unfinished study run with the same settings "
                        "(or the one named by --study-id) from its last checkpoints (default: off)")
@@ -304,7 +309,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     probes = ProbeConfig(**{**source_preset.get("probes", {}), **config.get("probes", {}), **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
                         lockstep=not a.sequential_arms,
-                        report=a.report)
+                        report=a.report, docs=a.docs)
+    if a.docs is not None and a.report is None:
+        raise UsageError("--docs works with --report STUDY_ID: it writes that study's results into the file")
     cfg = RunConfig(data=data, synthetic=synthetic, plans=plans, train=run_wide_train(plans), probes=probes, log=log, study=study)
     validate_static(cfg)
     return cfg

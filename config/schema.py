@@ -89,6 +89,15 @@ class SAEArmConfig:
     def d_sae(self, d_in: int) -> int:
         return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
 
+    def sparsity_setting(self) -> str:
+        """What sets this arm's sparsity, as a report names it: "k 32", "L1 coef 0.0065", "target L0 40"."""
+        if self.architecture in OPTION_ARCHITECTURES["k"]:
+            return f"k {self.k}"
+        if self.architecture in OPTION_ARCHITECTURES["target_l0"] and self.target_l0 is not None:
+            return f"target L0 {self.target_l0:g}"
+        penalty = "L0" if self.architecture in OPTION_ARCHITECTURES["l0_coefficient"] else "L1"
+        return f"{penalty} coef {self.sparsity_coef:g}"
+
     @classmethod
     def for_architecture(cls, architecture: str, **overrides: Any) -> "SAEArmConfig":
         return cls(**{**ARCHITECTURE_DEFAULTS[architecture], "architecture": architecture, **overrides})
@@ -177,6 +186,7 @@ class StudyConfig:
     resume: bool = False
     quick: bool = False
     report: str | None = None  # rebuild this study's report from its files, train nothing
+    docs: str | None = None  # with report: the Markdown file whose generated block gets the study's results
     lockstep: bool = True  # arms that read the same batches train step by step together (same results)
 
     @property

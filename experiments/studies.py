@@ -18,6 +18,7 @@ from experiments.probes import read_concepts, read_evals
 from visualization import study_plots
 from visualization.local_sink import MetricsCSV
 from visualization.plots import density_floor, log10_density
+from visualization.terminal import format_beside, round_beside
 
 FINAL_METRICS = ("l0", "explained_variance", "mse", "cos", "dead_frac", "dense_frac", "ce_loss_recovered", "kl",
                  "mcc", "frac_recovered")
@@ -40,8 +41,13 @@ class StudyResult:
     tables: dict[str, Table] = field(default_factory=dict)
     figures: dict[str, Callable[[], Figure]] = field(default_factory=dict)  # drawn when the report is written
     data: dict[str, Table] = field(default_factory=dict)  # long per-item tables: CSV files and W&B tables
-    findings: list[str] = field(default_factory=list)  # one Markdown sentence each
+    findings: list[str] = field(default_factory=list)  # one Markdown sentence each, the first the headline
     summary: dict = field(default_factory=dict)  # goes to summary.json["studies"][name]
+    captions: dict[str, str] = field(default_factory=dict)  # per figure: what to look for in it
+
+    def figure(self, key: str, draw: Callable[[], Figure], caption: str) -> None:
+        self.figures[key] = draw
+        self.captions[key] = caption
 
 
 @dataclass
@@ -83,6 +89,11 @@ def _r(value, digits: int = 4):
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else round(float(value), digits)
 
 
+def _beside(value, threshold: float):
+    """A score for a table beside its threshold: 3 decimals, more where rounding would cross it."""
+    return None if value is None or np.isnan(value) else round_beside(float(value), threshold, 3)
+
+
 def _tokens_text(tokens: float) -> str:
     return "never" if tokens is None or math.isnan(tokens) else study_plots.format_tokens(tokens)
 
@@ -98,16 +109,21 @@ def activations(arms: list[ArmData], probes: dict) -> StudyResult:
                                 rows)
     done = [a for a in arms if a.final]
     if done:
-        res.figures["frontier"] = partial(study_plots.frontier, [
+        downstream = any(a.final.get("kl") is not None for a in done)
+        res.figure("frontier", partial(study_plots.frontier, [
             {"name": a.name, "architecture": a.architecture, **{m: a.final.get(m) for m in
                                                                  ("l0", "explained_variance", "ce_loss_recovered", "kl")}}
-            for a in done])
+            for a in done]), "Each arm's final fidelity against its L0: higher is better at equal L0"
+                             + (", and lower KL (right) is better" if downstream else "")
+                             + "; compare arms at similar L0.")
         best = max(done, key=lambda a: a.final.get("explained_variance", -1))
-        res.findings.append(f"Highest explained variance: **{best.name}**, {best.final['explained_variance']:.4f} "
-                            f"at L0 {best.final['l0']:.1f}.")
         l0s = [a.final["l0"] for a in done]
-        res.findings.append(f"L0 ranges from {min(l0s):.1f} to {max(l0s):.1f} across arms; compare explained "
-                            f"variance only between arms of similar L0 (the frontier plot shows both).")
+        res.findings.append(f"Highest explained variance: **{best.name}**, {best.final['explained_variance']:.4f} "
+                            f"at L0 {best.final['l0']:.1f} (arms range over L0 {min(l0s):.1f}–{max(l0s):.1f}).")
+        if downstream:
+            kl = min((a for a in done if a.final.get("kl") is not None), key=lambda a: a.final["kl"])
+            res.findings.append(f"Least damage to the model's predictions: **{kl.name}**, KL {kl.final['kl']:.4f} "
+                                f"nats per token with the SAE spliced in.")
         if "frac_recovered" in metrics:
             top = max(done, key=lambda a: a.final.get("frac_recovered", -1))
             res.findings.append(f"Most true features recovered: **{top.name}**, {top.final['frac_recovered']:.1%} "
@@ -164,7 +180,6 @@ def emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         n = lambda first, idx: int(np.sum(~np.isnan(first[idx])))  # noqa: E731
         rows.append([a.name, f"{n(first_single, cat)}/{len(cat)}", f"{n(first_probe, cat)}/{len(cat)}",
                      f"{n(first_single, word)}/{len(word)}", f"{n(first_probe, word)}/{len(word)}",
-                     _tokens_text(np.nanmin(first_single[cat]) if n(first_single, cat) else np.nan),
                      _r(np.nanmedian(best_single[cat]), 3), _r(np.nanmedian(best_probe[cat]), 3)])
         last = a.evals[-1]
         concepts_out = []
@@ -175,53 +190,73 @@ def emergence(arms: list[ArmData], probes: dict) -> StudyResult:
                      "final_probe_latents": [int(x) for x in last["probe_latents"][i] if x >= 0]}
             concepts_out.append(entry)
             if kinds[i] == "category":
-                detail.append([a.name, label[i], _tokens_text(first_single[i]), _r(best_single[i], 3),
-                               _tokens_text(first_probe[i]), _r(best_probe[i], 3), len(entry["final_probe_latents"])])
+                detail.append([a.name, label[i], _tokens_text(first_single[i]), _beside(best_single[i], threshold),
+                               _tokens_text(first_probe[i]), _beside(best_probe[i], threshold),
+                               len(entry["final_probe_latents"])])
         summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "concepts": concepts_out})
     k = probes["probe_k"]
     res.tables["counts"] = Table(
         f"Concepts emerged (held-out F1 >= {threshold}): best single latent / {k}-sparse probe",
-        ["arm", "categories (single)", "categories (probe)", "words (single)", "words (probe)",
-         "first category at", "median best cat. F1 (single)", "median best cat. F1 (probe)"], rows)
+        ["arm", "categories (one latent)", "categories (probe)", "words (one latent)", "words (probe)",
+         "median best cat. F1 (one latent)", "median best cat. F1 (probe)"], rows)
     res.tables["categories"] = Table(
         "Category concepts: when each emerged (training tokens) and the best held-out F1 reached",
         ["arm", "category", "emerged (single)", "best F1 (single)", "emerged (probe)", "best F1 (probe)",
          "probe latents"], detail)
-    res.figures["curves"] = partial(study_plots.emergence_curves, curves, threshold)
+    res.figure("curves", partial(study_plots.emergence_curves, curves, threshold),
+               f"Median over concepts of the best held-out F1 as training goes on (solid: one latent, dashed: "
+               f"the {k}-sparse probe); a concept has emerged once its score reaches the dotted {threshold:g}.")
     cat_names = [label[i] for i in cat]
-    for kind, index in (("single", 0), ("probe", 1)):
-        res.figures[f"steps_{kind}"] = partial(study_plots.emergence_steps,
-            {a.name: {"architecture": a.architecture, "emerged_tokens": per_arm[a.name][index][cat],
-                      "best": per_arm[a.name][index + 2][cat]} for a in scored}, cat_names, threshold)
+    res.figure("steps", partial(study_plots.emergence_steps, {a.name: {
+        "architecture": a.architecture, "tokens": curves[a.name]["tokens"],
+        "emerged_tokens": per_arm[a.name][0][cat], "best": per_arm[a.name][2][cat],
+        "probe_emerged_tokens": per_arm[a.name][1][cat], "probe_best": per_arm[a.name][3][cat]} for a in scored},
+        cat_names, threshold),
+        "When each category first reached the threshold (filled: one latent, hollow: the probe); on the right, "
+        "the best F1 of the arms where it never did.")
+    for kind in ("single", "probe"):
         final = np.stack([curves[a.name][kind][-1][cat] for a in scored])
         what = "best single latent" if kind == "single" else f"{k}-sparse probe"
-        res.figures[f"final_f1_{kind}"] = partial(study_plots.score_heatmap,
-            [a.name for a in scored], cat_names, final, f"Final held-out F1 per category, {what}")
+        res.figure(f"final_f1_{kind}", partial(study_plots.score_heatmap, [a.name for a in scored], cat_names, final,
+                                               f"Final held-out F1 per category, {what}", threshold),
+                   f"Final held-out F1 of the {what} for each category and arm; bold cells reach {threshold:g}.")
     _umap_figures(res, scored)
-    for a in scored:
-        first_single, first_probe, best_single, best_probe = per_arm[a.name]
-        emerged = [label[i] for i in sorted(cat, key=lambda i: first_single[i]) if not np.isnan(first_single[i])]
-        missing = [f"{label[i]} ({best_single[i]:.2f} single, {best_probe[i]:.2f} probe)" for i in cat
-                   if np.isnan(first_probe[i])]
-        res.findings.append(
-            f"**{a.name}**: {len(emerged)}/{len(cat)} categories emerged in a single latent"
-            + (f" (first: {', '.join(emerged[:4])})" if emerged else "")
-            + f", {int(np.sum(~np.isnan(first_probe[cat])))}/{len(cat)} with the {k}-sparse probe"
-            + (f"; never emerged, best F1: {', '.join(missing)}" if missing else "") + ".")
+    single = {a.name: int(np.sum(~np.isnan(per_arm[a.name][0][cat]))) for a in scored}
+    probe = {a.name: int(np.sum(~np.isnan(per_arm[a.name][1][cat]))) for a in scored}
+    words = {a.name: int(np.sum(~np.isnan(per_arm[a.name][0][word]))) for a in scored}
+    lead, lead_probe = max(single, key=single.get), max(probe, key=probe.get)
+    res.findings.append(
+        f"Most categories isolated in one latent (held-out F1 >= {threshold:g}): **{lead}**, {single[lead]} of "
+        f"{len(cat)}; with the {k}-sparse probe **{lead_probe}**, {probe[lead_probe]} of {len(cat)}.")
+    if word:
+        res.findings.append(f"Words isolated in one latent: at most {max(words.values())} of {len(word)} "
+                            f"(**{max(words, key=words.get)}**).")
+    never = [i for i in cat if all(np.isnan(per_arm[a.name][1][i]) for a in scored)]
+    if never:
+        best = {i: max(float(np.nan_to_num(per_arm[a.name][3][i], nan=0.0)) for a in scored) for i in never}
+        res.findings.append("No arm reached the threshold even with the probe for: " + ", ".join(
+            f"{label[i]} (best {format_beside(best[i], threshold)})" for i in never) + ".")
     res.summary = {"threshold": threshold, "probe_k": k, "skipped_words": scored[0].concepts.get("skipped", []),
                    "arms": summary_arms}
     return res
 
 
 def _umap_figures(res: StudyResult, arms: list[ArmData]) -> None:
+    """Each arm's decoder embedding at its last UMAP eval (W&B has every eval's), on one colour
+    scale of firing frequency for all arms."""
+    floors = [density_floor(int(a.evals[-1]["n_tokens"])) for a in arms]
+    freq_range = (min(floors), 0.0) if floors else None
     for a in arms:
         label = [n.split(":", 1)[1] for n in a.concepts["names"]]
-        for e in a.evals:
-            if "umap_xy" in e:
-                concept = [label[i] if i >= 0 else None for i in e["umap_concept"]]
-                res.figures[f"umap_{a.name}_step{int(e['step'])}"] = partial(study_plots.umap_scatter,
-                    e["umap_xy"], concept, log10_density(e["density"], int(e["n_tokens"])),
-                    f"{a.name}: decoder directions at {_tokens_text(float(e['tokens']))} tokens")
+        e = next((e for e in reversed(a.evals) if "umap_xy" in e), None)
+        if e is None:
+            continue
+        concept = [label[i] if i >= 0 else None for i in e["umap_concept"]]
+        res.figure(f"umap_{a.name}", partial(
+            study_plots.umap_scatter, e["umap_xy"], concept, log10_density(e["density"], int(e["n_tokens"])),
+            f"{a.name}: decoder directions at {_tokens_text(float(e['tokens']))} tokens", freq_range),
+            f"{a.name}'s latents laid out by UMAP of their decoder directions: left, the latents that best match "
+            f"a concept, by concept; right, firing frequency (the same scale for every arm).")
 
 
 FREQUENCY_BINS = 4
@@ -267,10 +302,6 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         per_feature += [[a.name, *f.values()] for f in features]
         summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "emerged": int(done.sum()),
                              "spearman_probability_vs_emergence_tokens": _r(rho), "features": features})
-        res.findings.append(
-            f"**{a.name}**: {int(done.sum())}/{n} true features emerged (best |cos| >= {threshold:g}); "
-            f"most frequent quarter {by_bin[-1][1]}, rarest quarter {by_bin[-1][-1]}"
-            + (f"; Spearman(probability, emergence tokens) = {rho:.2f}" if not np.isnan(rho) else "") + ".")
     res.tables["counts"] = Table(
         f"True features emerged (some decoder row with |cos| >= {threshold:g})",
         ["arm", "emerged", "first at", "median emergence", "Spearman(probability, emergence)", "frac_recovered (final)",
@@ -281,8 +312,22 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
     res.data["features"] = Table("Every true feature: when it emerged and the best |cos| reached",
                                  ["arm", "feature", "role", "probability", "emerged_tokens", "best_cos",
                                   "final_best_cos", "final_best_latent"], per_feature)
-    res.figures["emergence_vs_frequency"] = partial(study_plots.emergence_vs_frequency, scatter, threshold)
-    res.figures["recovery_curves"] = partial(study_plots.recovery_curves, curves, threshold)
+    if scored:
+        lead = max(summary_arms, key=lambda arm: arm["emerged"])
+        res.findings.append(f"Most true features given a latent of their own (best |cos| >= {threshold:g}): "
+                            f"**{lead['name']}**, {lead['emerged']} of {n}.")
+        rhos = {arm["name"]: arm["spearman_probability_vs_emergence_tokens"] for arm in summary_arms
+                if arm["spearman_probability_vs_emergence_tokens"] is not None}
+        if rhos:
+            first = [name for name, rho in rhos.items() if rho < 0]
+            res.findings.append(f"Frequent features emerge first (Spearman of probability against emergence "
+                                f"tokens below 0) in {len(first)} of {len(rhos)} arms; from "
+                                f"{min(rhos.values()):.2f} to {max(rhos.values()):.2f}.")
+    res.figure("emergence_vs_frequency", partial(study_plots.emergence_vs_frequency, scatter, threshold),
+               "When each true feature got a latent against how often it fires: frequent features (right) "
+               "should emerge first (low); features that never did sit in the top band.")
+    res.figure("recovery_curves", partial(study_plots.recovery_curves, curves, threshold),
+               "Share of true features recovered, and the mean max correlation, as training goes on.")
     _umap_figures(res, scored)
     res.summary = {"threshold": threshold, "source": "synthetic", "arms": summary_arms}
     return res
@@ -307,21 +352,36 @@ def frequency(arms: list[ArmData], probes: dict) -> StudyResult:
                      _r(ultra[-1] if ultra.size else None), _r(median[-1] if median.size else None, 3),
                      _r(spearman[-1] if spearman.size else None), _r(np.nanmin(spearman) if spearman.size else None)])
         n_tokens = int(last["n_tokens"])
-        res.figures[f"density_{a.name}"] = partial(study_plots.density_over_training,
+        res.figure(f"density_{a.name}", partial(study_plots.density_over_training,
             a.name, np.array([float(e["tokens"]) for e in a.evals]),
             np.stack([log10_density(e["density"], n_tokens) for e in a.evals]), density_floor(n_tokens),
-            probes["dense_threshold"])
+            probes["dense_threshold"]),
+            f"{a.name}: the histogram of latent firing frequencies at each eval (rows, training going down); "
+            f"mass at the left edge is dead latents, right of the marker dense ones.")
     res.tables["final"] = Table(
         f"Firing frequencies on the eval split (ultra-low: alive but below {probes['ultra_low_density']:g}; "
         f"dense: above {probes['dense_threshold']:g})",
         ["arm", "dead", "dense", "ultra-low", "median log10 freq", "rank Spearman (last)", "rank Spearman (min)"], rows)
     if with_evals:
-        res.figures["dead_dense"] = partial(study_plots.dead_dense_over_time, over_time, probes["dense_threshold"])
-        res.figures["rank_stability"] = partial(study_plots.rank_stability, stability)
-        res.figures["freq_vs_magnitude"] = partial(study_plots.freq_vs_magnitude, magnitude, probes["dense_threshold"])
-        for row in rows:
-            res.findings.append(f"**{row[0]}**: {_pct(row[1])} dead, {_pct(row[2])} dense, {_pct(row[3])} ultra-low; "
-                                f"frequency ranks between the last two evals correlate at {row[5]}.")
+        res.figure("dead_dense", partial(study_plots.dead_dense_over_time, over_time, probes["dense_threshold"]),
+                   "Dead and dense latents as training goes on: both should fall and stay low.")
+        res.figure("rank_stability", partial(study_plots.rank_stability, stability),
+                   "Spearman correlation of latent frequency ranks between consecutive evals: near 1 once the "
+                   "dictionary has settled.")
+        res.figure("freq_vs_magnitude", partial(study_plots.freq_vs_magnitude, magnitude, probes["dense_threshold"]),
+                   "Each latent's firing frequency against its mean activation when firing, at the last eval.")
+        known = [row for row in rows if row[1] is not None]
+        if known:
+            fewest, most = min(known, key=lambda r: r[1]), max(known, key=lambda r: r[1])
+            res.findings.append(f"Dead latents range from {_pct(fewest[1])} (**{fewest[0]}**) to {_pct(most[1])} "
+                                f"(**{most[0]}**) on the eval split.")
+        dense = [row for row in rows if row[2]]
+        res.findings.append("Dense latents: " + (", ".join(f"**{r[0]}** {_pct(r[2])}" for r in dense) if dense
+                                                  else "none in any arm") + ".")
+        settled = [row[5] for row in rows if row[5] is not None]
+        if settled:
+            res.findings.append(f"Frequency ranks between the last two evals correlate at {min(settled):.3f} to "
+                                f"{max(settled):.3f} across arms.")
     res.summary = {"arms": [dict(zip(["name", "dead_frac", "dense_frac", "ultra_low_frac", "median_log10_density",
                                       "rank_spearman_last", "rank_spearman_min"], row)) for row in rows]}
     return res
@@ -354,15 +414,18 @@ def resampling(arms: list[ArmData], probes: dict) -> StudyResult:
         ["arm", "handling", "dead (final)", "dead (peak)", "window-dead (final)", "resampled", "explained variance",
          "l0"], rows)
     if curves:
-        res.figures["curves"] = partial(study_plots.resampling_curves, curves)
+        res.figure("curves", partial(study_plots.resampling_curves, curves),
+                   "Dead latents during training (left, dotted lines where latents were resampled), on the eval "
+                   "split (middle), and reconstruction (right), by dead-latent handling.")
         by_mode = {r[1]: r for r in rows}
         if "none" in by_mode:
             base = by_mode["none"]
             for mode in ("resample", "auxk"):
                 if mode in by_mode and base[2] is not None and by_mode[mode][2] is not None:
                     r = by_mode[mode]
-                    res.findings.append(f"{mode}: {_pct(r[2])} dead at the end against {_pct(base[2])} without "
-                                        f"handling; explained variance {r[6]} against {base[6]}.")
+                    res.findings.append(f"{'Resampling' if mode == 'resample' else 'AuxK'} leaves {_pct(r[2])} of "
+                                        f"the latents dead at the end against {_pct(base[2])} without handling, at "
+                                        f"explained variance {r[6]} against {base[6]}.")
     res.summary = {"arms": [dict(zip(["name", "dead_handling", "dead_frac", "dead_frac_peak", "window_dead_frac",
                                       "resampled", "explained_variance", "l0"], row)) for row in rows]}
     return res

@@ -22,6 +22,7 @@ from experiments.concepts import tinylm_concepts, yaml_concepts
 from experiments.probes import PROBE_KINDS, ArmProbes, ConceptData, umap_steps
 from experiments.studies import analyse
 from experiments.activation_cache import BuildInterrupted, build_or_open
+from experiments.provenance import code_commit
 from experiments.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
                                  token_sequences)
 from experiments.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
@@ -29,8 +30,8 @@ from experiments.timing import CLOCK, phase
 from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer, lockstep_key, train_arms
 from visualization.local_sink import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
-from visualization.report import figure_file, write_report
-from visualization.terminal import boxed_table
+from visualization.report import figure_file, write_docs_excerpt, write_report
+from visualization.terminal import boxed_table, wrapped_finding
 
 DEFAULT_CONCEPTS = Path(__file__).resolve().parents[1] / "config" / "concepts" / "english.yaml"
 
@@ -295,9 +296,16 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
 
     planned = plan_arms(cfg, data_spec)
     previous = {a["arm_id"]: a for a in meta["arms"]}
-    meta["arms"] = [previous.get(p.arm.arm_id, {**asdict(p.arm), "studies": p.studies, "status": "pending"})
-                    for p in planned]
+    meta["arms"] = [previous.get(p.arm.arm_id, {
+        **asdict(p.arm), "studies": p.studies, "status": "pending", "d_sae": p.spec.sae.d_sae(cache.d_in),
+        "sparsity": p.spec.sae.sparsity_setting(), "lr": p.spec.train.lr, "batch_size": p.spec.train.batch_size})
+        for p in planned]
     meta["cache"] = str(cache.path)
+    # What a reader of the report needs to know about the data, and the code each run of the study used.
+    commits = meta.get("setup", {}).get("commits", [])
+    meta["setup"] = {"hook": ctx.hook_name, "d_in": cache.d_in, "train_tokens": cache.n_train_rows,
+                     "eval_tokens": cache.n_eval_rows, "norm_scale": scale,
+                     "commits": commits + [c for c in [code_commit()] if c not in commits]}
     write_json_atomic(study_json, meta)
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
     concept_data = _concept_data(cfg, model, cache) if needs_concepts and model is not None else None
@@ -364,21 +372,21 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         key = lockstep_key(trainer) if cfg.study.lockstep else arm_id
         groups.setdefault(key, {})[arm_id] = trainer
     for group in groups.values():
-        first, last = index_of[next(iter(group))] + 1, index_of[list(group)[-1]] + 1
-        desc = (f"[{first}/{len(planned)}] {planned[first - 1].arm.name}" if len(group) == 1 else
-                f"[{first}-{last}/{len(planned)}] {len(group)} arms in lockstep")
+        labels = {arm_id: f"[{index_of[arm_id] + 1}/{len(planned)}] {planned[index_of[arm_id]].arm.name}"
+                  for arm_id in group}
         if len(group) > 1:
-            print(f"training {len(group)} arms in lockstep (one batch read per step for all of them; "
-                  f"--sequential-arms trains them one by one)", flush=True)
+            print(f"training {len(group)} arms in lockstep, one batch read per step for all "
+                  f"(--sequential-arms: one by one)", flush=True)
         for arm_id, trainer in group.items():
             records[arm_id].update(status="running", steps_total=trainer.n_steps)
         write_json_atomic(study_json, meta)
         try:
-            train_arms(group, cfg.study.resume, stop, desc, on_done, on_error, on_stop, progress=cfg.log.progress)
+            train_arms(group, cfg.study.resume, stop, labels, on_done, on_error, on_stop, progress=cfg.log.progress)
         except StopRequested as stopped:
             stopped.study_id = study_dir.name
             meta["status"] = "interrupted"  # resumable, as "running" is, but no process is at work on it
             write_json_atomic(study_json, meta)
+            print_sync_command(wandb)
             raise
 
     status = "failed" if failed else "complete"
@@ -408,7 +416,14 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     print_tables(results)
     shown = ", ".join(f"{name} {sec:.0f} s" for name, sec in timing.items() if name != "total" and sec >= 0.5)
     print(f"time: {timing['total']:.0f} s ({shown})\nreport: {report}\noutputs: {study_dir}")
+    print_sync_command(wandb)
     return 1 if failed else 0
+
+
+def print_sync_command(wandb) -> None:
+    command = wandb.sync_command() if wandb is not None else None
+    if command:
+        print(f"W&B runs logged offline; upload them with:\n  {command}")
 
 
 def _probe_kinds(studies: list[str]) -> set[str]:
@@ -430,7 +445,7 @@ def print_tables(results: list) -> None:
             continue
         print(boxed_table(f"{res.name}: {table.title}", table.headers, table.rows))
         for finding in res.findings[:6]:
-            print("  - " + finding.replace("**", ""))
+            print(wrapped_finding(finding.replace("**", "")))
 
 
 def rebuild_report(cfg: RunConfig) -> int:
@@ -446,4 +461,9 @@ def rebuild_report(cfg: RunConfig) -> int:
     report = write_report(study_dir, meta, results)
     print_tables(results)
     print(f"report: {report}")
+    if cfg.study.docs is not None:
+        run_summary = study_dir / "summary.json"
+        timing = read_json(run_summary).get("timing") if run_summary.exists() else None
+        write_docs_excerpt(Path(cfg.study.docs), meta, results, timing)
+        print(f"docs: {cfg.study.docs}")
     return 0

@@ -367,7 +367,7 @@ def lockstep_key(trainer: Trainer) -> tuple:
     return id(trainer.cache), trainer.cfg.batch_size, trainer.cfg.seed, trainer.scale
 
 
-def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, desc: str,
+def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, labels: dict[str, str],
                on_done: Callable[[str, ArmResult], None], on_error: Callable[[str, Trainer, Exception], None],
                on_stop: Callable[[str, Trainer], None], progress: bool = True) -> None:
     """Train arms that read the same batches (equal lockstep_key) together, step by step: each
@@ -377,7 +377,7 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, desc:
 
     As arms finish, on_done gets their result. An arm that raises goes to on_error, and the others
     carry on unless on_error re-raises. A stop request checkpoints every unfinished arm (on_stop
-    for each) and raises StopRequested."""
+    for each) and raises StopRequested. Each arm has a progress bar of its own, labelled by `labels`."""
     from visualization.terminal import progress_bar
 
     assert len({lockstep_key(t) for t in trainers.values()}) <= 1, "arms that read different batches"
@@ -400,8 +400,9 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, desc:
                     continue
                 on_done(key, result)
 
-    bar = progress_bar(total=sum(t.n_steps for t in trainers.values()), initial=sum(t.step for t in active.values()),
-                       desc=desc, disable=not progress)
+    pad = max(map(len, labels.values()))
+    bars = {key: progress_bar(total=t.n_steps, initial=t.step, desc=labels[key].ljust(pad), disable=not progress,
+                              position=i) for i, (key, t) in enumerate(trainers.items())}
     finish_done()
     while active:
         step = min(t.step for t in active.values())
@@ -416,11 +417,12 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, desc:
                 on_error(key, trainer, err)
                 continue
             if logs is not None:
-                bar.set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
-        bar.update(len(level))
+                bars[key].set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
+            bars[key].update()
         finish_done()
         if stop.requested and active:
-            bar.close()
+            for bar in bars.values():
+                bar.close()
             for key, trainer in active.items():
                 trainer.interrupt()
                 on_stop(key, trainer)
@@ -428,4 +430,5 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, desc:
             where = (f"at step {steps[0]} with a checkpoint saved" if len(active) == 1 else
                      f"at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} with checkpoints saved")
             raise StopRequested(steps[0], where=where)
-    bar.close()
+    for bar in bars.values():
+        bar.close()

@@ -148,7 +148,8 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(ckpt):
             assert report.returncode == 0, report.stderr[-2000:]
             text = (ckpt / "t" / "report" / "report.md").read_text()
             assert "Status: **interrupted**" in text
-            assert f"| {arm['name']} | {arm['arm_id']} | topk | auxk | activations | interrupted | {arm['steps']} |" in text
+            row = next(line for line in text.splitlines() if line.startswith(f"| {arm['name']} | {arm['arm_id']} |"))
+            assert f"| topk | 256 | k 8 | auxk | activations | interrupted | {arm['steps']} |" in row
 
 
 def test_hugging_face_model_offline_fails_in_one_line(ckpt):

@@ -15,7 +15,8 @@ from tests.wandb_readback import OfflineRun, merge_segments, read_offline_run, r
 from visualization import wandb_sink
 from visualization.local_sink import MetricsCSV, read_json, write_json_atomic
 from visualization.plots import density_floor, density_histogram, log10_density, save_figure
-from visualization.terminal import boxed_table, format_value, progress_bar
+from visualization.terminal import (boxed_table, format_beside, format_value, progress_bar, round_beside,
+                                     wrapped_finding)
 from visualization.wandb_sink import WandbSink
 
 N_LATENTS = 64
@@ -68,7 +69,9 @@ def test_offline_run_round_trip(wandb_env: Path, capfd: pytest.CaptureFixture[st
             sink.log(step, step * 1024, eval_metrics(step))
             sink.log_density(step, step * 1024, density, N_EVAL_TOKENS, 0.1)
     sink.finish({"final/explained_variance": 0.95, "final/fvu": 0.05})
-    assert capfd.readouterr().err.count("wandb sync") == 1  # offline by request: hint printed, wandb's own silenced
+    err = capfd.readouterr().err
+    assert err.count("W&B logging offline") == 1 and "wandb sync" not in err  # ours printed, wandb's own silenced
+    assert sink.sync_command() == f"wandb sync \\\n    {sink.run_dir}"
 
     run = read_offline_run(sink.run_dir)
     assert (run.run_id, run.name, run.group, run.job_type, run.project) == (
@@ -173,8 +176,8 @@ def test_no_credentials_falls_back_to_offline(wandb_env: Path, monkeypatch: pyte
     sink.finish({"final/fvu": 0.5})
 
     err = capfd.readouterr().err
-    hints = [line for line in err.splitlines() if "wandb sync" in line]
-    assert hints == [f"W&B logging offline (not logged in to W&B); upload later with: wandb sync {sink.run_dir}"]
+    notices = [line for line in err.splitlines() if "W&B" in line]
+    assert notices == [f"W&B logging offline (not logged in to W&B), under {sink.run_dir.parent}"]
     assert sink.run_dir.name.startswith("offline-run-") and sink.run_dir.name.endswith(run_id)
     assert read_offline_run(sink.run_dir).values("train/loss") == [2.0]
 
@@ -201,10 +204,11 @@ def test_online_init_failure_falls_back_to_offline(wandb_env: Path, monkeypatch:
 
     assert online_attempts == ids[:1]  # the second arm didn't wait on the network again
     assert ids[1] == "resumed01"  # a checkpointed id survives the fallback
-    hints = [line for line in capfd.readouterr().err.splitlines() if "wandb sync" in line]
-    assert len(hints) == 2
-    assert hints[0].startswith("W&B logging offline (online init failed: ConnectionError: no route to host); ")
-    assert hints[1].startswith("W&B logging offline (online init failed earlier in this process); ")
+    notices = [line for line in capfd.readouterr().err.splitlines() if "W&B" in line]
+    assert len(notices) == 1  # once for all runs
+    assert notices[0].startswith("W&B logging offline (online init failed: ConnectionError: no route to host), ")
+    dirs = sink.sync_command().split(" \\\n    ")[1:]  # one command uploads both runs
+    assert len(dirs) == 2 and [d.rsplit("-", 1)[1] for d in dirs] == ids
 
 
 def test_online_fallback_leaves_other_open_runs_logging(wandb_env: Path, monkeypatch: pytest.MonkeyPatch,
@@ -347,6 +351,35 @@ def test_boxed_table_long_title_and_bad_rows() -> None:
     assert lines[3] == "║ " + "n".rjust(len(lines[0]) - 4) + " ║"
     with pytest.raises(ValueError):
         boxed_table("t", ["a", "b"], [[1]])
+
+
+def test_boxed_table_wider_than_100_columns_wraps_headers_and_continues_below() -> None:
+    headers = ["arm", *(f"a long metric name number {i}" for i in range(9))]
+    rows = [["batchtopk-k32", *(0.123456 * i for i in range(9))], ["relu-l1", *([None] * 9)]]
+    lines = boxed_table("Final metrics on the eval split of every arm in the study", headers, rows).splitlines()
+    assert max(map(len, lines)) <= 100
+    tops = [i for i, line in enumerate(lines) if line.startswith("╔")]
+    assert len(tops) >= 2 and "(continued)" in lines[tops[1] + 1] + lines[tops[1] + 2]
+    assert sum(line.startswith("║ batchtopk-k32 ") for line in lines) == len(tops)  # the arm column repeats
+    text = "\n".join(lines)
+    assert all(format_value(0.123456 * i) in text for i in range(9))  # every value is shown
+    assert "number" in text and "a long metric name number 1" not in text  # headers wrap onto several lines
+
+
+def test_wrapped_finding_fits_100_columns() -> None:
+    finding = "topk-k32: " + ", ".join(f"category {i} (0.12 single, 0.34 probe)" for i in range(12)) + "."
+    lines = wrapped_finding(finding).splitlines()
+    assert lines[0].startswith("  - topk-k32:") and all(line.startswith("    ") for line in lines[1:])
+    assert max(map(len, lines)) <= 100 and " ".join(line.strip() for line in lines) == "- " + finding
+
+
+@pytest.mark.parametrize("value, threshold, text", [
+    (0.7996, 0.8, "0.7996"), (0.79999, 0.8, "0.7999"), (0.8, 0.8, "0.80"), (0.80004, 0.8, "0.80"),
+    (0.805, 0.805, "0.81"), (0.8049, 0.805, "0.80"), (0.123456, 0.8, "0.12"), (0.79, 0.8, "0.79"),
+])
+def test_values_beside_a_threshold_never_round_across_it(value, threshold, text) -> None:
+    assert format_beside(value, threshold) == text
+    assert (round_beside(value, threshold) >= threshold) == (value >= threshold)
 
 
 @pytest.mark.parametrize("value, text", [

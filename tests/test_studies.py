@@ -10,7 +10,9 @@ import pytest
 
 from tests.test_end_to_end import ckpt, run, summary, wandb_env  # noqa: F401  (fixtures)
 from run_experiments import main
+from experiments.provenance import code_commit
 from tests.outcomes import assert_same_outcome
+from visualization.report import check_docs_excerpts
 from tests.wandb_readback import read_offline_run, read_offline_runs
 from visualization.local_sink import MetricsCSV
 
@@ -43,7 +45,14 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     assert {c["concept"] for c in emergence} >= {"category:animals", "word:cat"}
     for table in ("╔", "activations:", "emergence:", "frequency:", "resampling:"):
         assert table in out.stdout
+    wide = [line for line in out.stdout.splitlines() if len(line) > 100 and "offline-run-" not in line]
+    assert not wide, wide  # every line but the W&B run folders' paths fits a 100-column terminal
 
+    assert out.stderr.count("W&B logging offline") == 1  # one notice for the 13 runs
+    sync = out.stdout.split("W&B runs logged offline; upload them with:\n  ", 1)[1].strip()
+    synced = sync.split(" \\\n    ")[1:]
+    assert sync.startswith("wandb sync \\\n") and len(synced) == 13 and all(Path(d).is_dir() for d in synced)
+    assert {d.rsplit("-", 1)[1] for d in synced} == {a["wandb_run_id"] for a in arms} | set(s["summary_runs"].values())
     wb_root = Path(wandb_env["WANDB_DIR"])
     topk = next(a for a in shared if a["architecture"] == "topk")
     wb = read_offline_runs(wb_root, topk["wandb_run_id"])
@@ -63,8 +72,23 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
         assert tables and all(summary_run.values(k)[0]["_type"] == "table-file" for k in tables)
         assert any(k.startswith("plots/") for k in summary_run.keys())
 
-    # the report's tables show summary.json's numbers
+    # the report opens with the findings and the setup, and says what to look for in each figure
     report = (study_dir / "report" / "report.md").read_text()
+    head = report.split("\n## activations", 1)[0]
+    assert head.index("## Summary") < head.index("## Setup")
+    assert all(f"- **{name}**: " in head.split("## Setup")[0] for name in STUDIES)
+    setup = {row["setting"]: row["value"] for row in markdown_table(head.split("## Setup", 1)[1])}
+    assert setup["subject model"] == "tinylm, `blocks.0.hook_resid_post` (d_in 128)"
+    assert setup["code"] == f"commit {code_commit()}" and "64 sequences of 33 tokens" in setup["text"]
+    arm_table = markdown_table(head.split("| code |", 1)[1])
+    assert [(row["arm"], row["d_sae"], row["sparsity"]) for row in arm_table][:2] == [
+        ("topk-k8-auxk", "256", "k 8"), ("batchtopk-k8", "256", "k 8")]
+    assert {row["sparsity"].split(" coef ")[0] for row in arm_table} == {"k 8", "L1", "L0"}
+    figures = [i for i, line in enumerate(report.splitlines()) if line.startswith("![")]
+    assert len(figures) == len(files_png := list((study_dir / "report").rglob("*.png"))) and files_png
+    assert all(re.fullmatch(r"\*\S.{20,}\*", report.splitlines()[i + 2]) for i in figures)  # a caption each
+
+    # the report's tables show summary.json's numbers
     shown = markdown_table(report.split("## activations", 1)[1].split("**Final metrics on the eval split**", 1)[1])
     assert [row["arm"] for row in shown] == [a["name"] for a in arms if "activations" in a["studies"]]
     for row, arm in zip(shown, (a for a in arms if "activations" in a["studies"])):
@@ -82,6 +106,21 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
         if rel.name == "report.md":
             new, old = (re.sub(rb"Report written [0-9: -]+ from", b"", text) for text in (new, old))
         assert new == old, rel
+
+    # --docs writes the summary, setup and main tables into a page, stamped and sealed
+    page = ckpt / "results.md"
+    page.write_text("# Results\n\n<!-- generated summary from study all -->\nold\n<!-- end of generated -->\n\n"
+                    "<!-- generated results from study all -->\n<!-- end of generated -->\n\nProse.\n")
+    assert main(["--report", "all", "--checkpoint-dir", str(ckpt), "--docs", str(page)]) == 0
+    text = page.read_text()
+    assert check_docs_excerpts(text) == ["all", "all"] and text.endswith("<!-- end of generated -->\n\nProse.\n")
+    summary_block = text.split("<!-- generated results", 1)[0]
+    assert "old" not in summary_block and "- **resampling**: " in summary_block and "| arm |" not in summary_block
+    assert f"from study `all`, which ran at commit {code_commit()}; do not edit by hand" in text
+    excerpt_rows = markdown_table(text.split("**activations: Final metrics on the eval split**", 1)[1])
+    assert excerpt_rows == shown  # the report's table, as the report shows it
+    with pytest.raises(ValueError, match="edited by hand"):
+        check_docs_excerpts(text.replace("| topk-k8-auxk |", "| topk-k8-auxk (best) |"))
 
 
 def markdown_table(text: str) -> list[dict[str, str]]:

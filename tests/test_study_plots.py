@@ -66,7 +66,7 @@ def test_format_tokens_and_palette():
 
 def test_frontier(tmp_path):
     pts = [{"name": f"{a}-k{k}", "architecture": a, "l0": k * (1 + 0.1 * i), "explained_variance": 0.6 + k / 200,
-            "ce_loss_recovered": 0.5 + k / 200, "kl": 0.1} for i, a in enumerate(ARMS.values()) for k in (16, 32, 64)]
+            "ce_loss_recovered": 0.5 + k / 200, "kl": 1 / k} for i, a in enumerate(ARMS.values()) for k in (16, 32, 64)]
     pts.append({"name": "odd", "architecture": "newarch", "l0": 20.0, "explained_variance": float("nan"),
                 "ce_loss_recovered": None, "kl": None})
     fig = sp.frontier(pts)
@@ -74,8 +74,10 @@ def test_frontier(tmp_path):
     finite = [p for p in pts if np.isfinite(p["explained_variance"])]
     assert _as_points([p["l0"] for p in finite], [p["explained_variance"] for p in finite]) <= _points(fig.axes[0])
     assert _as_points([p["l0"] for p in finite], [p["ce_loss_recovered"] for p in finite]) <= _points(fig.axes[1])
+    assert _as_points([p["l0"] for p in finite], [p["kl"] for p in finite]) <= _points(fig.axes[2])
+    assert "KL" in fig.axes[2].get_ylabel()
     assert not any(x == 20.0 for x, _ in _points(fig.axes[0]))
-    _check(fig, tmp_path, 2, "frontier")
+    _check(fig, tmp_path, 3, "frontier")
     # No language model: only the explained-variance panel.
     no_lm = [dict(p, ce_loss_recovered=None, kl=float("nan")) for p in pts]
     fig = sp.frontier(no_lm)
@@ -85,7 +87,7 @@ def test_frontier(tmp_path):
     fig = sp.frontier([dict(p, ce_loss_recovered=None) for p in pts])
     assert "KL" in fig.axes[1].get_ylabel()
     _check(fig, tmp_path, 2, "frontier_kl")
-    _check(sp.frontier(pts[:1]), tmp_path, 2, "frontier_one_point")
+    _check(sp.frontier(pts[:1]), tmp_path, 3, "frontier_one_point")
 
 
 def _curves(n_evals: int, never: bool = False) -> dict:
@@ -136,9 +138,14 @@ def test_emergence_steps(tmp_path):
 def test_score_heatmap(tmp_path):
     scores = np.random.default_rng(2).uniform(0, 1, (5, 12))
     scores[1, 3] = np.nan
-    fig = sp.score_heatmap(list(ARMS), [f"C{i}" for i in range(12)], scores, "Final F1")
-    texts = [t.get_text() for t in fig.axes[0].texts]
-    assert f"{scores[0, 0]:.2f}" in texts and "–" in texts
+    scores[0, :3] = [0.7996, 0.8, 0.80004]  # beside the 0.8 threshold
+    fig = sp.score_heatmap(list(ARMS), [f"C{i}" for i in range(12)], scores, "Final F1", 0.8)
+    texts = fig.axes[0].texts
+    shown = np.array([t.get_text() for t in texts]).reshape(5, 12)  # one annotation per cell, row by row
+    assert list(shown[0, :3]) == ["0.7996", "0.80", "0.80"]  # 0.7996 is not printed 0.80
+    assert shown[1, 3] == "–" and shown[2, 5] == f"{scores[2, 5]:.2f}"
+    bold = np.array([t.get_fontweight() == "bold" for t in texts]).reshape(5, 12)
+    assert (bold == (np.nan_to_num(scores) >= 0.8)).all()
     _check(fig, tmp_path, 2, "heatmap")  # heatmap + colorbar
 
 
@@ -243,6 +250,12 @@ def test_umap_scatter(tmp_path):
     assert fig.axes[2].get_ylabel() == "log10 firing frequency"  # colorbar
     _check(fig, tmp_path, 3, "umap")
     _check(sp.umap_scatter(xy[:5], [None] * 5, freq[:5], "all unmatched"), tmp_path, 3, "umap_unmatched")
+    shared = sp.umap_scatter(xy, concept, freq, "one scale for all arms", freq_range=(-6.0, 0.0))
+    points = shared.axes[1].collections[0]
+    assert points.get_clim() == (-6.0, 0.0)
+    finite = np.isfinite(freq)
+    assert _as_points(*points.get_offsets().T) == _as_points(*xy[finite].T)  # every latent with a frequency
+    assert sorted(points.get_array()) == pytest.approx(sorted(freq[finite]))
 
 
 def test_decoder_embedding():

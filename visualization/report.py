@@ -3,11 +3,13 @@ reads without W&B (tables, findings, and the figures inline)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import re
 import shutil
 import time
 from pathlib import Path
 
+from config.schema import UsageError
 from experiments import faults
 from visualization.plots import save_figure
 from visualization.terminal import format_value
@@ -44,25 +46,31 @@ def write_csv(path: Path, headers: list[str], rows: list[list]) -> None:
         writer.writerows(["" if v is None else v for v in row] for row in rows)
 
 
+def summary_lines(results: list) -> list[str]:
+    """Every study's findings, one bullet each: the top of the report and of a docs excerpt."""
+    lines = []
+    for res in results:
+        lines += [f"- **{res.name}**: {finding}" for finding in res.findings] or [f"- **{res.name}**: no result."]
+    return lines
+
+
 def write_report(study_dir: Path, meta: dict, results: list) -> Path:
-    """Write the report afresh (figures are closed once saved); returns the Markdown page's path."""
+    """Write the report afresh (figures are closed once saved); returns the Markdown page's path.
+
+    The page opens with what a reader needs first: the findings of every study and the setup (model,
+    hook, data, arms, training, code); then one section per study with its tables and its figures,
+    each with a line saying what to look for."""
     out = study_dir / "report"
     tmp = study_dir / ".report.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    arms = meta["arms"]
     lines = [f"# Study `{meta['study_id']}`", "",
              f"Studies: {', '.join(meta['spec']['study']['names'])}. Status: **{meta['status']}**. "
              f"Report written {time.strftime('%Y-%m-%d %H:%M')} from the files in this folder "
-             f"(`python run_experiments.py --report {meta['study_id']}` rebuilds it).", "",
-             "## Arms", "", _md_table(
-                 ["arm", "id", "architecture", "dead handling", "studies", "status", "steps", "time (s)"],
-                 [[a["name"], a["arm_id"], a["architecture"], a["dead_handling"], ", ".join(a.get("studies", [])),
-                   a["status"] + (f" ({a['reason']})" if a.get("reason") else ""), a.get("steps"), a.get("seconds")]
-                  for a in arms]), ""]
+             f"(`python run_experiments.py --report {meta['study_id']}` rebuilds it).", "", "## Summary", "",
+             *summary_lines(results), "", *setup_section(meta)]
     for res in results:
         lines += [f"## {res.name}", "", f"*{res.question}*", ""]
-        lines += [f"- {f}" for f in res.findings] + ([""] if res.findings else [])
         for table in res.tables.values():
             lines += [f"**{table.title}**", "", _md_table(table.headers, table.rows), ""]
         for key, table in res.data.items():
@@ -73,8 +81,108 @@ def write_report(study_dir: Path, meta: dict, results: list) -> Path:
             rel = figure_file(res.name, key)
             save_figure(draw(), tmp / rel)  # one figure open at a time
             faults.reached("report-figure")
-            lines += [f"![{res.name} {key}]({rel})", ""]
+            lines += [f"![{res.name} {key}]({rel})", "", f"*{res.captions[key]}*", ""]
     (tmp / "report.md").write_text("\n".join(lines))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a half-written report never replaces a complete one
     return out / "report.md"
+
+
+def setup_section(meta: dict) -> list[str]:
+    """The "Setup" section: what the activations were, how each arm was trained, which code ran."""
+    spec, setup = meta["spec"], meta.get("setup", {})
+    data, train = spec["data"], spec["plans"][0]["arms"][0]["train"] if spec.get("plans") else {}
+    rows = []
+    if data["source"] == "synthetic":
+        toy = spec["synthetic"]
+        rows.append(["activations", f"toy model of superposition: {toy['n_features']:,} true features in "
+                                    f"{toy['d_in']} dimensions, mean L0 {toy['mean_l0']:g}, {toy['frequency']} "
+                                    f"frequencies, noise {toy['noise_std']:g}"])
+    else:
+        hook = setup.get("hook") or data.get("hook_point") or f"layer {data['layer']} {data['hook']}"
+        rows.append(["subject model", f"{data['model_name']}, `{hook}`"
+                                      + (f" (d_in {setup['d_in']})" if "d_in" in setup else "")])
+        rows.append(["text", f"{data['dataset'] or 'the tinylm corpus (held-out stories)'}: {data['n_samples']:,} "
+                             f"sequences of {data['seq_len']} tokens"])
+    if "train_tokens" in setup:
+        scale = setup.get("norm_scale")
+        rows.append(["activation cache", f"{setup['train_tokens']:,} train and {setup['eval_tokens']:,} eval "
+                                         "activations (metrics on eval)" + (
+                                             f", scaled by {scale:.4g} to mean squared norm d_in"
+                                             if data.get("normalize") and scale else "")])
+    if train:
+        rows.append(["training", f"{train['steps'] or str(train['epochs']) + ' epochs'}"
+                                 f"{' steps' if train['steps'] else ''}, batch {train['batch_size']:,}, lr "
+                                 f"{train['lr']:g} (warm-up {train['warmup_steps']} steps, decay over the last "
+                                 f"{train['decay_fraction']:.0%}), seed {train['seed']}"])
+    commits = setup.get("commits")
+    rows.append(["code", f"commit {', then '.join(commits)}" if commits else "commit not recorded"])
+    arm_rows = [[a["name"], a["arm_id"], a["architecture"], a.get("d_sae"), a.get("sparsity"), a["dead_handling"],
+                 ", ".join(a.get("studies", [])), a["status"] + (f" ({a['reason']})" if a.get("reason") else ""),
+                 a.get("steps"), a.get("tokens"), a.get("seconds")] for a in meta["arms"]]
+    return ["## Setup", "", _md_table(["setting", "value"], rows), "",
+            _md_table(["arm", "folder", "architecture", "d_sae", "sparsity", "dead handling", "studies", "status",
+                       "steps", "tokens", "time (s)"], arm_rows), ""]
+
+
+# Where a docs page takes a study's figures: between these lines, `results` (summary, setup and the
+# main table of each study) or `summary` (the findings alone), written by `--report ID --docs FILE`.
+GENERATED = re.compile(r"<!-- generated (?P<kind>results|summary) from study (?P<id>\S+) -->\n(?P<block>.*?)"
+                       r"(?P<end><!-- end of generated -->)", flags=re.S)
+_STAMP = re.compile(r"<!-- sha256 (?P<digest>[0-9a-f]{16}) -->\n")
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def docs_excerpt(meta: dict, results: list, kind: str, timing: dict | None = None) -> str:
+    """A study's findings (and for `results` its setup and the first table of each study) as
+    Markdown, stamped with the commit the study ran at and today's date, and sealed with a hash of
+    itself (check_docs_excerpts)."""
+    commits = ", then ".join(meta.get("setup", {}).get("commits") or ["(not recorded)"])
+    lines = [f"*Generated on {time.strftime('%Y-%m-%d')} by `python run_experiments.py --report {meta['study_id']} "
+             f"--docs FILE` from study `{meta['study_id']}`, which ran at commit {commits}; do not edit by hand.*",
+             "", *summary_lines(results), ""]
+    if kind == "results":
+        if timing:
+            lines += ["Time (the run's last process): " + ", ".join(
+                f"{name} {sec:.0f} s" for name, sec in timing.items() if name == "total" or sec >= 0.5) + ".", ""]
+        lines += setup_section(meta)[2:]
+        for res in results:
+            table = next(iter(res.tables.values()), None)
+            if table is not None:
+                lines += [f"**{res.name}: {table.title}**", "", _md_table(table.headers, table.rows), ""]
+    body = "\n".join(lines).rstrip("\n") + "\n"
+    return f"<!-- sha256 {_digest(body)} -->\n{body}"
+
+
+def write_docs_excerpt(path: Path, meta: dict, results: list, timing: dict | None = None) -> None:
+    """Rewrite every generated block of `meta`'s study in the Markdown file `path` (UsageError when
+    the file has none)."""
+    text = path.read_text() if path.is_file() else ""
+    study_id, found = meta["study_id"], []
+
+    def fill(match: re.Match) -> str:
+        if match["id"] != study_id:
+            return match[0]
+        found.append(match["kind"])
+        return match[0][: match.start("block") - match.start()] + docs_excerpt(meta, results, match["kind"], timing) + match["end"]
+
+    text = GENERATED.sub(fill, text)
+    if not found:
+        raise UsageError(f"--docs: {path} has no block for study {study_id}: put the lines '<!-- generated results "
+                         f"from study {study_id} -->' (or 'summary') and '<!-- end of generated -->' where it goes")
+    path.write_text(text)
+
+
+def check_docs_excerpts(text: str) -> list[str]:
+    """The study ids of the generated blocks in `text`; raises ValueError where a block was edited
+    after it was generated (its hash no longer matches) or carries no stamp."""
+    found = []
+    for match in GENERATED.finditer(text):
+        stamp = _STAMP.match(match["block"])
+        if stamp is None or _digest(match["block"][stamp.end():]) != stamp["digest"]:
+            raise ValueError(f"the generated block of study {match['id']} was edited by hand or lost its stamp")
+        found.append(match["id"])
+    return found

@@ -28,6 +28,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullFormatter, FuncFormatter, LogLocator, MaxNLocator, NullLocator
 
+from visualization.terminal import format_beside
+
 ARCH_COLORS: dict[str, str] = {
     "topk": "#1f77b4",  # blue
     "batchtopk": "#ff7f0e",  # orange
@@ -243,7 +245,7 @@ def _place_labels(fig: Figure, ax, xs: np.ndarray, ys: np.ndarray, labels: list[
 
 # -- activations study -------------------------------------------------------------------------
 def frontier(points: list[dict]) -> Figure:
-    """L0 vs explained variance, and L0 vs CE loss recovered (KL where CE is missing).
+    """L0 vs explained variance, and where the source is a transformer L0 vs CE loss recovered and vs KL.
 
     points: {"name", "architecture", "l0", "explained_variance", "ce_loss_recovered", "kl"}. Points
     of one architecture are joined in order of L0; each point is labelled with its arm name (minus
@@ -256,10 +258,10 @@ def frontier(points: list[dict]) -> Figure:
     has_kl = any(np.isfinite(r["kl"]) for r in rows)
     panels = [("ev", "explained variance (fraction)", "Reconstruction")]
     if has_ce:
-        panels.append(("ce", "CE loss recovered (fraction)", "Downstream loss with the SAE spliced in"))
-    elif has_kl:
-        panels.append(("kl", "KL(clean ‖ spliced) per token (nats)", "Downstream KL with the SAE spliced in"))
-    fig, axs = _fig(len(panels), width=5.0 * len(panels) + 1.8, height=4.6)
+        panels.append(("ce", "CE loss recovered (fraction)", "CE loss, SAE spliced in"))
+    if has_kl:  # near 1, CE recovered hardly tells arms apart; KL does
+        panels.append(("kl", "KL(clean ‖ spliced), nats per token: lower is better", "KL, SAE spliced in"))
+    fig, axs = _fig(len(panels), width=min(5.0, 10.2 / len(panels)) * len(panels) + 1.8, height=4.6)
     archs = list(dict.fromkeys(r["arch"] for r in rows))
     l0s = np.array([r["l0"] for r in rows])
     finite_l0 = l0s[np.isfinite(l0s) & (l0s > 0)]
@@ -297,7 +299,7 @@ def frontier(points: list[dict]) -> Figure:
             if not any(np.isfinite(r[key]) for r in rows):
                 _empty_note(ax, "no values")
         ax._study_labels = (lx, ly, ll, lc)  # placed after the legend fixes the layout
-    fig.suptitle("Sparsity–fidelity frontier (final eval, held-out split)")
+    fig.suptitle("Fidelity against sparsity, one point per arm (final eval, held-out split)")
     _legend_right(fig, handles, names, title="architecture")
     fig.canvas.draw()  # run constrained layout so data -> display transforms are final
     for ax in axs[0]:
@@ -327,11 +329,12 @@ def _scores(arm: dict, key: str) -> np.ndarray | None:
 
 
 def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str = "F1") -> Figure:
-    """Fraction of concepts whose score >= threshold vs training tokens, one panel per concept kind
-    (category, word); one colour per arm, solid = best single latent, dashed = k-sparse probe.
+    """Median score over the concepts of each kind vs training tokens, one panel per kind (category,
+    word); one colour per arm, solid = best single latent, dashed = k-sparse probe; the threshold
+    dotted. Medians show progress even where no concept reaches the threshold.
 
     arms: name -> {"architecture", "tokens": [E], "kinds": [C] str, "single": [E, C], "probe": [E, C]}.
-    NaN scores count as not reached.
+    NaN scores (a concept without held-out examples) are left out of the median.
     """
     kinds = _kind_panels(arms) or ["concepts"]
     styles = arm_styles({n: a.get("architecture", "?") for n, a in arms.items()})
@@ -347,31 +350,35 @@ def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str =
                 s = _scores(arm, key)
                 if s is None or not mask.any() or s.shape[1] != mask.size:
                     continue
-                with np.errstate(invalid="ignore"):
-                    frac = (s[:, mask] >= threshold).mean(axis=1)
-                n = min(tokens.size, frac.size)
-                ok = np.isfinite(tokens[:n])
+                scores = s[:, mask]
+                has = np.isfinite(scores).any(axis=1)
+                median = np.full(scores.shape[0], np.nan)
+                median[has] = np.nanmedian(scores[has], axis=1)
+                n = min(tokens.size, median.size)
+                ok = np.isfinite(tokens[:n]) & np.isfinite(median[:n])
                 # Probe markers are hollow so single-eval runs (markers only) still tell the two apart.
-                ax.plot(tokens[:n][ok], frac[:n][ok], color=styles[name]["color"], linestyle=ls,
+                ax.plot(tokens[:n][ok], median[:n][ok], color=styles[name]["color"], linestyle=ls,
                         marker=styles[name]["marker"], markersize=4.5 if key == "probe" else 4, linewidth=1.6,
                         markerfacecolor="white" if key == "probe" else styles[name]["color"])
                 if key == "single" and name not in labels:
                     handles.append(Line2D([], [], color=styles[name]["color"], marker=styles[name]["marker"],
                                           markersize=5, linewidth=1.6))
                     labels.append(name)
+        ax.axhline(threshold, color="0.3", linestyle=":", linewidth=1.2)
         _token_axis(ax)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
         ax.set_title(f"{kind.capitalize()} concepts (n={n_kind})" if kind != "concepts" else "Concepts")
         if n_kind == 0:
             _empty_note(ax, f"no {kind} concepts")
-    axs[0][0].set_ylabel(f"fraction of concepts with {score_label} ≥ {threshold:g}")
+    axs[0][0].set_ylabel(f"median best held-out {score_label}")
     for ax in axs[0][1:]:
         ax.tick_params(labelleft=True)
     handles += [Line2D([], [], color="none"), Line2D([], [], color="0.2", linestyle="-", marker="o", markersize=4),
-                Line2D([], [], color="0.2", linestyle="--", marker="o", markersize=4.5, markerfacecolor="white")]
-    labels += ["", "best single latent", "k-sparse probe"]
-    fig.suptitle(f"Concept emergence: share of concepts reaching {score_label} ≥ {threshold:g}")
+                Line2D([], [], color="0.2", linestyle="--", marker="o", markersize=4.5, markerfacecolor="white"),
+                Line2D([], [], color="0.3", linestyle=":")]
+    labels += ["", "best single latent", "k-sparse probe", f"threshold {threshold:g}"]
+    fig.suptitle(f"Concept emergence: median {score_label} over training")
     _legend_right(fig, handles, labels, title="arm")
     return fig
 
@@ -381,7 +388,9 @@ def emergence_steps(arms: dict[str, dict], concepts: list[str], threshold: float
     where a concept never emerged appear in a "not emerged" column on the right with their best score.
 
     arms: name -> {"architecture", "emerged_tokens": [C] (NaN = never), "best": [C]}; C = len(concepts).
-    An optional "tokens" entry (the arm's eval tokens) sets the x range.
+    An optional "tokens" entry (the arm's eval tokens) sets the x range to the whole of training.
+    Optional "probe_emerged_tokens" and "probe_best" add a second score (the k-sparse probe): hollow
+    markers, and "single / probe" best scores where neither emerged.
     """
     concepts = [str(c) for c in concepts]
     n_c, names = len(concepts), list(arms)
@@ -394,7 +403,7 @@ def emergence_steps(arms: dict[str, dict], concepts: list[str], threshold: float
     offsets = np.linspace(-spread / 2, spread / 2, n_a) if n_a > 1 else np.zeros(1)
     x_max = 0.0
     for arm in arms.values():
-        for key in ("tokens", "emerged_tokens"):
+        for key in ("tokens", "emerged_tokens", "probe_emerged_tokens"):
             v = _floats(arm.get(key))
             v = v[np.isfinite(v)]
             if v.size:
@@ -411,13 +420,23 @@ def emergence_steps(arms: dict[str, dict], concepts: list[str], threshold: float
         e[: min(n_c, emerged.size)] = emerged[:n_c]
         ax.plot(e[got], y[got], linestyle="none", marker=st["marker"], color=st["color"], markersize=7,
                 markeredgecolor="white", markeredgewidth=0.5)
+        has_probe = arm.get("probe_emerged_tokens") is not None
+        p_e = np.full(n_c, np.nan)
+        if has_probe:
+            probe = _floats(arm.get("probe_emerged_tokens"))[:n_c]
+            p_e[: probe.size] = probe
+            ax.plot(p_e, y, linestyle="none", marker=st["marker"], markersize=10, markerfacecolor="none",
+                    markeredgecolor=st["color"], markeredgewidth=1.2)
         miss = ~got
-        ax_ne.plot(np.full(miss.sum(), 0.12), y[miss], linestyle="none", marker=st["marker"], markersize=6,
-                   markerfacecolor="none", markeredgecolor=st["color"], markeredgewidth=1.2)
+        ax_ne.plot(np.full(miss.sum(), 0.1), y[miss], linestyle="none", marker=st["marker"], markersize=6,
+                   color=st["color"], markeredgecolor="white", markeredgewidth=0.5)
+        probe_best = _floats(arm.get("probe_best"))
         for ci in np.flatnonzero(miss):
             b = best[ci] if ci < best.size else np.nan
-            ax_ne.text(0.26, y[ci], f"{b:.2f}" if np.isfinite(b) else "–", va="center", ha="left",
-                       fontsize=font, color=st["color"])
+            text = format_beside(b, threshold) if np.isfinite(b) else "–"
+            if has_probe and not np.isfinite(p_e[ci]) and ci < probe_best.size and np.isfinite(probe_best[ci]):
+                text += f" / {format_beside(probe_best[ci], threshold)}"
+            ax_ne.text(0.2, y[ci], text, va="center", ha="left", fontsize=font, color=st["color"])
     for i in range(n_c + 1):
         for a in (ax, ax_ne):
             a.axhline(i - 0.5, color="0.88", linewidth=0.8, zorder=0)
@@ -428,23 +447,32 @@ def emergence_steps(arms: dict[str, dict], concepts: list[str], threshold: float
     ax.set_ylabel("concept")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Emerged")
-    if n_c and not any(np.isfinite(_floats(arms[n].get("emerged_tokens"))).any() for n in names):
+    if n_c and not any(np.isfinite(_floats(arms[n].get(key))).any() for n in names
+                       for key in ("emerged_tokens", "probe_emerged_tokens") if arms[n].get(key) is not None):
         _empty_note(ax, "no concept emerged")
+    with_probe = any(a.get("probe_emerged_tokens") is not None for a in arms.values())
     ax_ne.set_xlim(0, 1)
     ax_ne.set_xticks([])
-    ax_ne.set_xlabel(f"best {score_label} reached")
+    ax_ne.set_xlabel(f"best {score_label}" + (" (latent / probe)" if with_probe else " reached"))
     ax_ne.set_title("Not emerged")
     ax_ne.tick_params(left=False, labelleft=False)
     handles = [Line2D([], [], linestyle="none", marker=styles[n]["marker"], color=styles[n]["color"], markersize=6)
                for n in names]
+    if with_probe:
+        handles += [Line2D([], [], color="none"),
+                    Line2D([], [], linestyle="none", marker="o", color="0.2", markersize=6),
+                    Line2D([], [], linestyle="none", marker="o", markersize=9, markerfacecolor="none",
+                           markeredgecolor="0.2")]
+        names = [*names, "", "one latent", "k-sparse probe"]
     _legend_right(fig, handles, names, title="arm")
     fig.suptitle(f"First eval where each concept reaches {score_label} ≥ {threshold:g}")
     return fig
 
 
-def score_heatmap(arms: list[str], concepts: list[str], scores: np.ndarray, title: str,
+def score_heatmap(arms: list[str], concepts: list[str], scores: np.ndarray, title: str, threshold: float,
                   cbar_label: str = "F1") -> Figure:
-    """Annotated heatmap of scores in [0, 1]: arms on rows, concepts on columns (NaN shown grey, "–")."""
+    """Annotated heatmap of scores in [0, 1]: arms on rows, concepts on columns (NaN shown grey, "–");
+    the annotations never round across `threshold`, and those that reach it are bold."""
     arms, concepts = [str(a) for a in arms], [str(c) for c in concepts]
     s = np.asarray(scores, dtype=np.float64).reshape(len(arms), len(concepts))
     n_a, n_c = s.shape
@@ -464,8 +492,8 @@ def score_heatmap(arms: list[str], concepts: list[str], scores: np.ndarray, titl
                 if np.isfinite(v):
                     r, g, b, _ = cmap(float(np.clip(v, 0, 1)))
                     dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.55
-                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=fontsize,
-                            color="white" if dark else "black")
+                    ax.text(j, i, format_beside(v, threshold), ha="center", va="center", fontsize=fontsize,
+                            color="white" if dark else "black", fontweight="bold" if v >= threshold else "normal")
                 else:
                     ax.text(j, i, "–", ha="center", va="center", fontsize=8, color="0.25")
     ax.set_xticks(np.arange(n_c), concepts, rotation=45 if n_c > 4 else 0, ha="right" if n_c > 4 else "center",
@@ -495,8 +523,8 @@ def _time_panels(arms: dict[str, dict], keys: Sequence[tuple[str, ...]], styles:
                  empty_text: str = "no data") -> Figure:
     """One panel per key (key, ylabel, title[, the arm's field of its tokens, default "tokens"]): each
     arm's series vs training tokens. Empty panels keep the token range of the others and say why
-    they are empty."""
-    fig, axs = _fig(len(keys), width=width, height=4.4)
+    they are empty. The panels share the token axis, from the start of training."""
+    fig, axs = _fig(len(keys), width=width, height=4.4, sharex=True)
     xlim = _token_range(arms)
     for ax, (key, ylabel, title, *tokens_key) in zip(axs[0], keys):
         any_data = False
@@ -691,10 +719,11 @@ def resampling_curves(arms: dict[str, dict]) -> Figure:
 
 
 # -- UMAP ----------------------------------------------------------------------------------------
-def umap_scatter(xy: np.ndarray, concept: list[str | None], log10_freq: np.ndarray, title: str) -> Figure:
+def umap_scatter(xy: np.ndarray, concept: list[str | None], log10_freq: np.ndarray, title: str,
+                 freq_range: tuple[float, float] | None = None) -> Figure:
     """Decoder-direction embedding, two panels: left coloured by matched concept (the 12 most common
-    categories; the rest as "other"; unmatched latents light grey, drawn first), right coloured by
-    log10 firing frequency."""
+    categories; the rest as "other"; unmatched latents small and light grey, drawn first), right
+    coloured by log10 firing frequency, on `freq_range` when given (one scale for several arms)."""
     xy = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
     n = xy.shape[0]
     concept = [None if (c is None or c == "" or (isinstance(c, float) and np.isnan(c))) else str(c)
@@ -713,7 +742,7 @@ def umap_scatter(xy: np.ndarray, concept: list[str | None], log10_freq: np.ndarr
     others = sorted(set(counts) - set(top))
     labels = np.array([c if c is not None else "" for c in concept], dtype=object)
     unmatched = np.array([c is None for c in concept], dtype=bool)
-    ax_c.scatter(xy[unmatched, 0], xy[unmatched, 1], s=size, color=UNMATCHED_COLOR, alpha=0.8, linewidths=0,
+    ax_c.scatter(xy[unmatched, 0], xy[unmatched, 1], s=size * 0.5, color=UNMATCHED_COLOR, alpha=0.6, linewidths=0,
                  label=f"unmatched ({int(unmatched.sum()):,})", rasterized=True)
     if others:
         m = np.isin(labels, others)
@@ -721,8 +750,8 @@ def umap_scatter(xy: np.ndarray, concept: list[str | None], log10_freq: np.ndarr
                      label=f"{len(others)} other concepts ({int(m.sum()):,})", rasterized=True)
     for i, c in enumerate(top):
         m = labels == c
-        ax_c.scatter(xy[m, 0], xy[m, 1], s=size + 3, color=_CATEGORY_COLORS[i % len(_CATEGORY_COLORS)], alpha=0.85,
-                     linewidths=0, label=f"{c} ({int(m.sum()):,})", rasterized=True)
+        ax_c.scatter(xy[m, 0], xy[m, 1], s=size + 12, color=_CATEGORY_COLORS[i % len(_CATEGORY_COLORS)], alpha=0.9,
+                     linewidths=0.4, edgecolors="white", label=f"{c} ({int(m.sum()):,})", rasterized=True)
     ax_c.set_title("Matched concept")
     leg = ax_c.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False, markerscale=1.8,
                       title="concept (latents)", title_fontsize=8, borderaxespad=0.0)
@@ -731,8 +760,9 @@ def umap_scatter(xy: np.ndarray, concept: list[str | None], log10_freq: np.ndarr
 
     order = np.argsort(np.where(np.isfinite(freq), freq, -np.inf), kind="stable")  # frequent latents on top
     ok = order[np.isfinite(freq[order])]
+    vmin, vmax = freq_range if freq_range is not None else (None, None)
     sc = ax_f.scatter(xy[ok, 0], xy[ok, 1], c=freq[ok], s=size, cmap="viridis", alpha=0.85, linewidths=0,
-                      rasterized=True)
+                      rasterized=True, vmin=vmin, vmax=vmax)
     if (~np.isfinite(freq)).any():
         bad = ~np.isfinite(freq)
         ax_f.scatter(xy[bad, 0], xy[bad, 1], s=size, color=UNMATCHED_COLOR, linewidths=0, rasterized=True)

@@ -77,13 +77,15 @@ class WandbSink:
         self._run: wandb.Run | None = None
         self._run_dir: Path | None = None
         self._failed = False  # a wandb call of the current run raised: make no more calls for it
-        self._online = {"failed": False}  # shared with for_another_run: later runs then go straight to offline
+        # Shared with for_another_run: after one failed online init, later runs go straight to offline;
+        # the offline notice is printed once, and one `wandb sync` command uploads every offline run.
+        self._shared = {"online_failed": False, "offline_dirs": []}
 
     def for_another_run(self) -> "WandbSink":
         """A sink for one more run, open at the same time as this one's (arms training in lockstep);
         it shares what this one learned about reaching W&B online."""
         other = WandbSink(self.project, self.mode, self.root_dir)
-        other._online = self._online
+        other._shared = self._shared
         return other
 
     @property
@@ -107,7 +109,7 @@ class WandbSink:
             dir=str(self.root_dir) if self.root_dir is not None else None,
             reinit="create_new",  # arms in lockstep each have a run open at the same time
             settings=wandb.Settings(
-                silent=mode == "offline",  # our one-line sync hint replaces wandb's banner and its hint at finish
+                silent=mode == "offline",  # our notice and sync command replace wandb's banner and hint at finish
                 init_timeout=ONLINE_INIT_TIMEOUT_S,
                 **_FLUSH_SETTING,
             ),
@@ -125,7 +127,7 @@ class WandbSink:
         self._run, self._run_dir, self._failed = None, None, False
         if mode == "disabled":
             return None
-        if mode == "online" and self._online["failed"]:  # don't wait out the init timeout again for every arm
+        if mode == "online" and self._shared["online_failed"]:  # don't wait out the init timeout again for every arm
             mode, why_offline = "offline", "online init failed earlier in this process"
         # The id is fixed up front so an offline fallback keeps the id the trainer checkpoints (but see below).
         args = dict(run_id=run_id or _new_run_id(), resume="allow" if run_id else None,
@@ -136,7 +138,7 @@ class WandbSink:
             if mode == "offline":
                 self._fail("init", exc)
                 return args["run_id"]
-            self._online["failed"], why_offline = True, f"online init failed: {_one_line(exc)}"
+            self._shared["online_failed"], why_offline = True, f"online init failed: {_one_line(exc)}"
             # The failed online run still holds its id in wandb's service process. Tearing the
             # service down frees it, but would also end the runs other arms have open; then this
             # run takes a fresh id instead (returned, so the trainer checkpoints that one).
@@ -158,9 +160,12 @@ class WandbSink:
             for prefix in ("train", "eval", "density", "concepts", "freq", "umap"):
                 run.define_metric(f"{prefix}/*", step_metric="tokens")
             if run.offline:
-                why = f" ({why_offline})" if why_offline else ""
-                msg = f"W&B logging offline{why}; upload later with: wandb sync {self._run_dir}"
-                print(msg, file=sys.stderr, flush=True)
+                offline = self._shared["offline_dirs"]
+                if not offline:
+                    why = f" ({why_offline})" if why_offline else ""
+                    print(f"W&B logging offline{why}, under {self._run_dir.parent}", file=sys.stderr, flush=True)
+                if self._run_dir not in offline:
+                    offline.append(self._run_dir)
         except Exception as exc:
             self._fail("setup", exc)
         return run.id
@@ -227,6 +232,14 @@ class WandbSink:
                 self._fail("log_summary_run", exc)
         self.finish({})
         return run_id
+
+    def sync_command(self) -> str | None:
+        """One shell command (continued over lines of at most 100 columns) that uploads every run
+        this sink and its siblings logged offline; None when there were none."""
+        dirs = self._shared["offline_dirs"]
+        if not dirs:
+            return None
+        return " \\\n    ".join(["wandb sync", *map(str, dirs)])
 
     def finish(self, summary: dict[str, float]) -> None:
         """Write final metrics (e.g. "final/explained_variance") to the run summary and close the run."""
