@@ -9,6 +9,7 @@ import fcntl
 import os
 import shutil
 import sys
+import textwrap
 import time
 import traceback
 from collections import Counter
@@ -415,7 +416,8 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     write_json_atomic(study_json, meta)
     print_tables(results)
     shown = ", ".join(f"{name} {sec:.0f} s" for name, sec in timing.items() if name != "total" and sec >= 0.5)
-    print(f"time: {timing['total']:.0f} s ({shown})\nreport: {report}\noutputs: {study_dir}")
+    print(textwrap.fill(f"time: {timing['total']:.0f} s ({shown})", 100, subsequent_indent="      "))
+    print(f"report: {report}\noutputs: {study_dir}")
     print_sync_command(wandb)
     return 1 if failed else 0
 

@@ -2,11 +2,13 @@
 the pages they link to are there."""
 import re
 import shlex
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from config.cli import build_parser
+from visualization.report import check_docs_excerpts
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
@@ -41,3 +43,18 @@ def test_readme_is_a_front_page_whose_links_resolve():
     for page in PAGES:
         for target in re.findall(r"\]\(([^)#]+\.md)(?:#[^)]*)?\)", page.read_text()):
             assert (page.parent / target).resolve().exists(), f"{page.name} links to a missing {target}"
+
+
+def test_results_in_the_docs_are_generated_from_a_study_and_not_edited():
+    """docs/results.md's study figures come from `--report ID --docs FILE` (sealed with a hash of the
+    block, stamped with the commit the study ran at); editing a number by hand breaks the seal."""
+    results = (ROOT / "docs" / "results.md").read_text()
+    assert check_docs_excerpts(results), "docs/results.md has no generated block"
+    for page in PAGES:
+        check_docs_excerpts(page.read_text())
+    stamps = re.findall(r"from study `[^`]+`, which ran at commit ([^;]+); do not edit by hand", results)
+    assert stamps
+    for commit in stamps:  # a commit of this repository, with nothing uncommitted
+        assert re.fullmatch(r"[0-9a-f]{7}", commit), commit
+        found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
+        assert found.returncode == 0, f"docs/results.md was generated at {commit}, which is not in this repository"

@@ -105,7 +105,16 @@ def _curves(n_evals: int, never: bool = False) -> dict:
 
 @pytest.mark.parametrize("n_evals,never", [(6, False), (1, False), (4, True)])
 def test_emergence_curves(tmp_path, n_evals, never):
-    fig = sp.emergence_curves(_curves(n_evals, never), 0.8)
+    arms = _curves(n_evals, never)
+    fig = sp.emergence_curves(arms, 0.8)
+    # each arm's curve is the median over the concepts of that kind, NaN left out, at its eval tokens
+    for ax, kind in zip(fig.axes, ("category", "word")):
+        mask = np.array(arms["topk-k32"]["kinds"]) == kind
+        for key in ("single", "probe"):
+            expected = _as_points(arms["topk-k32"]["tokens"], np.nanmedian(arms["topk-k32"][key][:, mask], axis=1))
+            assert expected <= _points(ax), (kind, key)
+        threshold = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
+        assert [tuple(line.get_ydata()) for line in threshold] == [(0.8, 0.8)]
     _check(fig, tmp_path, 2, f"curves_{n_evals}_{never}")
 
 
@@ -130,7 +139,22 @@ def test_emergence_steps(tmp_path):
     # Not-emerged entries carry their best score as text.
     n_missing = sum(int(np.isnan(a["emerged_tokens"]).sum()) for a in arms.values())
     assert len(fig.axes[1].texts) == n_missing
+    # each emerged concept is a marker at its emergence tokens, on its concept's row (arms offset within it)
+    for line, arm in zip(fig.axes[0].get_lines(), arms.values()):
+        got = ~np.isnan(arm["emerged_tokens"])
+        assert np.array_equal(line.get_xdata(), arm["emerged_tokens"][got])
+        assert np.array_equal(np.round(line.get_ydata()), np.flatnonzero(got))
     _check(fig, tmp_path, 2, "steps")
+    # with the probe: hollow markers at the probe's emergence, both best scores where neither emerged
+    tokens = np.linspace(1e5, 1e6, 10)
+    both = {n: dict(a, tokens=tokens, probe_emerged_tokens=np.where(np.isnan(a["emerged_tokens"]), np.nan, 1e5),
+                    probe_best=np.full(12, 0.7996)) for n, a in arms.items()}
+    fig = sp.emergence_steps(both, concepts, 0.8)
+    hollow = [line for line in fig.axes[0].get_lines() if line.get_markerfacecolor() == "none"]
+    assert len(hollow) == len(arms) and all(np.nanmax(line.get_xdata()) == 1e5 for line in hollow[:4])
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert texts and all(t.endswith(" / 0.7996") for t in texts)  # the probe's best, not rounded to 0.80
+    assert fig.axes[0].get_xlim()[1] >= 1e6  # the axis spans the whole of training
     nothing = {n: dict(a, emerged_tokens=np.full(12, np.nan)) for n, a in arms.items()}
     _check(sp.emergence_steps(nothing, concepts, 0.8), tmp_path, 2, "steps_nothing")
 
@@ -208,6 +232,9 @@ def test_density_over_training(tmp_path, n_evals):
     fig = sp.density_over_training("topk-k32", np.linspace(1e5, 1e6, n_evals), ld, density_floor(n_tokens), 0.1)
     never_counts = [t.get_text() for t in fig.axes[0].texts]
     assert never_counts == ["30"] * n_evals
+    # the histogram rows are the evals' histograms of log10 frequency over the fired latents
+    image = fig.axes[1].get_images()[0].get_array()
+    assert image.shape[0] == n_evals and np.asarray(image).sum(axis=1).tolist() == [256 - 30] * n_evals
     _check(fig, tmp_path, 3, f"density_{n_evals}")  # never-fired column + histogram + colorbar
     all_dead = np.full((n_evals, 256), density_floor(n_tokens))
     _check(sp.density_over_training("dead", np.linspace(1e5, 1e6, n_evals), all_dead, density_floor(n_tokens), 0.1),
