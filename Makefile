@@ -22,8 +22,9 @@ run: $(STAMP)
 quick: $(STAMP)
 	$(PY) run_experiments.py --quick $(ARGS)
 
+# Two pytest-xdist workers, one per core (tests/conftest.py: the subject model is trained once).
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -8,7 +8,15 @@ once the tests are collected, and the tests that do not need it run first (order
 first test that needs it waits for the process. The process runs at the lowest CPU priority: it
 soaks up what those mostly single-threaded tests leave idle instead of slowing them down. It sets
 up its memory as run_experiments.py does. Set TINYLM_SPEC='{}' to run the suite on the real model.
+
+`make test` runs the suite on two pytest-xdist workers (`-n 2`). Then the controller starts the
+training (it collects no tests itself) and hands the models dir to the workers through the
+environment; whoever loads the model first waits on a file lock that the training holds, so the
+model is trained once. Workers keep torch's default threads: runs compared bit for bit must
+compute alike, in the worker and in the subprocesses it starts.
 """
+import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -25,9 +33,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TEST_SPEC = '{"n_train_stories": 4000, "train_steps": 150}'
 os.environ.setdefault(SPEC_ENV, TEST_SPEC)
 NEEDS_MODEL = "tinylm_models_dir"
-_TRAIN = "import os, sys, pathlib; os.nice(19); from experiments.host_memory import retain_freed_memory; " \
+MODELS_DIR_ENV = "TINYLM_MODELS_DIR"
+LONGEST = "test_killed_anywhere_then_resumed_equals_an_uninterrupted_run"
+_TRAIN = "import fcntl, os, sys, pathlib; os.nice(19); from experiments.host_memory import retain_freed_memory; " \
          "retain_freed_memory(); from models.tinylm import load_or_train_tinylm; " \
+         "lock = open(sys.argv[2], 'w'); fcntl.flock(lock, fcntl.LOCK_EX); " \
          "load_or_train_tinylm(pathlib.Path(sys.argv[1]), progress=False)"
+
+
+def _lock_path(models_dir: Path) -> Path:
+    """Held while the model trains, so that nobody else trains it at the same time (outside the
+    models dir, which holds only models)."""
+    digest = hashlib.sha256(str(Path(models_dir).resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"tinylm-training-{digest}.lock"
 _background: dict = {}
 
 
@@ -40,21 +58,36 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _needs_model(item):
             item.add_marker(pytest.mark.slow)
-    items.sort(key=_needs_model)  # stable: file order is kept within each group
+    # Stable: file order is kept within each group, but the longest test starts first among those
+    # needing the model (with two workers it runs beside all the others).
+    items.sort(key=lambda item: (_needs_model(item), item.name != LONGEST))
+
+
+def _start_training() -> None:
+    """Set TINYLM_MODELS_DIR (e.g. to checkpoints/models) to reuse a cached model while developing;
+    it is validated against the spec and retrained there if stale. CI leaves it unset."""
+    reuse = os.environ.get(MODELS_DIR_ENV)
+    models_dir = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix="tinylm-models-"))
+    os.environ[MODELS_DIR_ENV] = str(models_dir)  # for xdist workers, started after this
+    log = Path(tempfile.mkstemp(prefix="tinylm-training-", suffix=".log")[1])
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _TRAIN, str(models_dir), str(_lock_path(models_dir))], cwd=ROOT,
+                                stdout=out,
+                                stderr=subprocess.STDOUT)
+    _background.update(proc=proc, models_dir=models_dir, log=log, temporary=not reuse)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The xdist controller collects nothing; it trains unless the selection leaves out every slow test.
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        if "not slow" not in (config.option.markexpr or ""):
+            _start_training()
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Set TINYLM_MODELS_DIR (e.g. to checkpoints/models) to reuse a cached model while developing;
-    it is validated against the spec and retrained there if stale. CI leaves it unset."""
-    if not any(_needs_model(item) for item in session.items):
+    if _background or os.environ.get("PYTEST_XDIST_WORKER") or not any(_needs_model(i) for i in session.items):
         return
-    reuse = os.environ.get("TINYLM_MODELS_DIR")
-    models_dir = Path(reuse) if reuse else Path(tempfile.mkdtemp(prefix="tinylm-models-"))
-    log = Path(tempfile.mkstemp(prefix="tinylm-training-", suffix=".log")[1])
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _TRAIN, str(models_dir)], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
-    _background.update(proc=proc, models_dir=models_dir, log=log, temporary=not reuse)
+    _start_training()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -64,6 +97,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         _background["proc"].kill()
         _background["proc"].wait()
     _background["log"].unlink(missing_ok=True)
+    _lock_path(_background["models_dir"]).unlink(missing_ok=True)
     if _background["temporary"]:
         shutil.rmtree(_background["models_dir"], ignore_errors=True)
 
@@ -71,13 +105,16 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.fixture(scope="session")
 def tinylm_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A models dir holding the default tinylm, trained once per test session."""
-    if not _background:  # collected without the hook's knowledge (e.g. requested dynamically)
-        models_dir = Path(os.environ.get("TINYLM_MODELS_DIR") or tmp_path_factory.mktemp("models"))
+    if not _background:  # an xdist worker, or collected without the hook's knowledge
+        models_dir = Path(os.environ.get(MODELS_DIR_ENV) or tmp_path_factory.mktemp("models"))
     else:
         models_dir = _background["models_dir"]
         if _background["proc"].wait() != 0:
             pytest.fail(f"training tinylm failed:\n{_background['log'].read_text()[-3000:]}")
-    load_or_train_tinylm(models_dir, progress=False)  # checks what the process left (and trains if need be)
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with open(_lock_path(models_dir), "w") as lock:  # waits for a training under way elsewhere
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        load_or_train_tinylm(models_dir, progress=False)  # checks what was left (and trains if need be)
     return models_dir
 
 
