@@ -7,10 +7,11 @@ STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
 .PHONY: run test quick clean-venv bench-peers bench-parity
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@echo "compiling umap-learn's numba functions into their on-disk cache (about 20 s, once per install)"
 	$(PY) -c "import numpy as np; from experiments.embedding import decoder_embedding; \
 	          decoder_embedding(np.random.default_rng(0).standard_normal((64, 8)), 0)"

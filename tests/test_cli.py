@@ -1,4 +1,5 @@
 """Flag -> config mapping and one-line validation errors (no model needed)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,15 @@ def test_report_of_a_broken_study_record_exits_2_in_one_line(tmp_path, capsys, c
     assert main(["--report", "s", "--checkpoint-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert fragment in err and err.strip().count("\n") == 0
+
+
+def test_the_harness_imports_from_outside_the_repository(tmp_path):
+    """`pip install -e .` (the Makefile's) puts the packages on the path of the venv's Python, so a
+    script in any folder can use them, reading this checkout's code."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = ("import config.cli, experiments.study, models.sae, visualization.report; "
+              "print(models.sae.SAE.__module__, models.sae.__file__)")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, path = out.stdout.split()
+    assert module == "models.sae.base" and Path(path).is_relative_to(Path(__file__).resolve().parents[1])
