@@ -315,7 +315,8 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     if cfg.log.use_wandb:
         from visualization.wandb_sink import WandbSink
 
-        wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode)
+        wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
+                          after_log=lambda: faults.reached("wandb-log"))
 
     shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
     trainers: dict[str, Trainer] = {}
@@ -401,7 +402,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
          "wandb_run_id": r.get("wandb_run_id"), "seconds": r.get("seconds"), "reason": r.get("reason")}
         for r in meta["arms"]], "studies": {res.name: res.summary for res in results}}
     with phase("report"):
-        report = write_report(study_dir, finished, results)
+        report = write_report(study_dir, finished, results, lambda: faults.reached("report-figure"))
     if wandb is not None:
         runs = meta.setdefault("summary_runs", {})
         for res in results:
@@ -460,7 +461,7 @@ def rebuild_report(cfg: RunConfig) -> int:
         raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}{there}")
     meta = read_study_record(study_dir, "--report")
     results = analyse(study_dir, meta)
-    report = write_report(study_dir, meta, results)
+    report = write_report(study_dir, meta, results, lambda: faults.reached("report-figure"))
     print_tables(results)
     print(f"report: {report}")
     if cfg.study.docs is not None:

@@ -7,10 +7,10 @@ import hashlib
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from config.schema import UsageError
-from experiments import faults
 from visualization.plots import save_figure
 from visualization.terminal import format_value
 
@@ -54,7 +54,7 @@ def summary_lines(results: list) -> list[str]:
     return lines
 
 
-def write_report(study_dir: Path, meta: dict, results: list) -> Path:
+def write_report(study_dir: Path, meta: dict, results: list, after_figure: Callable[[], None] = lambda: None) -> Path:
     """Write the report afresh (figures are closed once saved); returns the Markdown page's path.
 
     The page opens with what a reader needs first: the findings of every study and the setup (model,
@@ -80,7 +80,7 @@ def write_report(study_dir: Path, meta: dict, results: list) -> Path:
         for key, draw in res.figures.items():
             rel = figure_file(res.name, key)
             save_figure(draw(), tmp / rel)  # one figure open at a time
-            faults.reached("report-figure")
+            after_figure()  # the runner's fault-injection point
             lines += [f"![{res.name} {key}]({rel})", "", f"*{res.captions[key]}*", ""]
     (tmp / "report.md").write_text("\n".join(lines))
     shutil.rmtree(out, ignore_errors=True)

@@ -9,6 +9,7 @@ import os
 import secrets
 import string
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -16,7 +17,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import wandb
 
-from experiments import faults
 from visualization.plots import density_floor, density_histogram, log10_density
 from visualization.study_plots import umap_scatter
 
@@ -69,11 +69,13 @@ def _one_line(exc: BaseException) -> str:
 
 class WandbSink:
     def __init__(
-        self, project: str = "sae-interpretability", mode: str | None = None, root_dir: Path | None = None
+        self, project: str = "sae-interpretability", mode: str | None = None, root_dir: Path | None = None,
+        after_log: Callable[[], None] | None = None,
     ) -> None:
         self.project = project
         self.mode = mode
         self.root_dir = Path(root_dir) if root_dir is not None else None
+        self.after_log = after_log  # called after every log call (the runner's fault-injection point)
         self._run: wandb.Run | None = None
         self._run_dir: Path | None = None
         self._failed = False  # a wandb call of the current run raised: make no more calls for it
@@ -84,7 +86,7 @@ class WandbSink:
     def for_another_run(self) -> "WandbSink":
         """A sink for one more run, open at the same time as this one's (arms training in lockstep);
         it shares what this one learned about reaching W&B online."""
-        other = WandbSink(self.project, self.mode, self.root_dir)
+        other = WandbSink(self.project, self.mode, self.root_dir, self.after_log)
         other._shared = self._shared
         return other
 
@@ -177,7 +179,8 @@ class WandbSink:
             self._run.log({**metrics, "tokens": tokens}, step=step)
         except Exception as exc:
             self._fail("log", exc)
-        faults.reached("wandb-log")
+        if self.after_log is not None:
+            self.after_log()
 
     def log_density(self, step: int, tokens: int, density: np.ndarray, n_tokens: int, dense_threshold: float) -> None:
         """Log10 firing-frequency histogram (never-fired latents at log10(1/n_tokens) - 1) and its plot,
