@@ -408,11 +408,13 @@ def resampling(arms: list[ArmData], probes: dict) -> StudyResult:
                      _r(np.max(dead) if dead.size else None), _r(train_dead[-1] if train_dead.size else None),
                      int(resampled.sum()) if resampled.size else 0, _r(a.final.get("explained_variance")),
                      _r(a.final.get("l0"), 2)])
+    recovery = any(a.final.get("frac_recovered") is not None for a in arms)  # a synthetic source
     res.tables["final"] = Table(
         "Dead latents by handling mode (dead: never fired on the eval split; window-dead: not fired in the "
         "last dead window of training)",
         ["arm", "handling", "dead (final)", "dead (peak)", "window-dead (final)", "resampled", "explained variance",
-         "l0"], rows)
+         "l0", *(["frac_recovered"] if recovery else [])],
+        [row + ([_r(a.final.get("frac_recovered"))] if recovery else []) for row, a in zip(rows, arms)])
     if curves:
         res.figure("curves", partial(study_plots.resampling_curves, curves),
                    "Dead latents during training (left, dotted lines where latents were resampled), on the eval "

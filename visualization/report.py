@@ -126,7 +126,7 @@ def setup_section(meta: dict) -> list[str]:
 
 
 # Where a docs page takes a study's figures: between these lines, `results` (summary, setup and the
-# main table of each study) or `summary` (the findings alone), written by `--report ID --docs FILE`.
+# tables of a row per arm) or `summary` (the findings alone), written by `--report ID --docs FILE`.
 GENERATED = re.compile(r"<!-- generated (?P<kind>results|summary) from study (?P<id>\S+) -->\n(?P<block>.*?)"
                        r"(?P<end><!-- end of generated -->)", flags=re.S)
 _STAMP = re.compile(r"<!-- sha256 (?P<digest>[0-9a-f]{16}) -->\n")
@@ -136,8 +136,11 @@ def _digest(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+EXCERPT_ROWS = 12
+
+
 def docs_excerpt(meta: dict, results: list, kind: str, timing: dict | None = None) -> str:
-    """A study's findings (and for `results` its setup and the first table of each study) as
+    """A study's findings (and for `results` its setup and its tables of at most EXCERPT_ROWS rows) as
     Markdown, stamped with the commit the study ran at and today's date, and sealed with a hash of
     itself (check_docs_excerpts)."""
     commits = ", then ".join(meta.get("setup", {}).get("commits") or ["(not recorded)"])
@@ -149,10 +152,10 @@ def docs_excerpt(meta: dict, results: list, kind: str, timing: dict | None = Non
             lines += ["Time (the run's last process): " + ", ".join(
                 f"{name} {sec:.0f} s" for name, sec in timing.items() if name == "total" or sec >= 0.5) + ".", ""]
         lines += setup_section(meta)[2:]
-        for res in results:
-            table = next(iter(res.tables.values()), None)
-            if table is not None:
-                lines += [f"**{res.name}: {table.title}**", "", _md_table(table.headers, table.rows), ""]
+        for res in results:  # the tables of a row per arm (not the long ones of a row per concept)
+            for table in res.tables.values():
+                if len(table.rows) <= EXCERPT_ROWS:
+                    lines += [f"**{res.name}: {table.title}**", "", _md_table(table.headers, table.rows), ""]
     body = "\n".join(lines).rstrip("\n") + "\n"
     return f"<!-- sha256 {_digest(body)} -->\n{body}"
 
