@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from config.cli import build_parser
+from experiments.provenance import code_commit
 from visualization.report import check_docs_excerpts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,3 +59,24 @@ def test_results_in_the_docs_are_generated_from_a_study_and_not_edited():
         assert re.fullmatch(r"[0-9a-f]{7}", commit), commit
         found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
         assert found.returncode == 0, f"docs/results.md was generated at {commit}, which is not in this repository"
+
+
+def test_code_commit_names_the_commit_and_says_when_code_differs(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *args], check=True,
+                       capture_output=True)
+
+    assert code_commit(tmp_path) == "unknown"  # not a checkout
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "notes.md").write_text("# notes\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "c")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short=7", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
+    assert code_commit(tmp_path) == head
+    (tmp_path / "notes.md").write_text("# notes, rewritten from a study\n")
+    (tmp_path / "new.py").write_text("untracked\n")
+    assert code_commit(tmp_path) == head  # docs and untracked files do not change results
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert code_commit(tmp_path) == head + "+changes"
