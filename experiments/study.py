@@ -32,7 +32,7 @@ from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer, l
 from visualization.local_sink import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
 from visualization.report import figure_file, write_docs_excerpt, write_report
-from visualization.terminal import boxed_table, wrapped_finding
+from visualization.terminal import boxed_table, format_timing, wrapped_finding
 
 DEFAULT_CONCEPTS = Path(__file__).resolve().parents[1] / "config" / "concepts" / "english.yaml"
 
@@ -416,8 +416,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     meta["status"] = status
     write_json_atomic(study_json, meta)
     print_tables(results)
-    shown = ", ".join(f"{name} {sec:.0f} s" for name, sec in timing.items() if name != "total" and sec >= 0.5)
-    print(textwrap.fill(f"time: {timing['total']:.0f} s ({shown})", 100, subsequent_indent="      "))
+    print(textwrap.fill(f"time: {format_timing(timing)}", 100, subsequent_indent="      "))
     print(f"report: {report}\noutputs: {study_dir}")
     print_sync_command(wandb)
     return 1 if failed else 0

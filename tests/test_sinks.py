@@ -15,7 +15,7 @@ from tests.wandb_readback import OfflineRun, merge_segments, read_offline_run, r
 from visualization import wandb_sink
 from visualization.local_sink import MetricsCSV, read_json, write_json_atomic
 from visualization.plots import density_floor, density_histogram, log10_density, save_figure
-from visualization.terminal import (boxed_table, format_beside, format_value, progress_bar, round_beside,
+from visualization.terminal import (boxed_table, format_beside, format_timing, format_value, progress_bar, round_beside,
                                      wrapped_finding)
 from visualization.wandb_sink import WandbSink
 
@@ -430,3 +430,8 @@ def test_density_histogram_marks_and_counts_the_given_dense_threshold() -> None:
         assert marks == [pytest.approx(np.log10(threshold))]
         assert f"of tokens): {int((density > threshold).sum()):,}" in ax.get_legend().get_title().get_text()
         plt.close(fig)
+
+
+def test_format_timing_leaves_out_phases_under_half_a_second() -> None:
+    timing = {"model": 3.2, "harvest": 0.4, "training": 219.75, "report": 0.6, "total": 310.17}
+    assert format_timing(timing) == "310 s (model 3 s, training 220 s, report 1 s)"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from config.schema import UsageError
 from visualization.plots import save_figure
-from visualization.terminal import format_value
+from visualization.terminal import format_timing, format_value
 
 
 def _slug(text: str) -> str:
@@ -127,8 +127,8 @@ def setup_section(meta: dict) -> list[str]:
 
 # Where a docs page takes a study's figures: between these lines, `results` (summary, setup and the
 # tables of a row per arm) or `summary` (the findings alone), written by `--report ID --docs FILE`.
-GENERATED = re.compile(r"<!-- generated (?P<kind>results|summary) from study (?P<id>\S+) -->\n(?P<block>.*?)"
-                       r"(?P<end><!-- end of generated -->)", flags=re.S)
+GENERATED = re.compile(r"(?P<start><!-- generated (?P<kind>results|summary) from study (?P<id>\S+) -->\n)"
+                       r"(?P<block>.*?)(?P<end><!-- end of generated -->)", flags=re.S)
 _STAMP = re.compile(r"<!-- sha256 (?P<digest>[0-9a-f]{16}) -->\n")
 
 
@@ -149,8 +149,7 @@ def docs_excerpt(meta: dict, results: list, kind: str, timing: dict | None = Non
              "", *summary_lines(results), ""]
     if kind == "results":
         if timing:
-            lines += ["Time (the run's last process): " + ", ".join(
-                f"{name} {sec:.0f} s" for name, sec in timing.items() if name == "total" or sec >= 0.5) + ".", ""]
+            lines += [f"Time (the run's last process): {format_timing(timing)}.", ""]
         lines += setup_section(meta)[2:]
         for res in results:  # the tables of a row per arm (not the long ones of a row per concept)
             for table in res.tables.values():
@@ -170,7 +169,7 @@ def write_docs_excerpt(path: Path, meta: dict, results: list, timing: dict | Non
         if match["id"] != study_id:
             return match[0]
         found.append(match["kind"])
-        return match[0][: match.start("block") - match.start()] + docs_excerpt(meta, results, match["kind"], timing) + match["end"]
+        return match["start"] + docs_excerpt(meta, results, match["kind"], timing) + match["end"]
 
     text = GENERATED.sub(fill, text)
     if not found:

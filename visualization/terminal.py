@@ -46,6 +46,12 @@ def format_value(v: object) -> str:
     return str(v)
 
 
+def format_timing(timing: dict[str, float]) -> str:
+    """summary.json's "timing" as "310 s (model 3 s, training 220 s, ...)": phases under half a second left out."""
+    shown = ", ".join(f"{name} {sec:.0f} s" for name, sec in timing.items() if name != "total" and sec >= 0.5)
+    return f"{timing['total']:.0f} s ({shown})"
+
+
 def round_beside(value: float, threshold: float, digits: int = 2) -> float:
     """`value` rounded to `digits` decimals, or more (up to 4, then cut towards its own side) where
     rounding would carry it across `threshold`: 0.7996 beside 0.8 is 0.7996, never 0.8."""
