@@ -102,6 +102,7 @@ CASES = [
     Case("unknown-activation", ("--activation", "nope"), "--activation: unknown architecture 'nope'"),
     Case("unknown-activation-in-list", ("--activation", "relu,nope"), "--activation: unknown architecture 'nope'"),
     Case("empty-activation", ("--activation", ""), "argument --activation: must not be empty"),
+    Case("docs-without-report", ("--docs", "page.md"), "--docs works with --report STUDY_ID"),
     Case("k-for-relu", ("--activation", "relu", "--k", "16"),
          "--k applies to topk, batchtopk, matryoshka, not to relu"),
     Case("l1-coefficient-for-topk", ("--activation", "topk", "--l1-coefficient", "0.1"),
