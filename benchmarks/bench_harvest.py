@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from config.schema import DataConfig  # noqa: E402
 from experiments.sources import (CHUNK_SEQUENCES, HarvestWriter, harvester, load_subject_model,  # noqa: E402
                                  resolve_hook, token_sequences)
+from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 
 BARE_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
 
@@ -79,48 +80,21 @@ def bare_forward(bare: torch.nn.Module, hook_name: str):
     return run
 
 
-def main() -> None:
-    defaults = DataConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--layer", type=int, default=defaults.layer, help=f"default: {defaults.layer}")
-    p.add_argument("--hook", default=defaults.hook, help=f"default: {defaults.hook}")
-    p.add_argument("--hook-point", default=None, help="full hook name; overrides --layer and --hook")
-    p.add_argument("--batch-size", default=str(defaults.harvest_batch_size),
-                   help=f"harvest batch sizes, comma-separated (default: {defaults.harvest_batch_size}, the study's)")
-    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help=f"default: {defaults.seq_len}")
-    p.add_argument("--chunks", type=int, default=2, help="cache chunks of 256 sequences (default: 2)")
-    p.add_argument("--repeats", type=int, default=10, help="timed passes over the chunks (default: 10)")
-    p.add_argument("--models-dir", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "models"),
-                   help="where tinylm is cached (default: checkpoints/models; trained there on first use)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
-    a = p.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-
-    n_seq = a.chunks * CHUNK_SEQUENCES
-    data = DataConfig(layer=a.layer, hook=a.hook, hook_point=a.hook_point, n_samples=n_seq, seq_len=a.seq_len)
-    model = load_subject_model(data, Path(a.models_dir), progress=False)
-    hook_name = resolve_hook(model, data)
-    sequences = token_sequences(model, data, seed=0)
+def measure(model, hook_name: str, sequences: torch.Tensor, batches: list[int], chunks: int, repeats: int,
+            table: Table) -> None:
+    """One row per batch size for the hook: each path's tokens/s and the harvest's share of the bare speed."""
     harvest = harvester(model, hook_name, "cpu")
     bare = bare_forward(bare_model(model.bridge), hook_name)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {model.name} at {hook_name}, "
-          f"{n_seq} sequences x {a.seq_len} tokens per repeat, {a.repeats} repeats")
-
     with torch.inference_mode():
         want, got = harvest(sequences[:8]), bare(sequences[:8])
     if not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
-        raise SystemExit(f"bare path disagrees with the harvest: max |diff| {float((want - got).abs().max()):.3g}")
-    d_in = want.shape[-1]
-
-    header = f"{'path':<8} {'batch':>5} {'seq len':>7} {'tokens/s':>10} {'harvest / bare':>15}"
-    print(f"bare path matches the harvest (max |diff| {float((want - got).abs().max()):.2g})")
-    print(header)
-    print("-" * len(header))
+        raise SystemExit(f"bare path disagrees with the harvest at {hook_name}: "
+                         f"max |diff| {float((want - got).abs().max()):.3g}")
+    n_seq, seq_len, d_in = sequences.shape[0], sequences.shape[1], want.shape[-1]
     with tempfile.TemporaryDirectory() as tmp:
         acts = np.lib.format.open_memmap(Path(tmp) / "acts.npy", mode="w+", dtype=np.float32,
-                                         shape=(n_seq * (a.seq_len - 1), d_in))
-        for batch in [int(b) for b in a.batch_size.split(",")]:
+                                         shape=(n_seq * (seq_len - 1), d_in))
+        for batch in batches:
             writer = HarvestWriter(sequences, d_in, harvest, batch, eval_fraction=0.1)
 
             def run_harvest(chunk):
@@ -133,17 +107,51 @@ def main() -> None:
             times = {"harvest": [], "bare": []}
             with torch.inference_mode():  # as build_or_open runs the writer
                 run_harvest(0), run_bare(0)  # warm-up: allocator, thread pool
-                for repeat in range(a.repeats):
-                    for chunk in range(a.chunks):  # pairs on the same chunk, back to back, in alternating order
+                for repeat in range(repeats):
+                    for chunk in range(chunks):  # pairs on the same chunk, back to back, in alternating order
                         for name in ("harvest", "bare") if (repeat + chunk) % 2 == 0 else ("bare", "harvest"):
                             start = time.perf_counter()
                             (run_harvest if name == "harvest" else run_bare)(chunk)
                             times[name].append(time.perf_counter() - start)
-            rate = {name: CHUNK_SEQUENCES * a.seq_len / statistics.median(t) for name, t in times.items()}
+            rate = {name: CHUNK_SEQUENCES * seq_len / statistics.median(t) for name, t in times.items()}
             ratio = statistics.median(b / h for h, b in zip(times["harvest"], times["bare"]))
-            print(f"{'harvest':<8} {batch:>5} {a.seq_len:>7} {rate['harvest']:>10,.0f} {ratio:>15.0%}")
-            print(f"{'bare':<8} {batch:>5} {a.seq_len:>7} {rate['bare']:>10,.0f} {'':>15}", flush=True)
-        del acts
+            table.add(hook_name, batch, f"{rate['harvest']:,.0f}", f"{rate['bare']:,.0f}", f"{ratio:.0%}")
+
+
+def main() -> None:
+    defaults = DataConfig()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--layer", default=str(defaults.layer), help=f"layers, comma-separated (default: {defaults.layer})")
+    p.add_argument("--hook", default=defaults.hook, help=f"default: {defaults.hook}")
+    p.add_argument("--hook-point", default=None, help="full hook name; overrides --layer and --hook")
+    p.add_argument("--batch-size", default=str(defaults.harvest_batch_size),
+                   help=f"harvest batch sizes, comma-separated (default: {defaults.harvest_batch_size}, the study's)")
+    p.add_argument("--seq-len", type=int, default=defaults.seq_len, help=f"default: {defaults.seq_len}")
+    p.add_argument("--chunks", type=int, default=2, help="cache chunks of 256 sequences (default: 2)")
+    p.add_argument("--repeats", type=int, default=10, help="timed passes over the chunks (default: 10)")
+    p.add_argument("--models-dir", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "models"),
+                   help="where tinylm is cached (default: checkpoints/models; trained there on first use)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    add_docs_flag(p, "bench_harvest")
+    a = p.parse_args()
+    check_docs(a, "bench_harvest")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    n_seq = a.chunks * CHUNK_SEQUENCES
+    data = [DataConfig(layer=int(layer), hook=a.hook, hook_point=a.hook_point, n_samples=n_seq, seq_len=a.seq_len)
+            for layer in ([defaults.layer] if a.hook_point else a.layer.split(","))]
+    model = load_subject_model(data[0], Path(a.models_dir), progress=False)
+    sequences = token_sequences(model, data[0], seed=0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {model.name}, "
+          f"{n_seq} sequences x {a.seq_len} tokens per repeat, {a.repeats} repeats; the bare path is checked "
+          f"against the harvest first")
+    table = Table(["hook", "batch", "harvest tokens/s", "bare tokens/s", "harvest ÷ bare"], [24])
+    for cfg in data:
+        measure(model, resolve_hook(model, cfg), sequences, [int(b) for b in a.batch_size.split(",")], a.chunks,
+                a.repeats, table)
+    write_docs(a, "bench_harvest", [table.markdown(), f"{model.name}, {a.seq_len} tokens per sequence, median of "
+                                    f"{a.repeats} passes over {n_seq} sequences."])
 
 
 if __name__ == "__main__":

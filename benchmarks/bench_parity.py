@@ -55,6 +55,8 @@ from experiments.activation_cache import ActivationCache, build_or_open  # noqa:
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.synthetic import SyntheticTruth, SyntheticWriter, ToyModel  # noqa: E402
 from experiments.trainer import EvalContext, StopFlag, Trainer, decay_start, evaluate, lr_at  # noqa: E402
+from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
+from visualization.generated import markdown_table  # noqa: E402
 
 ARCHITECTURES = ("relu", "jumprelu", "gated", "topk", "batchtopk", "matryoshka")
 TOYS = {"standard": None, "hierarchy": ROOT / "config" / "toys" / "hierarchy.yaml"}
@@ -269,6 +271,25 @@ def print_rows(toy: str, seed: int, rows: list[dict], roles: bool) -> None:
         print(line + (f"  {verdict(rows[0], row)}" if row is not rows[0] else ""), flush=True)
 
 
+def parity_table(results: dict[tuple[str, str, int], list[dict]]) -> str:
+    """Markdown: a row per (architecture, reference), a column per (toy, seed) with L0 and
+    frac_recovered, ours / the reference's, and how many of them are at parity."""
+    columns = list(dict.fromkeys((toy, seed) for toy, _, seed in results))
+    pairs = {}
+    for (toy, arch, seed), rows in results.items():
+        for ref in rows[1:]:
+            pairs.setdefault((arch, rows[0]["name"], f"{ref['library']} {ref['name']}"), {})[(toy, seed)] = (rows[0], ref)
+    out = []
+    for (arch, ours_name, ref_name), cells in pairs.items():
+        verdicts = [verdict(ours, ref) for ours, ref in cells.values()]
+        out.append([ours_name, ref_name,
+                    *[(f"{cells[c][0]['l0']:.2f} / {cells[c][1]['l0']:.2f}, "
+                       f"{cells[c][0]['frac_recovered']:.3f} / {cells[c][1]['frac_recovered']:.3f}") if c in cells else ""
+                      for c in columns],
+                    f"{verdicts.count('parity')} of {len(verdicts)}"])
+    return markdown_table(["ours", "reference", *[f"{toy}, seed {seed}" for toy, seed in columns], "at parity"], out)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="What each row trains is in this script's docstring.")
@@ -279,36 +300,46 @@ def main() -> None:
     p.add_argument("--references", default="SAELens,sparsify", help="libraries to compare with; sparsify has TopK "
                    "only (default: SAELens,sparsify)")
     p.add_argument("--sweep", action="store_true", help=f"instead: our JumpReLU at L0 coefficients "
-                   f"{', '.join(map(str, SWEEP))} on the standard toy, seed 0, and whether L0 falls monotonically")
+                   f"{', '.join(map(str, SWEEP))} on the standard toy, seed 0, and whether L0 falls monotonically (--docs: block bench_parity_sweep)")
     p.add_argument("--cache-dir", default=str(ROOT / "checkpoints" / "parity"),
                    help="where the generated toys are kept (default: checkpoints/parity)")
+    add_docs_flag(p, "bench_parity")
     a = p.parse_args()
+    block = "bench_parity_sweep" if a.sweep else "bench_parity"
+    check_docs(a, block)
     retain_freed_memory()
     cache = Path(a.cache_dir)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     if a.sweep:
+        table = Table(["L0 coefficient", "L0", "frac_recovered", "explained variance"])
         l0s = []
         for coef in SWEEP:
             (row,) = train_and_score("jumprelu", "standard", 0, cache, (), our_coef=coef)
             l0s.append(row["l0"])
-            print(f"jumprelu L0 coefficient {coef:<6g} L0 {row['l0']:6.2f}  recovered {row['frac_recovered']:.3f}  "
-                  f"EV {row['explained_variance']:.3f}", flush=True)
-        print(f"L0 falls monotonically over {SWEEP[-1] / SWEEP[0]:g}x of coefficient: "
-              f"{'yes' if all(b < a for a, b in zip(l0s, l0s[1:])) else 'NO'}")
+            table.add(f"{coef:g}", f"{row['l0']:.2f}", f"{row['frac_recovered']:.3f}", f"{row['explained_variance']:.3f}")
+        falls = "falls" if all(b < a for a, b in zip(l0s, l0s[1:])) else "does NOT fall"
+        finding = (f"Our JumpReLU on the standard toy, seed 0: L0 {falls} monotonically over {SWEEP[-1] / SWEEP[0]:g}× "
+                   f"of its L0 coefficient.")
+        print(finding)
+        write_docs(a, block, [table.markdown(), finding])
         return
     toys = list(TOYS) if a.toy == "all" else a.toy.split(",")
     archs = list(ARCHITECTURES) if a.architectures == "all" else a.architectures.split(",")
     libraries = tuple(a.references.split(","))
+    results = {}
     for toy in toys:
         printed = False
         for seed in map(int, a.seeds.split(",")):
             for arch in archs:
                 libs = tuple(lib for lib in libraries if lib != "sparsify" or arch == "topk")
-                rows = train_and_score(arch, toy, seed, cache, libs)
+                rows = results[(toy, arch, seed)] = train_and_score(arch, toy, seed, cache, libs)
                 if not printed:
                     print_header(toy != "standard", rows[0])
                     printed = True
                 print_rows(toy, seed, rows, roles=toy != "standard")
+    write_docs(a, block, [parity_table(results), f"Each cell: L0 ours / the reference's, then frac_recovered ours / the "
+                          f"reference's. At parity: our frac_recovered at least the reference's − {MARGIN:g}, at an L0 "
+                          f"within ±{L0_TOLERANCE:.0%} of the reference's."])
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import trainer_step  # noqa: E402
+from benchmarks.bench_train import duration, trainer_step  # noqa: E402
+from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 
 D_IN, D_SAE, BATCH, K = 768, 6144, 4096, 32
@@ -214,7 +215,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="What each row times is in this script's docstring.")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up (default: 3)")
+    add_docs_flag(p, "bench_peers")
     a = p.parse_args()
+    check_docs(a, "bench_peers")
     retain_freed_memory()  # as run_experiments.py does; in this one process it serves every library alike
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, sae-lens {version('sae-lens')}, eai-sparsify {version('eai-sparsify')}, "
@@ -241,22 +244,23 @@ def main() -> None:
     medians = [statistics.median(t) for t in times]
     ours_s = {arch: m for (lib, _, arch, _), m in zip(rows, medians) if lib == "ours"}
 
-    header = f"{'library':<9} {'architecture':<30} {'step ms':>9} {'tokens/s':>9} {'ours ÷ theirs':>14}  target"
-    print(header)
-    print("-" * len(header))
+    table = Table(["library", "implementation", "step", "tokens/s", "ours ÷ theirs", "target"], [9, 30, 9, 9], left=2)
     for (lib, name, arch, _), step_s in zip(rows, medians):
         ratio, verdict = step_s / ours_s[arch], ""
         target = TARGETS.get((arch, lib)) if "signum" not in name else None
         if target is not None:
-            verdict = f"≥{target:g}× {'met' if ratio >= target else 'missed'}"
-        tokens_per_s = "" if lib == "floor" else f"{BATCH / step_s:,.0f}"  # a part of a step has no throughput
-        print(f"{lib:<9} {name:<30} {step_s * 1e3:>9.1f} {tokens_per_s:>9} "
-              f"{'' if lib in ('ours', 'floor') else f'{ratio:.2f}×':>14}  {verdict}")
+            verdict = f"≥ {target:g}×: {'met' if ratio >= target else 'not met'}"
+        table.add(lib, name, duration(step_s), "" if lib == "floor" else f"{BATCH / step_s:,.0f}",  # a part has no throughput
+                  "" if lib in ("ours", "floor") else f"{ratio:.2f}×", verdict)
     floor_s = sum(m for (lib, *_), m in zip(rows, medians) if lib == "floor")
     needed_s = medians[[name for _, name, *_ in rows].index("SparseCoder, adam")] / TARGETS[("topk", "sparsify")]
-    print(f"floor: {TARGETS[('topk', 'sparsify')]:g}× sparsify (adam) means a whole TopK step in ≤ {needed_s * 1e3:.0f} ms; "
-          f"the floor rows alone take {floor_s * 1e3:.0f} ms")
-    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    finding = (f"{TARGETS[('topk', 'sparsify')]:g}× sparsify's speed (Adam) means a whole TopK step in ≤ "
+               f"{needed_s * 1e3:.0f} ms; the floor rows alone take {floor_s * 1e3:.0f} ms. Load average at the end "
+               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
+    print(finding)
+    write_docs(a, "bench_peers", [f"torch {torch.__version__}, sae-lens {version('sae-lens')}, eai-sparsify "
+                                  f"{version('eai-sparsify')}; d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}; median "
+                                  f"of {a.steps} round-robin steps after one warm-up.", table.markdown(), finding])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
+
 LABELS = {
     "model": "load the subject model",
     "harvest": "harvest activations",
@@ -39,7 +44,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("flags", nargs="*", help="flags for run_experiments.py, after `--` (default: none, the default study)")
     p.add_argument("--keep", action="store_true", help="keep the temporary checkpoint folder and print its path")
+    add_docs_flag(p, "bench_study")
     a = p.parse_args()
+    check_docs(a, "bench_study")
     tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
     models = ROOT / "checkpoints" / "models"
     if models.is_dir():
@@ -56,18 +63,18 @@ def main() -> None:
     total = timing["total"]
     print(f"\nprocess wall time {wall:.1f} s; the study's clock {total:.1f} s (the rest: Python start-up and imports "
           f"before the clock starts)\n")
-    print(f"{'phase':<40} {'seconds':>8} {'share':>7}")
+    table = Table(["phase", "seconds", "share"], [40, 8, 7])
     for name, label in LABELS.items():
-        print(f"{label:<40} {timing[name]:>8.1f} {timing[name] / total:>7.1%}")
+        table.add(label, f"{timing[name]:.1f}", f"{timing[name] / total:.1%}")
+    table.add("total", f"{total:.1f}", "")
     worst = max((n for n in LABELS if n != "training"), key=lambda n: timing[n])
-    share = timing[worst] / total
-    print(f"\nlargest non-training phase: {LABELS[worst]}, {share:.1%} of the total "
-          f"({'within' if share <= 0.25 else 'above'} a quarter)")
+    finding = (f"Process wall time {wall:.0f} s (the study's clock {total:.0f} s, the rest Python start-up and "
+               f"imports). The largest phase besides training: {LABELS[worst]}, {timing[worst] / total:.1%} of the total.")
+    print(f"\n{finding}")
+    write_docs(a, "bench_study", [table.markdown(), finding])
     if a.keep:
         print(f"outputs kept in {tmp}")
     else:
-        import shutil
-
         shutil.rmtree(tmp)
 
 

@@ -39,6 +39,7 @@ from config.schema import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, SAEArmCon
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.activation_cache import ActivationCache  # noqa: E402
 from experiments.trainer import EvalContext, StopFlag, Trainer  # noqa: E402
+from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 
 SHAPES = {  # name: [(d_in, d_sae, batch)]
     "paper": [(768, 6144, 4096), (768, 24576, 4096)],
@@ -113,20 +114,24 @@ def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int) -> dict[str, f
     return out
 
 
+def duration(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", default="paper,tinylm", help="shape sets: paper, tinylm (default: both)")
     p.add_argument("--architectures", default=",".join(ARCHITECTURE_DEFAULTS), help="default: all five")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up (default: 3)")
     p.add_argument("--k", type=int, default=32, help="k of the TopK family (default: 32)")
+    add_docs_flag(p, "bench_train")
     a = p.parse_args()
+    check_docs(a, "bench_train")
     retain_freed_memory()
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, k {a.k}")
-    header = f"{'architecture':<18} {'d_in':>5} {'d_sae':>6} {'batch':>5} {'step ms':>9} {'tokens/s':>10} " \
-             f"{'GFLOP/s':>8} {'matmul GFLOP/s':>15} {'of matmul peak':>15} {'sparse / dense':>15}"
-    print(header)
-    print("-" * len(header))
+    table = Table(["architecture", "d_in", "d_sae", "batch", "step", "tokens/s", "GFLOP/s", "matmul GFLOP/s",
+                   "of matmul peak", "sparse ÷ dense"], [18, 5, 6, 5, 9, 9, 8])
     for shape_set in a.shapes.split(","):
         for d_in, d_sae, batch in SHAPES[shape_set]:
             matmul_s = time_matmuls(d_in, d_sae, batch, repeats=max(3, a.steps))
@@ -137,13 +142,15 @@ def main() -> None:
                     step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k, path))
                     products = "gated" if arch == "gated" else "dense"
                     flops = (14 if arch == "gated" else 10) * batch * d_in * d_sae
-                    name = arch if path is None else f"{arch} ({path})"
-                    peak = f"{matmul_s[products] / step_s:>14.0%}" if path != "sparse" else f"{'-':>14}"
-                    speedup = f"{dense_s / step_s:>14.2f}x" if path == "sparse" else f"{'':>15}"
-                    print(f"{name:<18} {d_in:>5} {d_sae:>6} {batch:>5} {step_s * 1e3:>9.1f} {batch / step_s:>10,.0f} "
-                          f"{flops / step_s / 1e9:>8.1f} {flops / matmul_s[products] / 1e9:>15.1f} {peak} {speedup}",
-                          flush=True)
+                    table.add(arch if path is None else f"{arch} ({path})", d_in, d_sae, batch, duration(step_s),
+                              f"{batch / step_s:,.0f}",
+                              f"{flops / step_s / 1e9:.1f}" + ("*" if path == "sparse" else ""),
+                              f"{flops / matmul_s[products] / 1e9:.1f}",
+                              "" if path == "sparse" else f"{matmul_s[products] / step_s:.0%}",
+                              f"{dense_s / step_s:.2f}×" if path == "sparse" else "")
                     dense_s = step_s
+    write_docs(a, "bench_train", [table.markdown(), f"Median of {a.steps} steps after a warm-up, k {a.k}. \\* "
+                                  "dense-equivalent: the FLOPs a dense step would need, over the sparse step's time."])
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ from experiments.timing import CLOCK, phase
 from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer, lockstep_key, train_arms
 from visualization.local_sink import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
-from visualization.report import figure_file, write_docs_excerpt, write_report
+from visualization.generated import block_kinds, fill_blocks
+from visualization.report import docs_excerpt, figure_file, write_report
 from visualization.terminal import boxed_table, format_timing, wrapped_finding
 
 DEFAULT_CONCEPTS = Path(__file__).resolve().parents[1] / "config" / "concepts" / "english.yaml"
@@ -459,6 +460,8 @@ def rebuild_report(cfg: RunConfig) -> int:
         there = f"; the studies there: {', '.join(known)}" if known else "; it holds no study"
         raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}{there}")
     meta = read_study_record(study_dir, "--report")
+    if cfg.study.docs is not None:  # before the rebuild, which takes a while
+        block_kinds(Path(cfg.study.docs), "study", meta["study_id"], "--docs")
     results = analyse(study_dir, meta)
     report = write_report(study_dir, meta, results, lambda: faults.reached("report-figure"))
     print_tables(results)
@@ -466,6 +469,7 @@ def rebuild_report(cfg: RunConfig) -> int:
     if cfg.study.docs is not None:
         run_summary = study_dir / "summary.json"
         timing = read_json(run_summary).get("timing") if run_summary.exists() else None
-        write_docs_excerpt(Path(cfg.study.docs), meta, results, timing)
+        fill_blocks(Path(cfg.study.docs), "study", meta["study_id"],
+                    lambda kind: docs_excerpt(meta, results, kind, timing), "--docs")
         print(f"docs: {cfg.study.docs}")
     return 0

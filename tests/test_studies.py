@@ -12,7 +12,7 @@ from tests.test_end_to_end import ckpt, run, summary, wandb_env  # noqa: F401  (
 from run_experiments import main
 from experiments.provenance import code_commit
 from tests.outcomes import assert_same_outcome
-from visualization.report import check_docs_excerpts
+from visualization.generated import check_blocks
 from tests.wandb_readback import read_offline_run, read_offline_runs
 from visualization.local_sink import MetricsCSV
 
@@ -23,7 +23,7 @@ SMALL = ["--quick", "--n-samples", "64", "--seq-len", "33", "--batch-size", "128
 STUDIES = ("activations", "emergence", "frequency", "resampling")
 
 
-def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_env):  # noqa: F811
+def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_env, capsys):  # noqa: F811
     out = run([*SMALL, "--checkpoint-dir", str(ckpt), "--study-id", "all", "--use-wandb"], env=wandb_env)
     assert out.returncode == 0, out.stderr[-3000:]
     study_dir = ckpt / "all"
@@ -114,14 +114,19 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
                     "<!-- generated results from study all -->\n<!-- end of generated -->\n\nProse.\n")
     assert main(["--report", "all", "--checkpoint-dir", str(ckpt), "--docs", str(page)]) == 0
     text = page.read_text()
-    assert check_docs_excerpts(text) == ["all", "all"] and text.endswith("<!-- end of generated -->\n\nProse.\n")
+    assert check_blocks(text) == ["all", "all"] and text.endswith("<!-- end of generated -->\n\nProse.\n")
     summary_block = text.split("<!-- generated results", 1)[0]
     assert "STALE TEXT" not in summary_block and "- **resampling**: " in summary_block and "| arm |" not in summary_block
     assert f"from study `all`, which ran at commit {code_commit()}; do not edit by hand" in text
     excerpt_rows = markdown_table(text.split("**activations: Final metrics on the eval split**", 1)[1])
     assert excerpt_rows == shown  # the report's table, as the report shows it
     with pytest.raises(ValueError, match="edited by hand"):
-        check_docs_excerpts(text.replace("| topk-k8-auxk |", "| topk-k8-auxk (best) |"))
+        check_blocks(text.replace("| topk-k8-auxk |", "| topk-k8-auxk (best) |"))
+    # a page without the study's block is refused before the report is rebuilt
+    report_written = (study_dir / "report" / "report.md").stat().st_mtime_ns
+    assert main(["--report", "all", "--checkpoint-dir", str(ckpt), "--docs", str(ckpt / "missing.md")]) == 2
+    assert "missing.md has no block for study all" in capsys.readouterr().err
+    assert (study_dir / "report" / "report.md").stat().st_mtime_ns == report_written
 
 
 def markdown_table(text: str) -> list[dict[str, str]]:

@@ -3,14 +3,13 @@ reads without W&B (tables, findings, and the figures inline)."""
 from __future__ import annotations
 
 import csv
-import hashlib
 import re
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from config.schema import UsageError
+from visualization.generated import markdown_table
 from visualization.plots import save_figure
 from visualization.terminal import format_timing, format_value
 
@@ -20,12 +19,7 @@ def _slug(text: str) -> str:
 
 
 def _md_table(headers: list[str], rows: list[list]) -> str:
-    def cell(v) -> str:
-        return format_value(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
+    return markdown_table(headers, [[format_value(v) for v in row] for row in rows])
 
 
 def figure_file(study: str, key: str) -> str:
@@ -125,24 +119,13 @@ def setup_section(meta: dict) -> list[str]:
                        "steps", "tokens", "time (s)"], arm_rows), ""]
 
 
-# Where a docs page takes a study's figures: between these lines, `results` (summary, setup and the
-# tables of a row per arm) or `summary` (the findings alone), written by `--report ID --docs FILE`.
-GENERATED = re.compile(r"(?P<start><!-- generated (?P<kind>results|summary) from study (?P<id>\S+) -->\n)"
-                       r"(?P<block>.*?)(?P<end><!-- end of generated -->)", flags=re.S)
-_STAMP = re.compile(r"<!-- sha256 (?P<digest>[0-9a-f]{16}) -->\n")
-
-
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 EXCERPT_ROWS = 12
 
 
 def docs_excerpt(meta: dict, results: list, kind: str, timing: dict | None = None) -> str:
-    """A study's findings (and for `results` its setup and its tables of at most EXCERPT_ROWS rows) as
-    Markdown, stamped with the commit the study ran at and today's date, and sealed with a hash of
-    itself (check_docs_excerpts)."""
+    """A docs page's block (visualization/generated.py) of a study: its findings, and for `results` its
+    setup and its tables of at most EXCERPT_ROWS rows, as Markdown stamped with the commit the study
+    ran at and today's date."""
     commits = ", then ".join(meta.get("setup", {}).get("commits") or ["(not recorded)"])
     lines = [f"*Generated on {time.strftime('%Y-%m-%d')} by `python run_experiments.py --report {meta['study_id']} "
              f"--docs FILE` from study `{meta['study_id']}`, which ran at commit {commits}; do not edit by hand.*",
@@ -155,36 +138,4 @@ def docs_excerpt(meta: dict, results: list, kind: str, timing: dict | None = Non
             for table in res.tables.values():
                 if len(table.rows) <= EXCERPT_ROWS:
                     lines += [f"**{res.name}: {table.title}**", "", _md_table(table.headers, table.rows), ""]
-    body = "\n".join(lines).rstrip("\n") + "\n"
-    return f"<!-- sha256 {_digest(body)} -->\n{body}"
-
-
-def write_docs_excerpt(path: Path, meta: dict, results: list, timing: dict | None = None) -> None:
-    """Rewrite every generated block of `meta`'s study in the Markdown file `path` (UsageError when
-    the file has none)."""
-    text = path.read_text() if path.is_file() else ""
-    study_id, found = meta["study_id"], []
-
-    def fill(match: re.Match) -> str:
-        if match["id"] != study_id:
-            return match[0]
-        found.append(match["kind"])
-        return match["start"] + docs_excerpt(meta, results, match["kind"], timing) + match["end"]
-
-    text = GENERATED.sub(fill, text)
-    if not found:
-        raise UsageError(f"--docs: {path} has no block for study {study_id}: put the lines '<!-- generated results "
-                         f"from study {study_id} -->' (or 'summary') and '<!-- end of generated -->' where it goes")
-    path.write_text(text)
-
-
-def check_docs_excerpts(text: str) -> list[str]:
-    """The study ids of the generated blocks in `text`; raises ValueError where a block was edited
-    after it was generated (its hash no longer matches) or carries no stamp."""
-    found = []
-    for match in GENERATED.finditer(text):
-        stamp = _STAMP.match(match["block"])
-        if stamp is None or _digest(match["block"][stamp.end():]) != stamp["digest"]:
-            raise ValueError(f"the generated block of study {match['id']} was edited by hand or lost its stamp")
-        found.append(match["id"])
-    return found
+    return "\n".join(lines)
