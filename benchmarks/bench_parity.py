@@ -300,13 +300,15 @@ def main() -> None:
     p.add_argument("--references", default="SAELens,sparsify", help="libraries to compare with; sparsify has TopK "
                    "only (default: SAELens,sparsify)")
     p.add_argument("--sweep", action="store_true", help=f"instead: our JumpReLU at L0 coefficients "
-                   f"{', '.join(map(str, SWEEP))} on the standard toy, seed 0, and whether L0 falls monotonically (--docs: block bench_parity_sweep)")
+                   f"{', '.join(map(str, SWEEP))} on the standard toy, seed 0, and whether L0 falls monotonically "
+                   f"(its --docs block: bench_parity_sweep)")
     p.add_argument("--cache-dir", default=str(ROOT / "checkpoints" / "parity"),
                    help="where the generated toys are kept (default: checkpoints/parity)")
-    add_docs_flag(p, "bench_parity")
+    add_docs_flag(p, "bench_parity_TOY (one per toy)")
     a = p.parse_args()
-    block = "bench_parity_sweep" if a.sweep else "bench_parity"
-    check_docs(a, block)
+    toys = list(TOYS) if a.toy == "all" else a.toy.split(",")
+    for block in ["bench_parity_sweep"] if a.sweep else [f"bench_parity_{toy}" for toy in toys]:
+        check_docs(a, block)
     retain_freed_memory()
     cache = Path(a.cache_dir)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
@@ -321,9 +323,8 @@ def main() -> None:
         finding = (f"Our JumpReLU on the standard toy, seed 0: L0 {falls} monotonically over {SWEEP[-1] / SWEEP[0]:g}× "
                    f"of its L0 coefficient.")
         print(finding)
-        write_docs(a, block, [table.markdown(), finding])
+        write_docs(a, "bench_parity_sweep", [table.markdown(), finding])
         return
-    toys = list(TOYS) if a.toy == "all" else a.toy.split(",")
     archs = list(ARCHITECTURES) if a.architectures == "all" else a.architectures.split(",")
     libraries = tuple(a.references.split(","))
     results = {}
@@ -337,9 +338,12 @@ def main() -> None:
                     print_header(toy != "standard", rows[0])
                     printed = True
                 print_rows(toy, seed, rows, roles=toy != "standard")
-    write_docs(a, block, [parity_table(results), f"Each cell: L0 ours / the reference's, then frac_recovered ours / the "
-                          f"reference's. At parity: our frac_recovered at least the reference's − {MARGIN:g}, at an L0 "
-                          f"within ±{L0_TOLERANCE:.0%} of the reference's."])
+    for toy in toys:
+        write_docs(a, f"bench_parity_{toy}", [
+            parity_table({key: rows for key, rows in results.items() if key[0] == toy}),
+            f"Each cell: L0 ours / the reference's, then frac_recovered ours / the reference's. At parity: our "
+            f"frac_recovered at least the reference's − {MARGIN:g}, at an L0 within ±{L0_TOLERANCE:.0%} of the "
+            f"reference's."])
 
 
 if __name__ == "__main__":
