@@ -13,11 +13,10 @@ from pathlib import Path
 
 from config.presets import (ARCHITECTURES, build_plans, load_config_file, load_source_preset,
                             parse_architectures, parse_studies, run_wide_train)
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, OPTION_ARCHITECTURES, SOURCES,
+from config.presets import SWEEP_MULTIPLIER
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, HOOKS, OPTION_ARCHITECTURES, SOURCES,
                            STUDY_NAMES, WANDB_MODES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig,
-                           StudyConfig, SyntheticConfig, TrainConfig, UsageError)
-
-HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+                           Setting, StudyConfig, SyntheticConfig, TrainConfig, UsageError, check_setting, setting_of)
 
 # --quick: a smoke run that finishes in well under a minute once tinylm is cached.
 QUICK_DEFAULTS = {
@@ -50,13 +49,6 @@ def _text(text: str) -> str:
     return text
 
 
-def _positive_int(text: str) -> int:
-    value = _int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -64,26 +56,31 @@ def _int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
-def _float_type(accept, requirement: str):
-    """An argparse type: a float for which accept(value) holds, else 'must be <requirement>'."""
-    def parse(text: str) -> float:
+def _setting(s: Setting):
+    """An argparse type for a numeric setting, checked by the same check_setting as the YAML keys and
+    the dataclasses: 'argument --lr: must be positive, got -1.0'."""
+    def parse(text: str):
+        if s.kind == "int":
+            value = _int(text)
+        else:
+            try:
+                value = float(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
         try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
+            return check_setting(s, value, "")
+        except UsageError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
     return parse
 
 
-_positive_float = _float_type(lambda v: 0 < v < float("inf"), "a positive number")
-_nonnegative_float = _float_type(lambda v: 0 <= v < float("inf"), "a non-negative number")
-_unit_interval = _float_type(lambda v: 0 < v <= 1, "in (0, 1]")
+def _field(cls: type, name: str):
+    """The argparse type of the flag that sets field `name` of `cls`."""
+    return _setting(setting_of(cls, name))
 
 
 def _multipliers(text: str) -> list[float]:
-    values = [_positive_float(part) for part in text.split(",") if part.strip()]
+    values = [_setting(SWEEP_MULTIPLIER)(part) for part in text.split(",") if part.strip()]
     if not values:
         raise argparse.ArgumentTypeError("needs at least one multiplier, e.g. 0.5,1,2")
     return list(dict.fromkeys(values))
@@ -124,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train arms one after another, each reading its own batches, instead of stepping arms "
                        "that share the activation cache, batch size and seed together over one batch read; the "
                        "results are the same, but each arm's are ready as soon as it finishes (default: off)")
-    study.add_argument("--seed", type=_int, help=f"seed for data order, SAE init and everything else (default: {t.seed})")
+    study.add_argument("--seed", type=_field(TrainConfig, "seed"), help=f"seed for data order, SAE init and everything else (default: {t.seed})")
 
     data = p.add_argument_group("activations")
     data.add_argument("--source", choices=SOURCES, help="where activations come from: a transformer's hook, or a "
@@ -132,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
                       "config/studies/synthetic.yaml, then the --n-features ... flags) (default: transformer)")
     data.add_argument("--model-name", type=_text, help=f"subject model: 'tinylm' (bundled, trained on first use) or a "
                       f"Hugging Face name or local path such as gpt2 (default: {d.model_name})")
-    data.add_argument("--layer", type=_int, help=f"transformer block whose activations are read (default: {d.layer})")
+    data.add_argument("--layer", type=_field(DataConfig, "layer"), help=f"transformer block whose activations are read (default: {d.layer})")
     data.add_argument("--hook", choices=HOOKS, help=f"hook within the block; with --layer builds "
                       f"blocks.L.hook_<hook> (default: {d.hook})")
     data.add_argument("--hook-point", type=_text, help="full TransformerLens hook name, e.g. blocks.1.hook_mlp_out; "
                       "overrides --layer/--hook (default: none)")
-    data.add_argument("--n-samples", type=_positive_int, help=f"sequences to harvest (default: {d.n_samples})")
-    data.add_argument("--seq-len", type=_positive_int, help=f"tokens per sequence, BOS included; the BOS "
+    data.add_argument("--n-samples", type=_field(DataConfig, "n_samples"), help=f"sequences to harvest (default: {d.n_samples})")
+    data.add_argument("--seq-len", type=_field(DataConfig, "seq_len"), help=f"tokens per sequence, BOS included; the BOS "
                       f"position is not used for training (default: {d.seq_len})")
     data.add_argument("--dataset", type=_text, help="text file (one document per line) or JSONL with a 'text' field to "
                       "harvest from (default: the bundled tinylm story corpus)")
@@ -154,18 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
         return sy_preset.get(name, getattr(sy, name))
 
     synth = p.add_argument_group("synthetic source (--source synthetic)")
-    synth.add_argument("--n-features", type=_positive_int, help=f"true features of the toy model "
+    synth.add_argument("--n-features", type=_field(SyntheticConfig, "n_features"), help=f"true features of the toy model "
                        f"(default: {synth_default('n_features')})")
-    synth.add_argument("--d-in", type=_positive_int, help=f"dimension they are superposed in "
+    synth.add_argument("--d-in", type=_field(SyntheticConfig, "d_in"), help=f"dimension they are superposed in "
                        f"(default: {synth_default('d_in')})")
-    synth.add_argument("--n-tokens", type=_positive_int, help=f"activation vectors generated, train and eval "
+    synth.add_argument("--n-tokens", type=_field(SyntheticConfig, "n_tokens"), help=f"activation vectors generated, train and eval "
                        f"(default: {synth_default('n_tokens'):,}; --quick: {QUICK_DEFAULTS['n_tokens']:,})")
-    synth.add_argument("--mean-l0", type=_positive_float, help=f"expected number of true features active per vector "
+    synth.add_argument("--mean-l0", type=_field(SyntheticConfig, "mean_l0"), help=f"expected number of true features active per vector "
                        f"(default: {synth_default('mean_l0')})")
     synth.add_argument("--feature-frequency", choices=FREQUENCY_LAWS, help=f"firing probability across features: "
                        f"equal, or falling as rank^-zipf_exponent (default: {synth_default('frequency')}, exponent "
                        f"{synth_default('zipf_exponent')})")
-    synth.add_argument("--noise-std", type=_nonnegative_float, help=f"Gaussian noise added per dimension "
+    synth.add_argument("--noise-std", type=_field(SyntheticConfig, "noise_std"), help=f"Gaussian noise added per dimension "
                        f"(default: {synth_default('noise_std')}); correlated groups, hierarchies and magnitudes are "
                        f"set in the `synthetic` group of a --config file")
 
@@ -177,18 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     sae.add_argument("--sparsity-sweep", type=_multipliers, help="activations study: train each architecture at "
                      "several sparsity levels, e.g. 0.5,1,2, multiplying k (topk, batchtopk) or dividing the penalty "
                      "coefficient (relu, jumprelu, gated) (default: 1, no sweep)")
-    sae.add_argument("--hidden-dim", type=_positive_int, help="number of SAE latents d_sae; overrides "
+    sae.add_argument("--hidden-dim", type=_field(SAEArmConfig, "hidden_dim"), help="number of SAE latents d_sae; overrides "
                      "--expansion-factor (default: expansion factor x d_in)")
-    sae.add_argument("--expansion-factor", type=_positive_int, help=f"d_sae / d_in (default: {s.expansion_factor})")
-    sae.add_argument("--k", type=_positive_int, help=f"active latents per token for topk, and on average for "
+    sae.add_argument("--expansion-factor", type=_field(SAEArmConfig, "expansion_factor"), help=f"d_sae / d_in (default: {s.expansion_factor})")
+    sae.add_argument("--k", type=_field(SAEArmConfig, "k"), help=f"active latents per token for topk, and on average for "
                      f"batchtopk (default: {ARCHITECTURE_DEFAULTS['topk']['k']})")
     coef = {arch: ARCHITECTURE_DEFAULTS[arch]["sparsity_coef"] for arch in ("relu", "gated", "jumprelu")}
-    sae.add_argument("--l1-coefficient", type=_nonnegative_float, help=f"L1 penalty weight for relu and gated, "
+    sae.add_argument("--l1-coefficient", type=_field(SAEArmConfig, "sparsity_coef"), help=f"L1 penalty weight for relu and gated, "
                      f"warmed up over the first 5%% of steps (default: relu {coef['relu']:g}, gated {coef['gated']:g})")
-    sae.add_argument("--l0-coefficient", type=_nonnegative_float, help=f"L0 penalty weight for jumprelu (of the "
+    sae.add_argument("--l0-coefficient", type=_field(SAEArmConfig, "sparsity_coef"), help=f"L0 penalty weight for jumprelu (of the "
                      f"target penalty while --target-l0 is set), warmed up over the first 5%% of steps (default: "
                      f"{coef['jumprelu']:g}; --source synthetic: 0.0156)")
-    sae.add_argument("--target-l0", type=_positive_float, help="jumprelu: penalise (L0/target - 1)^2 instead of "
+    sae.add_argument("--target-l0", type=_field(SAEArmConfig, "target_l0"), help="jumprelu: penalise (L0/target - 1)^2 instead of "
                      "L0, steering the arm to this L0 (default: off)")
     sae.add_argument("--dead-handling", choices=sorted({m for ms in DEAD_HANDLING.values() for m in ms}),
                      help="what to do about dead latents (no firing in --dead-window tokens): auxk = auxiliary TopK "
@@ -202,32 +199,32 @@ def build_parser() -> argparse.ArgumentParser:
                       "others (default: on for the TopK family, off for the others)")
     dead.add_argument("--no-dead-resample", dest="dead_resample", action="store_false",
                       help="leave dead latents alone, same as --dead-handling none (default: see --dead-resample)")
-    sae.add_argument("--dead-window", type=_positive_int, help=f"a latent that has not fired in this many training "
+    sae.add_argument("--dead-window", type=_field(TrainConfig, "dead_window"), help=f"a latent that has not fired in this many training "
                      f"tokens counts as dead (for AuxK and resampling, which revives the dead latents each time "
                      f"another window has passed) (default: {t.dead_window:,}; --quick: "
                      f"{QUICK_DEFAULTS['dead_window']:,})")
-    sae.add_argument("--matryoshka-levels", type=_positive_int, help=f"matryoshka: nested prefixes of the dictionary "
+    sae.add_argument("--matryoshka-levels", type=_field(SAEArmConfig, "matryoshka_levels"), help=f"matryoshka: nested prefixes of the dictionary "
                      f"that must each reconstruct the input, of d_sae / 2^(levels-1), ..., d_sae / 2, d_sae latents "
                      f"(default: {s.matryoshka_levels})")
-    sae.add_argument("--aux-k", type=_positive_int, help="AuxK (topk, batchtopk): dead latents per token that learn "
+    sae.add_argument("--aux-k", type=_field(SAEArmConfig, "aux_k"), help="AuxK (topk, batchtopk): dead latents per token that learn "
                      "to reconstruct the residual (default: d_in / 2, as Gao et al. 2024)")
 
     probes = p.add_argument_group("probes (emergence and frequency studies)")
     probes.add_argument("--concepts", type=_text, metavar="FILE", help="YAML of concept word lists "
                         "{category: [words]} to score latents against (default: tinylm's grammar vocabularies for "
                         "tinylm, config/concepts/english.yaml for other models)")
-    probes.add_argument("--probe-k", type=_positive_int, help=f"latents in the k-sparse concept probe (default: {pr.probe_k})")
-    probes.add_argument("--f1-threshold", type=_unit_interval, help=f"held-out F1 at which a concept counts as "
+    probes.add_argument("--probe-k", type=_field(ProbeConfig, "probe_k"), help=f"latents in the k-sparse concept probe (default: {pr.probe_k})")
+    probes.add_argument("--f1-threshold", type=_field(ProbeConfig, "f1_threshold"), help=f"held-out F1 at which a concept counts as "
                         f"emerged (default: {pr.f1_threshold})")
-    probes.add_argument("--cos-threshold", type=_unit_interval, help=f"synthetic source: |cos| between a decoder row "
+    probes.add_argument("--cos-threshold", type=_field(ProbeConfig, "cos_threshold"), help=f"synthetic source: |cos| between a decoder row "
                         f"and a true feature at which the feature counts as recovered (frac_recovered) and emerged "
                         f"(default: {pr.cos_threshold})")
 
     train = p.add_argument_group("training")
-    train.add_argument("--lr", type=_positive_float, help=f"Adam learning rate (default: {t.lr})")
-    train.add_argument("--batch-size", type=_positive_int, help=f"tokens per SAE training batch (default: {t.batch_size})")
-    train.add_argument("--epochs", type=_positive_int, help=f"passes over the training activations (default: {t.epochs})")
-    train.add_argument("--steps", type=_positive_int, help="training steps; overrides --epochs (default: from --epochs)")
+    train.add_argument("--lr", type=_field(TrainConfig, "lr"), help=f"Adam learning rate (default: {t.lr})")
+    train.add_argument("--batch-size", type=_field(TrainConfig, "batch_size"), help=f"tokens per SAE training batch (default: {t.batch_size})")
+    train.add_argument("--epochs", type=_field(TrainConfig, "epochs"), help=f"passes over the training activations (default: {t.epochs})")
+    train.add_argument("--steps", type=_field(TrainConfig, "steps"), help="training steps; overrides --epochs (default: from --epochs)")
     train.add_argument("--device", type=_text, help=f"torch device (default: {t.device})")
 
     log = p.add_argument_group("output and logging")
@@ -329,10 +326,6 @@ def _check_source_flags(a: argparse.Namespace, source: str) -> None:
 
 def validate_static(cfg: RunConfig) -> None:
     """Checks that need no model; model-dependent ones (layer, hook, seq_len) happen at load."""
-    if cfg.data.seq_len < 2:
-        raise UsageError("--seq-len must be at least 2 (a BOS token and one text token)")
-    if cfg.data.layer < 0:
-        raise UsageError(f"--layer must be >= 0, got {cfg.data.layer}")
     flag, n, unit = (("--n-tokens", cfg.synthetic.n_tokens, "vectors") if cfg.data.source == "synthetic"
                      else ("--n-samples", cfg.data.n_samples, "sequences"))
     n_eval = int(n * cfg.data.eval_fraction)

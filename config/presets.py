@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, MAGNITUDE_LAWS, OPTION_ARCHITECTURES,
-                           SOURCES, STUDY_NAMES, WANDB_MODES, ArmSpec, DataConfig, LogConfig, ProbeConfig, SAEArmConfig,
-                           StudyPlan, SyntheticConfig, TrainConfig, UsageError)
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, STUDY_NAMES, ArmSpec, DataConfig,
+                           LogConfig, ProbeConfig, SAEArmConfig, Setting, StudyPlan, SyntheticConfig, TrainConfig,
+                           UsageError, check_setting, setting_of)
 
 PRESET_DIR = Path(__file__).resolve().parent / "studies"
 ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
@@ -38,67 +38,16 @@ SOURCE_PRESET_KEYS = ("description", "synthetic", "sae", "train", "probes", "stu
 STUDY_KEYS = ("study", "study_id")
 # Settings that must stay the same for every arm of a run (one cache, one device).
 RUN_WIDE_TRAIN = ("seed", "device", "ce_eval_sequences")
-# Numbers must be >= 0; integers and the settings in POSITIVE must be > 0, except these.
-NON_NEGATIVE = {"layer", "warmup_steps", "umap_evals", "n_groups", "n_parents"}
-POSITIVE = {"lr", "target_l0", "bandwidth", "init_threshold", "sparsity_sweep", "ultra_low_density", "dense_threshold",
-            "f1_threshold", "cos_threshold", "mean_l0", "magnitude_mean", "child_probability"}
-FRACTIONS = {"decay_fraction", "eval_fraction", "sparsity_warmup_fraction", "group_correlation"}
-AT_MOST_ONE = {"f1_threshold", "cos_threshold", "child_probability"}
-CHOICES = {"source": SOURCES, "frequency": FREQUENCY_LAWS, "magnitude": MAGNITUDE_LAWS, "wandb_mode": WANDB_MODES}
+# The SAE settings a preset or --config file takes: SAEArmConfig's fields, the penalty coefficient under
+# the names the flags give it.
+SAE_KEYS = (*[f.name for f in dataclasses.fields(SAEArmConfig) if f.name not in ("architecture", "sparsity_coef")],
+            *SAE_KEY_FIELD)
+SWEEP_MULTIPLIER = Setting("float", rule="positive")
+TEXT = Setting("str")
 
 
 def _where(source: str, path: str) -> str:
     return f"{source}: {path}" if source else path
-
-
-def check_value(key: str, value: Any, kind: str, source: str = "", path: str = "") -> Any:
-    """Value of setting `key` checked against its kind ('int', 'float', 'bool', 'str', optional
-    with '?'); returns it converted (ints are accepted for floats)."""
-    where = _where(source, path or key)
-    optional = kind.endswith("?")
-    kind = kind.rstrip("?")
-    if value is None:
-        if optional:
-            return None
-        raise UsageError(f"{where} must not be empty")
-    if kind == "bool":
-        if not isinstance(value, bool):
-            raise UsageError(f"{where} must be true or false, got {value!r}")
-        return value
-    if kind == "str":
-        if not isinstance(value, str):
-            raise UsageError(f"{where} must be a string, got {value!r}")
-        if not value.strip():  # an empty path or name would silently mean the default or the cwd
-            raise UsageError(f"{where} must not be empty")
-        if key in CHOICES and value not in CHOICES[key]:
-            raise UsageError(f"{where} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "int" and not isinstance(value, int)):
-        raise UsageError(f"{where} must be {'an integer' if kind == 'int' else 'a number'}, got {value!r}")
-    value = float(value) if kind == "float" else value
-    if value != value or value in (float("inf"), float("-inf")):
-        raise UsageError(f"{where} must be finite, got {value!r}")
-    if key in FRACTIONS and not 0 <= value < 1:
-        raise UsageError(f"{where} must be in [0, 1), got {value!r}")
-    if key in AT_MOST_ONE and value > 1:
-        raise UsageError(f"{where} must be at most 1, got {value!r}")
-    if key in NON_NEGATIVE and value < 0:
-        raise UsageError(f"{where} must be >= 0, got {value!r}")
-    if key not in NON_NEGATIVE and key != "seed" and (value <= 0 if kind == "int" or key in POSITIVE else value < 0):
-        raise UsageError(f"{where} must be {'positive' if kind == 'int' or key in POSITIVE else '>= 0'}, got {value!r}")
-    return value
-
-
-def _kind(cls, name: str) -> str:
-    annotation = str({f.name: f.type for f in dataclasses.fields(cls)}[name])
-    base = annotation.split("|")[0].strip()
-    return base + ("?" if "None" in annotation else "")
-
-
-# User-facing SAE settings and their kinds.
-SAE_KINDS = {"expansion_factor": "int", "hidden_dim": "int?", "k": "int", "l1_coefficient": "float",
-             "l0_coefficient": "float", "target_l0": "float?", "dead_handling": "str", "aux_coef": "float",
-             "aux_k": "int?", "bandwidth": "float", "init_threshold": "float", "matryoshka_levels": "int"}
 
 
 def _mapping(value: Any, where: str) -> dict:
@@ -116,7 +65,7 @@ def _check_group(values: Any, cls, source: str, path: str) -> dict:
     for key, value in values.items():
         if key not in names:
             raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes {', '.join(names)}")
-        out[key] = check_value(key, value, _kind(cls, key), source, f"{path}.{key}")
+        out[key] = check_setting(setting_of(cls, key), value, _where(source, f"{path}.{key}"))
     return out
 
 
@@ -128,11 +77,12 @@ def _check_sae(values: Any, source: str, path: str, nested: bool = True) -> dict
         if nested and key in ARCHITECTURE_DEFAULTS:
             out[key] = _check_sae(value, source, f"{path}.{key}", nested=False)
             continue
-        if key not in SAE_KINDS:
+        if key not in SAE_KEYS:
             also = f", or an architecture ({', '.join(ARCHITECTURE_DEFAULTS)}) with settings of its own" if nested else ""
             raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes "
-                             f"{', '.join(SAE_KINDS)}{also}")
-        out[key] = check_value(key, value, SAE_KINDS[key], source, f"{path}.{key}")
+                             f"{', '.join(SAE_KEYS)}{also}")
+        out[key] = check_setting(setting_of(SAEArmConfig, SAE_KEY_FIELD.get(key, key)), value,
+                                 _where(source, f"{path}.{key}"))
     return out
 
 
@@ -159,7 +109,7 @@ def parse_architectures(value: Any, where: str) -> list[str]:
 def _float_list(value: Any, where: str) -> list[float]:
     if not isinstance(value, list) or not value:
         raise UsageError(f"{where} must be a non-empty list of positive numbers, got {value!r}")
-    return [check_value("sparsity_sweep", v, "float", "", f"{where}[{i}]") for i, v in enumerate(value)]
+    return [check_setting(SWEEP_MULTIPLIER, v, f"{where}[{i}]") for i, v in enumerate(value)]
 
 
 def check_preset(values: Any, source: str, path: str) -> dict:
@@ -184,7 +134,7 @@ def check_preset(values: Any, source: str, path: str) -> dict:
         elif key == "train":
             out[key] = _check_group(value, TrainConfig, source, f"{path}.train")
         else:
-            out[key] = check_value(key, value, "str", source, f"{path}.{key}")
+            out[key] = check_setting(TEXT, value, _where(source, f"{path}.{key}"))
     return out
 
 
@@ -237,9 +187,9 @@ def _check_layer(raw: dict, path: str) -> dict:
         elif key == "sae":
             out[key] = _check_sae(value, path, "sae")
         elif key == "study":
-            out[key] = value if isinstance(value, (str, list)) else check_value("study", value, "str", path, "study")
+            out[key] = value if isinstance(value, (str, list)) else check_setting(TEXT, value, f"{path}: study")
         elif key in ("study_id", "description"):
-            out[key] = check_value(key, value, "str", path, key)
+            out[key] = check_setting(TEXT, value, f"{path}: {key}")
         elif key == "studies":
             studies = _mapping(value, f"{path}: studies")
             for name in studies:

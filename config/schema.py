@@ -16,29 +16,112 @@ class UsageError(Exception):
     """Bad user input: reported as one line with exit code 2, never as a traceback."""
 
 
-@dataclass
-class DataConfig:
-    source: str = "transformer"  # transformer | synthetic (then the `synthetic` group describes the data)
-    model_name: str = "tinylm"
-    layer: int = 0
-    hook: str = "resid_post"
-    hook_point: str | None = None  # full TransformerLens hook name; overrides layer + hook
-    n_samples: int = 8192  # sequences harvested (BOS + seq_len - 1 text tokens each)
-    seq_len: int = 64
-    dataset: str | None = None  # text or JSONL file; default: the bundled tinylm corpus
-    normalize: bool = True
-    eval_fraction: float = 0.1  # held-out sequences for eval metrics
-    harvest_batch_size: int = 64
+# The one home of every setting's range: a field's `rule` (in its metadata; by default integers are
+# positive and other numbers >= 0) and `choices`. The dataclasses check themselves with it, the
+# flags' types (config/cli.py) and the YAML checks (config/presets.py) call the same check_setting,
+# so a bad value gets the same message however it arrives.
+RULES = {
+    "positive": (lambda v: v > 0, "must be positive"),
+    "non_negative": (lambda v: v >= 0, "must be >= 0"),
+    "at_least_2": (lambda v: v >= 2, "must be >= 2"),
+    "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "unit": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "any": (lambda v: True, ""),
+}
 
-    @property
-    def hook_name(self) -> str:
-        return self.hook_point or f"blocks.{self.layer}.hook_{self.hook}"
+
+def ranged(default: Any, rule: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field with its range: `rule` from RULES, or `choices` for a string."""
+    return field(default=default, metadata={"rule": rule, "choices": choices})
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: str  # int | float | bool | str
+    optional: bool = False  # None allowed
+    rule: str | None = None  # RULES key; None: the kind's default
+    choices: tuple[str, ...] | None = None
+
+
+def setting_of(cls: type, name: str) -> Setting:
+    """The Setting of field `name` of the dataclass `cls`, from its annotation and metadata."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    annotation = str(f.type)
+    return Setting(annotation.split("|")[0].strip(), "None" in annotation, f.metadata.get("rule"),
+                   f.metadata.get("choices"))
+
+
+def check_setting(s: Setting, value: Any, where: str) -> Any:
+    """`value` checked against `s` (ints are accepted for floats, and converted); UsageError
+    '<where> must be ..., got <value>' otherwise."""
+    def bad(requirement: str, shown: Any = value) -> UsageError:
+        return UsageError(f"{where} {requirement}, got {shown!r}".lstrip())
+
+    if value is None:
+        if s.optional:
+            return None
+        raise UsageError(f"{where} must not be empty".lstrip())
+    if s.kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if s.kind == "str":
+        if not isinstance(value, str):
+            raise bad("must be a string")
+        if not value.strip():  # an empty path or name would silently mean the default or the cwd
+            raise UsageError(f"{where} must not be empty".lstrip())
+        if s.choices is not None and value not in s.choices:
+            raise bad(f"must be one of {', '.join(s.choices)}")
+        return value
+    if s.kind not in ("int", "float"):
+        return value  # lists and groups are checked by their own code
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (s.kind == "int" and not isinstance(value, int)):
+        raise bad("must be an integer" if s.kind == "int" else "must be a number")
+    value = float(value) if s.kind == "float" else value
+    if value != value or value in (float("inf"), float("-inf")):
+        raise bad("must be finite", value)
+    accept, requirement = RULES[s.rule or ("positive" if s.kind == "int" else "non_negative")]
+    if not accept(value):
+        raise bad(requirement, value)
+    return value
+
+
+def validate_fields(obj: Any) -> None:
+    """Check (and convert) every field of the dataclass instance `obj`: its __post_init__."""
+    for f in dataclasses.fields(obj):
+        value = check_setting(setting_of(type(obj), f.name), getattr(obj, f.name), f"{type(obj).__name__}.{f.name}")
+        setattr(obj, f.name, value)
 
 
 SOURCES = ("transformer", "synthetic")
 WANDB_MODES = ("online", "offline", "disabled")
 FREQUENCY_LAWS = ("uniform", "zipf")
 MAGNITUDE_LAWS = ("constant", "uniform", "exponential", "lognormal")
+HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+
+
+@dataclass
+class DataConfig:
+    source: str = ranged("transformer", choices=SOURCES)  # transformer | synthetic (then the `synthetic` group describes the data)
+    model_name: str = "tinylm"
+    layer: int = ranged(0, "non_negative")
+    hook: str = ranged("resid_post", choices=HOOKS)
+    hook_point: str | None = None  # full TransformerLens hook name; overrides layer + hook
+    n_samples: int = 8192  # sequences harvested (BOS + seq_len - 1 text tokens each)
+    seq_len: int = ranged(64, "at_least_2")  # a BOS token and at least one text token
+    dataset: str | None = None  # text or JSONL file; default: the bundled tinylm corpus
+    normalize: bool = True
+    eval_fraction: float = ranged(0.1, "fraction")  # held-out sequences for eval metrics
+    harvest_batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    @property
+    def hook_name(self) -> str:
+        return self.hook_point or f"blocks.{self.layer}.hook_{self.hook}"
+
+
 
 
 @dataclass
@@ -52,20 +135,23 @@ class SyntheticConfig:
     n_features: int = 512
     d_in: int = 64
     n_tokens: int = 1_048_576  # activation vectors generated, train and eval split together
-    mean_l0: float = 5.0  # expected number of active true features per vector
-    frequency: str = "zipf"  # uniform | zipf: how firing probability falls with feature rank
+    mean_l0: float = ranged(5.0, "positive")  # expected number of active true features per vector
+    frequency: str = ranged("zipf", choices=FREQUENCY_LAWS)  # uniform | zipf: how firing probability falls with feature rank
     zipf_exponent: float = 0.5  # probability ~ rank^-exponent
-    magnitude: str = "uniform"  # constant | uniform | exponential | lognormal, all with mean magnitude_mean
-    magnitude_mean: float = 1.0
+    magnitude: str = ranged("uniform", choices=MAGNITUDE_LAWS)  # constant | uniform | exponential | lognormal, all with mean magnitude_mean
+    magnitude_mean: float = ranged(1.0, "positive")
     magnitude_spread: float = 0.5  # uniform: half-width / mean; lognormal: sigma of log
-    n_groups: int = 0  # correlated groups
+    n_groups: int = ranged(0, "non_negative")  # correlated groups
     group_size: int = 4
-    group_correlation: float = 0.5  # correlation of the latent Gaussians that decide group members' firing
-    n_parents: int = 0  # hierarchies
+    group_correlation: float = ranged(0.5, "fraction")  # correlation of the latent Gaussians that decide group members' firing
+    n_parents: int = ranged(0, "non_negative")  # hierarchies
     children_per_parent: int = 4
-    child_probability: float = 0.25  # P(child fires | parent fires); exclusive: P(one of them fires | parent fires)
+    child_probability: float = ranged(0.25, "unit")  # P(child fires | parent fires); exclusive: P(one of them fires | parent fires)
     exclusive_children: bool = False  # at most one child of a parent fires at a time (which one: uniform)
     noise_std: float = 0.0  # Gaussian noise per dimension, added to every vector
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass
@@ -73,18 +159,21 @@ class SAEArmConfig:
     """One SAE to train. Fields that do not apply to `architecture` keep their defaults and are
     ignored; `for_architecture` fills in the architecture's own defaults."""
 
-    architecture: str = "topk"
+    architecture: str = ranged("topk", choices=("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"))
     expansion_factor: int = 8
     hidden_dim: int | None = None  # d_sae; overrides expansion_factor
     k: int = 32  # TopK family
-    dead_handling: str = "auxk"  # auxk (TopK family) | resample | none
+    dead_handling: str = ranged("auxk", choices=("auxk", "resample", "none"))  # auxk (TopK family) | resample | none
     aux_coef: float = 1 / 32  # AuxK weight; Gated's gate-reconstruction weight
     aux_k: int | None = None  # AuxK: dead latents that reconstruct the residual (TopK family); None -> d_in / 2
     sparsity_coef: float = 0.0  # lambda: L1 (relu, gated) or L0 (jumprelu)
-    target_l0: float | None = None  # jumprelu: penalise (L0/target - 1)^2 instead of L0
+    target_l0: float | None = ranged(None, "positive")  # jumprelu: penalise (L0/target - 1)^2 instead of L0
     matryoshka_levels: int = 5  # matryoshka: nested prefixes d_sae / 2^(levels-1), ..., d_sae / 2, d_sae
-    bandwidth: float = 0.001  # jumprelu: STE kernel width
-    init_threshold: float = 0.001  # jumprelu: initial threshold
+    bandwidth: float = ranged(0.001, "positive")  # jumprelu: STE kernel width
+    init_threshold: float = ranged(0.001, "positive")  # jumprelu: initial threshold
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
     def d_sae(self, d_in: int) -> int:
         return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
@@ -136,16 +225,16 @@ DEAD_HANDLING: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class TrainConfig:
-    lr: float = 3e-3
+    lr: float = ranged(3e-3, "positive")
     batch_size: int = 1024
     epochs: int = 2  # passes over the train split; `steps` overrides
     steps: int | None = None
-    warmup_steps: int = 50
-    decay_fraction: float = 0.2  # linear decay to zero over the last fraction of steps
+    warmup_steps: int = ranged(50, "non_negative")
+    decay_fraction: float = ranged(0.2, "fraction")  # linear decay to zero over the last fraction of steps
     grad_clip: float = 1.0  # gradient-norm clip in units of the loss summed over d_in (see Trainer.train_step)
-    sparsity_warmup_fraction: float = 0.05  # sparsity coefficient ramps up over this fraction of steps
+    sparsity_warmup_fraction: float = ranged(0.05, "fraction")  # sparsity coefficient ramps up over this fraction of steps
     resample_inputs: int = 16_384  # training rows scored to pick new directions for dead latents
-    seed: int = 0
+    seed: int = ranged(0, "any")
     dead_window: int = 262_144  # a latent that has not fired in this many training tokens is dead; resampling every as many
     eval_every: int = 150  # steps; the final step is always evaluated
     log_every: int = 10
@@ -153,14 +242,20 @@ class TrainConfig:
     ce_eval_sequences: int = 64  # eval sequences used for CE loss recovered / KL
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
 
 @dataclass
 class LogConfig:
     use_wandb: bool = False
     wandb_project: str = "sae-interpretability"
-    wandb_mode: str | None = None  # online | offline | disabled; None follows WANDB_MODE / login state
+    wandb_mode: str | None = ranged(None, choices=WANDB_MODES)  # online | offline | disabled; None follows WANDB_MODE / login state
     checkpoint_dir: str = "checkpoints"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 STUDY_NAMES = ("activations", "emergence", "frequency", "resampling")
@@ -172,11 +267,14 @@ class ProbeConfig:
 
     concepts: str | None = None  # YAML of word lists; default: tinylm's grammar, or config/concepts/english.yaml
     probe_k: int = 8  # latents in the k-sparse concept probe
-    f1_threshold: float = 0.8  # a concept has emerged once its held-out F1 reaches this
-    cos_threshold: float = 0.9  # synthetic source: a true feature is recovered once a decoder row reaches this |cos|
-    umap_evals: int = 3  # eval steps whose decoder directions get a UMAP embedding (first, ..., final)
-    ultra_low_density: float = 1e-4  # alive latents firing less often than this form the ultra-low cluster
-    dense_threshold: float = 0.1  # latents firing more often than this count as dense
+    f1_threshold: float = ranged(0.8, "unit")  # a concept has emerged once its held-out F1 reaches this
+    cos_threshold: float = ranged(0.9, "unit")  # synthetic source: a true feature is recovered once a decoder row reaches this |cos|
+    umap_evals: int = ranged(3, "non_negative")  # eval steps whose decoder directions get a UMAP embedding (first, ..., final)
+    ultra_low_density: float = ranged(1e-4, "positive")  # alive latents firing less often than this form the ultra-low cluster
+    dense_threshold: float = ranged(0.1, "positive")  # latents firing more often than this count as dense
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
 
 
 @dataclass

@@ -3,7 +3,8 @@ import pytest
 
 from config.cli import QUICK_DEFAULTS, parse_args
 from config.presets import PRESET_DIR, load_preset, load_source_preset
-from config.schema import SOURCES, STUDY_NAMES, UsageError
+from config.schema import (SOURCES, STUDY_NAMES, DataConfig, ProbeConfig, SAEArmConfig, SyntheticConfig, TrainConfig,
+                           UsageError)
 
 
 def write(tmp_path, text):
@@ -107,3 +108,31 @@ def test_bad_config_files_raise_one_line(tmp_path, text, fragment):
     with pytest.raises(UsageError) as info:
         parse_args(["--config", write(tmp_path, text)])
     assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("flag, group, cls, name, value, requirement", [
+    ("--lr", "train", TrainConfig, "lr", -1, "must be positive, got -1.0"),
+    ("--seq-len", "data", DataConfig, "seq_len", 1, "must be >= 2, got 1"),
+    ("--layer", "data", DataConfig, "layer", -2, "must be >= 0, got -2"),
+    ("--f1-threshold", "probes", ProbeConfig, "f1_threshold", 1.5, "must be in (0, 1], got 1.5"),
+    ("--noise-std", "synthetic", SyntheticConfig, "noise_std", -1, "must be >= 0, got -1.0"),
+    ("--k", "sae", SAEArmConfig, "k", 0, "must be positive, got 0"),
+    ("--steps", "train", TrainConfig, "steps", 2.5, "must be an integer, got 2.5"),
+])
+def test_a_bad_value_gets_the_same_message_by_flag_config_file_and_python(tmp_path, capsys, flag, group, cls, name,
+                                                                           value, requirement):
+    """A setting's range has one home (its dataclass field): the flag, the --config key and the
+    dataclass itself all answer with it."""
+    with pytest.raises(SystemExit):
+        parse_args([flag, str(value)])
+    by_flag = capsys.readouterr().err
+    with pytest.raises(UsageError) as by_file:
+        parse_args(["--config", write(tmp_path, f"{group}: {{{name}: {value}}}")])
+    with pytest.raises(UsageError) as by_python:
+        cls(**{name: value})
+    if name != "steps":
+        assert by_flag == f"error: argument {flag}: {requirement} (see --help)\n"
+    else:  # a flag's text that does not read as an integer is named as text
+        assert by_flag == f"error: argument {flag}: must be an integer, got '2.5' (see --help)\n"
+    assert str(by_file.value) == f"{tmp_path / 'cfg.yaml'}: {group}.{name} {requirement}"
+    assert str(by_python.value) == f"{cls.__name__}.{name} {requirement}"
