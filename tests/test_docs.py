@@ -3,13 +3,14 @@ the pages they link to are there."""
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from config.cli import build_parser
 from experiments.provenance import code_commit
-from visualization.report import check_docs_excerpts
+from visualization.generated import check_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
@@ -46,19 +47,48 @@ def test_readme_is_a_front_page_whose_links_resolve():
             assert (page.parent / target).resolve().exists(), f"{page.name} links to a missing {target}"
 
 
-def test_results_in_the_docs_are_generated_from_a_study_and_not_edited():
-    """docs/results.md's study figures come from `--report ID --docs FILE` (sealed with a hash of the
-    block, stamped with the commit the study ran at); editing a number by hand breaks the seal."""
+def in_this_repository(commit: str) -> bool:
+    found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
+    return found.returncode == 0
+
+
+def test_figures_in_the_docs_are_generated_by_a_script_and_not_edited():
+    """docs/results.md's study figures come from `--report ID --docs FILE`, and every benchmark table
+    from `benchmarks/bench_*.py --docs FILE` (sealed with a hash of the block, stamped with the commit
+    they were measured at); editing a number by hand breaks the seal, an empty block has none."""
     results = (ROOT / "docs" / "results.md").read_text()
-    assert check_docs_excerpts(results), "docs/results.md has no generated block"
+    benchmarks = (ROOT / "benchmarks" / "README.md").read_text()
+    assert check_blocks(results), "docs/results.md has no generated block"
+    assert check_blocks(benchmarks) == ["bench_train", "bench_peers", "bench_harvest", "bench_study"]
     for page in PAGES:
-        check_docs_excerpts(page.read_text())
+        check_blocks(page.read_text())
     stamps = re.findall(r"from study `[^`]+`, which ran at commit ([^;]+); do not edit by hand", results)
-    assert stamps
+    stamps += re.findall(r"at commit (\S+), on \d+ CPU cores with torch \S+; do not edit by hand", results + benchmarks)
+    assert len(stamps) >= 4 + 2 + 4
     for commit in stamps:  # a commit of this repository, with nothing uncommitted
         assert re.fullmatch(r"[0-9a-f]{7}", commit), commit
-        found = subprocess.run(["git", "-C", str(ROOT), "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True)
-        assert found.returncode == 0, f"docs/results.md was generated at {commit}, which is not in this repository"
+        assert in_this_repository(commit), f"a docs block was generated at {commit}, which is not in this repository"
+
+
+def test_a_benchmark_writes_its_table_into_the_page_block(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Speed\n\nProse.\n")
+    script = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--shapes", "tinylm", "--architectures", "relu",
+              "--steps", "1", "--docs", str(page)]
+    refused = subprocess.run(script, capture_output=True, text=True, cwd=tmp_path)
+    assert refused.returncode == 2 and refused.stdout == ""  # refused before measuring anything
+    assert refused.stderr.startswith("error: --docs:") and "has no block for benchmark bench_train" in refused.stderr
+    page.write_text("# Speed\n\n<!-- generated table from benchmark bench_train -->\nold\n<!-- end of generated -->\n"
+                    "\nProse.\n")
+    done = subprocess.run(script, capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    text = page.read_text()
+    assert check_blocks(text) == ["bench_train"] and "old" not in text and text.endswith("-->\n\nProse.\n")
+    assert (f"by `python benchmarks/bench_train.py --shapes tinylm --architectures relu --steps 1` at commit "
+            f"{code_commit()}, on") in text
+    printed = [line.split() for line in done.stdout.splitlines() if line.startswith("relu ")]
+    (row,) = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| relu |")]
+    assert printed == [[*row[:4], *row[4].split(), *row[5:9]]]  # the printed row, as Markdown
 
 
 def test_code_commit_names_the_commit_and_says_when_code_differs(tmp_path):

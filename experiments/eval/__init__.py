@@ -1,0 +1,1 @@
+"""Scoring an arm: metrics, true-feature recovery, concepts and probes, UMAP embeddings."""

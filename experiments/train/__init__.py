@@ -1,0 +1,1 @@
+"""Training an SAE arm: the trainer, its checkpoints and dead-latent resampling."""
