@@ -13,7 +13,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@echo "compiling umap-learn's numba functions into their on-disk cache (about 20 s, once per install)"
-	$(PY) -c "import numpy as np; from experiments.embedding import decoder_embedding; \
+	$(PY) -c "import numpy as np; from experiments.eval.embedding import decoder_embedding; \
 	          decoder_embedding(np.random.default_rng(0).standard_normal((64, 8)), 0)"
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 

@@ -20,8 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Heavy imports only after the arguments are checked, so --help and bad flags answer at once.
     from experiments.host_memory import retain_freed_memory
-    from experiments.study import OutOfSpace, rebuild_report, run_study
-    from experiments.trainer import StopFlag, StopRequested
+    from experiments.studies.runner import OutOfSpace, rebuild_report, run_study
+    from experiments.train.trainer import StopFlag, StopRequested
 
     retain_freed_memory()
 

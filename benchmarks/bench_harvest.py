@@ -35,7 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.schema import DataConfig  # noqa: E402
-from experiments.sources import (CHUNK_SEQUENCES, HarvestWriter, harvester, load_subject_model,  # noqa: E402
+from experiments.data.sources import (CHUNK_SEQUENCES, HarvestWriter, harvester, load_subject_model,  # noqa: E402
                                  resolve_hook, token_sequences)
 from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 

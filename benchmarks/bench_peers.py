@@ -16,7 +16,7 @@ transformer-lens, so it runs unchanged there.
 
 What is timed, per row:
 
-ours topk / ours relu: `Trainer.train_step` (experiments/trainer.py), set up by
+ours topk / ours relu: `Trainer.train_step` (experiments/train/trainer.py), set up by
     bench_train.trainer_step exactly as benchmarks/bench_train.py's time_step sets it up: the batch
     gathered from an in-memory activation cache, forward, loss (MSE + AuxK for TopK, weight 1/32,
     k_aux d_in/2; MSE + decoder-norm-weighted L1 for ReLU, coefficient 0.015), backward, for TopK

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.schema import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, SAEArmConfig, TrainConfig  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
-from experiments.activation_cache import ActivationCache  # noqa: E402
-from experiments.trainer import EvalContext, StopFlag, Trainer  # noqa: E402
+from experiments.data.activation_cache import ActivationCache  # noqa: E402
+from experiments.train.trainer import EvalContext, StopFlag, Trainer  # noqa: E402
 from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 
 SHAPES = {  # name: [(d_in, d_sae, batch)]
@@ -62,7 +62,7 @@ def trainer_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: in
     sae_cfg = SAEArmConfig.for_architecture(arch, hidden_dim=d_sae, **({"k": k} if "k" in ARCHITECTURE_DEFAULTS[arch] else {}))
     cfg = TrainConfig(batch_size=batch, steps=steps + 1, warmup_steps=1)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(Path(tmp), sae_cfg, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag(), progress=False)
+        trainer = Trainer(Path(tmp), sae_cfg, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag())
         trainer.sae.train()
         if training_path is not None:
             trainer.sae.training_path = training_path

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from experiments import activation_cache as ac
-from experiments.sources import HarvestWriter
+from experiments.data import activation_cache as ac
+from experiments.data.sources import HarvestWriter
 
 
 def fake_harvest(calls):
@@ -20,8 +20,7 @@ def fake_harvest(calls):
 
 
 def build(root, seqs, calls, spec=None, eval_fraction=0.25):
-    return ac.build_or_open(root, spec or {"name": "toy"}, HarvestWriter(seqs, 3, fake_harvest(calls), 4, eval_fraction),
-                            progress=False)
+    return ac.build_or_open(root, spec or {"name": "toy"}, HarvestWriter(seqs, 3, fake_harvest(calls), 4, eval_fraction))
 
 
 @pytest.fixture
@@ -73,7 +72,7 @@ def test_interrupted_harvest_resumes_from_last_chunk(tmp_path, seqs):
         return fake_harvest(calls)(tokens)
 
     with pytest.raises(KeyboardInterrupt):
-        ac.build_or_open(tmp_path, {"name": "toy"}, HarvestWriter(seqs, 3, failing, 4, 0.25), progress=False)
+        ac.build_or_open(tmp_path, {"name": "toy"}, HarvestWriter(seqs, 3, failing, 4, 0.25))
     path = ac.cache_dir(tmp_path, {"name": "toy"})
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["chunks_done"] == 1 and not manifest["complete"]
@@ -96,7 +95,7 @@ def test_a_stop_request_ends_the_build_between_chunks_and_it_resumes(tmp_path, s
         return fake_harvest(calls)(tokens)
 
     with pytest.raises(ac.BuildInterrupted, match="after chunk 1 of 3"):
-        ac.build_or_open(tmp_path, {"name": "toy"}, HarvestWriter(seqs, 3, harvest, 4, 0.25), progress=False, stop=Flag)
+        ac.build_or_open(tmp_path, {"name": "toy"}, HarvestWriter(seqs, 3, harvest, 4, 0.25), stop=Flag)
     assert sum(calls) == 256  # it finished the chunk it was in, and started no other
     manifest = json.loads((ac.cache_dir(tmp_path, {"name": "toy"}) / "manifest.json").read_text())
     assert manifest["chunks_done"] == 1 and not manifest["complete"]

@@ -13,7 +13,7 @@ from typing import Callable
 
 import pytest
 
-from experiments.study import StudyLock
+from experiments.studies.runner import StudyLock
 from run_experiments import main
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "bad-inputs.md"
@@ -83,12 +83,12 @@ def broken_record(ctx: Ctx) -> None:
 
 def disk_full(ctx: Ctx) -> None:
     """Every checkpoint file write fails as on a full disk."""
-    import experiments.checkpointing
+    import experiments.train.checkpointing
 
     def no_space(path, write):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    ctx.monkeypatch.setattr(experiments.checkpointing, "_fsync_write", no_space)
+    ctx.monkeypatch.setattr(experiments.train.checkpointing, "_fsync_write", no_space)
 
 
 def config(text: str | bytes) -> dict:
@@ -285,13 +285,13 @@ def check(case, root, request, tmp_path, monkeypatch, capsys):
     """The case exits 2 with one line and leaves the checkpoint dir as it found it."""
     ctx = Ctx(tmp_path, root, monkeypatch, request)
     if not case.runs:  # must fail while parsing: a wrongly accepted input must not start a run
-        import experiments.study
+        import experiments.studies.runner
 
         def tripwire(*_):
             raise AssertionError(f"{case.id}: the input was accepted")
 
-        monkeypatch.setattr(experiments.study, "run_study", tripwire)
-        monkeypatch.setattr(experiments.study, "rebuild_report", tripwire)
+        monkeypatch.setattr(experiments.studies.runner, "run_study", tripwire)
+        monkeypatch.setattr(experiments.studies.runner, "rebuild_report", tripwire)
     argv = [arg.format(tmp=tmp_path, ckpt=root) for arg in case.argv]
     if "--checkpoint-dir" not in argv:
         argv += ["--checkpoint-dir", str(root)]

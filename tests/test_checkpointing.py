@@ -4,7 +4,7 @@ import pickle
 import pytest
 import torch
 
-from experiments.checkpointing import KEEP, list_checkpoints, load_latest, save_checkpoint
+from experiments.train.checkpointing import KEEP, list_checkpoints, load_latest, save_checkpoint
 from models.sae import SAE, SAEConfig, build_sae
 
 

@@ -136,7 +136,7 @@ def test_the_harness_imports_from_outside_the_repository(tmp_path):
     """`pip install -e .` (the Makefile's) puts the packages on the path of the venv's Python, so a
     script in any folder can use them, reading this checkout's code."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    script = ("import config.cli, experiments.study, models.sae, visualization.report; "
+    script = ("import config.cli, experiments.studies.runner, models.sae, visualization.report; "
               "print(models.sae.SAE.__module__, models.sae.__file__)")
     out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

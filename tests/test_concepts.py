@@ -1,4 +1,4 @@
-"""Concept vocabularies and latent-vs-concept scores (experiments/concepts.py): known answers,
+"""Concept vocabularies and latent-vs-concept scores (experiments/eval/concepts.py): known answers,
 a naive reference implementation, and every bad-YAML case."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from config.schema import UsageError
-from experiments.concepts import (
+from experiments.eval.concepts import (
     ConceptSet,
     _column_counts,
     score_concepts,

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from config.schema import DataConfig, UsageError
-from experiments import activation_cache as ac
-from experiments.sources import HarvestWriter, SubjectModel, harvester, load_subject_model, token_sequences
+from experiments.data import activation_cache as ac
+from experiments.data.sources import HarvestWriter, SubjectModel, harvester, load_subject_model, token_sequences
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_a_switched_off_hook_point_is_a_usage_error(model):
 def test_fill_writes_run_with_cache_rows_without_bos(model, sequences, tmp_path):
     """Batches of 10 over 24 sequences: a short last batch, rows copied straight into the memmap."""
     writer = HarvestWriter(sequences, 128, harvester(model, "blocks.0.hook_resid_post", "cpu"), 10, 0.25)
-    cache = ac.build_or_open(tmp_path, {"name": "tinylm-fill"}, writer, progress=False)
+    cache = ac.build_or_open(tmp_path, {"name": "tinylm-fill"}, writer)
     with torch.inference_mode():
         want = run_with_cache(model, "blocks.0.hook_resid_post", sequences)[:, 1:].reshape(-1, 128)
     assert cache.acts.dtype == np.float32 and cache.acts.shape == (24 * 63, 128)

@@ -1,6 +1,6 @@
-"""Imports run one way: config and models are the base, visualization draws and records what it is
-given, and experiments joins them. (Inside experiments, the data, training and evaluation modules
-still use visualization's JSON files and progress bar: issue 16 moves those.)"""
+"""Imports run one way: config and models are the base; experiments' data, training and evaluation
+code is used by the studies; visualization draws and records what it is given; only the studies'
+runner (and the entry point) joins experiments and visualization."""
 import ast
 from pathlib import Path
 
@@ -9,33 +9,44 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def imported_packages(package: str, root: Path = ROOT) -> dict[str, set[str]]:
-    """module path -> the top-level packages it imports (anywhere in the file, lazy imports too)."""
+def imported_modules(folder: str, root: Path = ROOT) -> dict[str, set[str]]:
+    """module path -> the dotted modules it imports (anywhere in the file, lazy imports too)."""
     out = {}
-    for path in sorted((root / package).rglob("*.py")):
+    for path in sorted((root / folder).rglob("*.py")):
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
+                names |= {alias.name for alias in node.names}
             elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.add(node.module.split(".")[0])
+                names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
         out[str(path.relative_to(root))] = names
     return out
 
 
-@pytest.mark.parametrize("package, forbidden", [
+def wrong_imports(folder: str, forbidden: set[str], root: Path = ROOT) -> dict[str, list[str]]:
+    def hit(name: str) -> bool:
+        return any(name == f or name.startswith(f + ".") for f in forbidden)
+
+    modules = imported_modules(folder, root)
+    assert modules, folder
+    return {module: sorted(n for n in names if hit(n)) for module, names in modules.items() if any(map(hit, names))}
+
+
+@pytest.mark.parametrize("folder, forbidden", [
     ("config", {"experiments", "visualization", "models"}),
     ("models", {"experiments", "visualization"}),
     ("visualization", {"experiments"}),
+    ("experiments/data", {"visualization", "experiments.studies", "experiments.train", "experiments.eval"}),
+    ("experiments/train", {"visualization", "experiments.studies"}),
+    ("experiments/eval", {"visualization", "experiments.studies", "experiments.train"}),
 ])
-def test_imports_run_one_way(package, forbidden):
-    modules = imported_packages(package)
-    assert modules, package
-    wrong = {module: sorted(names & forbidden) for module, names in modules.items() if names & forbidden}
-    assert not wrong, wrong
+def test_imports_run_one_way(folder, forbidden):
+    assert not wrong_imports(folder, forbidden)
 
 
-def test_the_check_sees_lazy_imports(tmp_path):
+def test_the_check_sees_lazy_and_submodule_imports(tmp_path):
     (tmp_path / "pkg").mkdir()
-    (tmp_path / "pkg" / "a.py").write_text("def f():\n    from experiments import faults\n    import visualization.plots\n")
-    assert imported_packages("pkg", tmp_path) == {"pkg/a.py": {"experiments", "visualization"}}
+    (tmp_path / "pkg" / "a.py").write_text("def f():\n    from experiments import studies\n    import visualization.plots\n")
+    assert wrong_imports("pkg", {"experiments.studies", "visualization"}, tmp_path) == {
+        "pkg/a.py": ["experiments.studies", "visualization.plots"]}
+    assert wrong_imports("pkg", {"experiments.train"}, tmp_path) == {}

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.distributions import Categorical, kl_divergence
 
-from experiments.metrics import (
+from experiments.eval.metrics import (
     EvalAccumulator,
     density_stats,
     feature_density,

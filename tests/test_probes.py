@@ -4,12 +4,12 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
-from experiments.concepts import ConceptSet
-from experiments.metrics import EvalAccumulator, frequency_stats, rank_stability
-from experiments.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
-from experiments.studies import _first_reach, _nanmax
+from experiments.eval.concepts import ConceptSet
+from experiments.eval.metrics import EvalAccumulator, frequency_stats, rank_stability
+from experiments.eval.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
+from experiments.studies.emergence import _first_reach, _nanmax
 from config.schema import ProbeConfig
-from experiments.trainer import EvalOutput
+from experiments.train.trainer import EvalOutput
 
 
 def test_umap_steps_spread_from_first_to_final():

@@ -8,7 +8,7 @@ import torch
 from scipy.integrate import quad
 from scipy.special import betainc, gamma
 
-from experiments.recovery import (
+from experiments.eval.recovery import (
     FiringMatch,
     Recovery,
     abs_cosine,

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from experiments import checkpointing
-from experiments.checkpointing import list_checkpoints, load_latest
+from experiments.train import checkpointing
+from experiments.train.checkpointing import list_checkpoints, load_latest
 from models.sae import TopKSAE
 from run_experiments import main
 from tests.outcomes import assert_same_outcome

@@ -3,7 +3,7 @@ untouched, Adam state of the revived rows reset to a fresh direction with ordina
 import pytest
 import torch
 
-from experiments.resampling import ENCODER_NORM_FRACTION, resample_dead_latents_
+from experiments.train.resampling import ENCODER_NORM_FRACTION, resample_dead_latents_
 from models.sae import ARCHITECTURES, SAEConfig, build_sae
 
 

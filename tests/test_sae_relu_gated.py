@@ -455,8 +455,8 @@ def test_small_encoder_init_recovers_more(monkeypatch):
     about half the latents fire on every input at first and the gate never sorts itself out in a
     short run: on this toy (64 true features in 32 dimensions, about 3 active, Zipf 0.5), 400 steps
     recover 0.41 of the features from 0.1 and 0.11 from 1."""
-    from experiments.recovery import feature_recovery
-    from experiments.synthetic import ToyModel, chunk_rng
+    from experiments.eval.recovery import feature_recovery
+    from experiments.data.synthetic import ToyModel, chunk_rng
     from config.schema import SyntheticConfig
     from models.sae.gated import GatedSAE
 

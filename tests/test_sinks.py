@@ -13,7 +13,8 @@ import pytest
 
 from tests.wandb_readback import OfflineRun, merge_segments, read_offline_run, read_offline_runs
 from visualization import wandb_sink
-from visualization.local_sink import MetricsCSV, read_json, write_json_atomic
+from config.files import read_json, write_json_atomic
+from visualization.local_sink import MetricsCSV
 from visualization.plots import density_floor, density_histogram, log10_density, save_figure
 from visualization.terminal import (boxed_table, format_beside, format_timing, format_value, progress_bar, round_beside,
                                      wrapped_finding)

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from config.schema import UsageError
-from experiments.study import StudyLock
+from experiments.studies.runner import StudyLock
 
 # A holder in the lock's protocol (flock, then its pid), without importing the harness.
 HOLDER = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "

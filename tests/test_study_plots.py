@@ -1,4 +1,4 @@
-"""Study report figures (visualization/study_plots.py) and the decoder UMAP (experiments/embedding.py).
+"""Study report figures (visualization/study_plots.py) and the decoder UMAP (experiments/eval/embedding.py).
 
 Figures are built from small synthetic inputs, including edge cases (NaN, a single eval, arms that
 never emerge, an all-dead arm, no CE), checked for axes, labels and titles, and saved as PNG.
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.figure import Figure
 
-from experiments.embedding import decoder_embedding
+from experiments.eval.embedding import decoder_embedding
 from visualization import study_plots as sp
 from visualization.plots import density_floor, log10_density, save_figure
 
@@ -316,7 +316,7 @@ def test_umap_functions_are_compiled_with_numba_cache():
     import numba
     from numba.core.caching import NullCache
 
-    from experiments.embedding import _import_umap
+    from experiments.eval.embedding import _import_umap
 
     plain = numba.njit, numba.jit
     umap = _import_umap()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from config.schema import SyntheticConfig, UsageError
-from experiments.synthetic import ToyModel, chunk_rng
+from experiments.data.synthetic import ToyModel, chunk_rng
 
 Z = 5.5  # standard errors allowed (max over <= ~100 checks per test: false alarm rate ~1e-6)
 

@@ -9,9 +9,9 @@ import torch
 
 from config.cli import parse_args
 from config.schema import SyntheticConfig
-from experiments import activation_cache as ac
-from experiments.synthetic import CODE_FILES, SyntheticTruth, SyntheticWriter, ToyModel
-from experiments.trainer import EvalContext, build_arm_sae, evaluate
+from experiments.data import activation_cache as ac
+from experiments.data.synthetic import CODE_FILES, SyntheticTruth, SyntheticWriter, ToyModel
+from experiments.train.trainer import EvalContext, build_arm_sae, evaluate
 from config.schema import SAEArmConfig, TrainConfig
 from tests.test_end_to_end import run, summary, wandb_env  # noqa: F401  (fixture)
 from tests.wandb_readback import read_offline_runs
@@ -21,7 +21,7 @@ SMALL = SyntheticConfig(n_features=24, d_in=8, n_tokens=40_000, mean_l0=2.0)
 
 def build(root: Path, cfg: SyntheticConfig = SMALL, seed: int = 0, writer=None) -> ac.ActivationCache:
     spec = {"source": "synthetic", "cfg": cfg.__dict__, "seed": seed}
-    return ac.build_or_open(root, spec, writer or SyntheticWriter(ToyModel.build(cfg, seed), seed, 0.1), progress=False)
+    return ac.build_or_open(root, spec, writer or SyntheticWriter(ToyModel.build(cfg, seed), seed, 0.1))
 
 
 def csr_codes(path: Path) -> np.ndarray:
@@ -113,9 +113,9 @@ def test_probes_record_best_cos_per_feature_and_colour_umap_by_role(tmp_path):
     from types import SimpleNamespace
 
     from config.schema import ProbeConfig
-    from experiments.probes import ArmProbes, read_concepts, read_evals
-    from experiments.recovery import feature_recovery
-    from experiments.trainer import EvalOutput
+    from experiments.eval.probes import ArmProbes, read_concepts, read_evals
+    from experiments.eval.recovery import feature_recovery
+    from experiments.train.trainer import EvalOutput
 
     rng = np.random.default_rng(0)
     basis = np.linalg.qr(rng.standard_normal((8, 8)))[0].T.astype(np.float32)  # orthonormal rows

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from config.schema import SAEArmConfig, TrainConfig
-from experiments.activation_cache import ActivationCache
-from experiments.trainer import EvalContext, StopFlag, Trainer
+from experiments.data.activation_cache import ActivationCache
+from experiments.train.trainer import EvalContext, StopFlag, Trainer
 
 
 def trainer(tmp_path: Path, arch: str = "topk", d_in: int = 16, rows: int = 4096, **train) -> Trainer:
@@ -16,7 +16,7 @@ def trainer(tmp_path: Path, arch: str = "topk", d_in: int = 16, rows: int = 4096
     cache = ActivationCache(tmp_path, {"split": {"n_train_rows": rows}, "normalization": {"scale": 1.0}}, acts, None)
     cfg = TrainConfig(batch_size=64, steps=60, warmup_steps=1, **train)
     sae = SAEArmConfig.for_architecture(arch, hidden_dim=128, **({"k": 4} if arch == "topk" else {}))
-    t = Trainer(tmp_path / "arm", sae, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag(), progress=False)
+    t = Trainer(tmp_path / "arm", sae, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag())
     t.sae.train()
     return t
 

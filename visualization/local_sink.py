@@ -1,15 +1,10 @@
-"""Crash-safe local records: a long-format metrics CSV and atomic JSON files."""
+"""The local record of an arm's metrics: a long-format CSV, appended as training goes."""
 
 import csv
-import json
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
-import numpy as np
+from config.files import atomic_writer
 
 FIELDS = ["step", "tokens", "name", "value"]
 
@@ -37,7 +32,7 @@ class MetricsCSV:
         if not self.path.exists():
             return
         rows = [r for r in self.read(self.path) if r["step"] <= step]
-        with _atomic_writer(self.path) as f:
+        with atomic_writer(self.path) as f:
             writer = csv.writer(f)
             writer.writerow(FIELDS)
             for r in rows:
@@ -51,42 +46,3 @@ class MetricsCSV:
                 {"step": int(r["step"]), "tokens": int(r["tokens"]), "name": r["name"], "value": float(r["value"])}
                 for r in csv.DictReader(f)
             ]
-
-
-@contextmanager
-def _atomic_writer(path: Path) -> Iterator[TextIO]:
-    """Text file in the target's directory; on clean exit it is fsynced and os.replace'd over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)  # only still there if something failed
-
-
-def _json_default(obj: Any) -> Any:
-    # Metrics often arrive as numpy scalars/arrays and configs hold Paths.
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON so readers see either the old file or the complete new one, never a torn write."""
-    with _atomic_writer(path) as f:
-        json.dump(obj, f, indent=2, default=_json_default)
-        f.write("\n")
-
-
-def read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)

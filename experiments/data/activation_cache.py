@@ -6,7 +6,7 @@ Layout of `<root>/activations/<spec-hash>/`:
 plus the source's own files, checksummed with the activations:
   transformer    tokens.npy int32 [n_seq, seq_len], the token ids; row r is sequence r // (seq_len - 1),
                  position r % (seq_len - 1) + 1 (position 0, the BOS token, is not stored)
-  synthetic      the true dictionary and per-row true codes (experiments/synthetic.py)
+  synthetic      the true dictionary and per-row true codes (experiments/data/synthetic.py)
 Every arm reads the same split. A source fills the cache through a `CacheWriter`, one chunk at a
 time; the manifest records each finished chunk, so an interrupted build resumes where it stopped.
 """
@@ -23,8 +23,9 @@ import torch
 
 from config.schema import stable_hash
 from experiments import faults
+from experiments.progress import BarFactory, silent_bar
 from experiments.integrity import sha256_file
-from visualization.local_sink import read_json, write_json_atomic
+from config.files import read_json, write_json_atomic
 
 CACHE_VERSION = 2
 
@@ -143,7 +144,7 @@ def _reserve(path: Path) -> None:
             raise OSError(err.errno, err.strerror, str(path)) from None
 
 
-def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = True, stop=None) -> ActivationCache:
+def build_or_open(root: Path, spec: dict, writer: CacheWriter, bar: BarFactory = silent_bar, stop=None) -> ActivationCache:
     """Open the cache for `spec`, writing what is missing with `writer`.
 
     An interrupted build resumes at its last complete chunk; a cache whose files fail their
@@ -180,10 +181,7 @@ def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = 
                     "chunks": writer.n_chunks, "chunks_done": 0, "complete": False}
         write_json_atomic(manifest_path, manifest)
 
-    from visualization.terminal import progress_bar  # the bar is the only terminal output here
-
-    bar = progress_bar(total=writer.n_chunks, initial=manifest["chunks_done"], desc="activations", unit=writer.unit,
-                       disable=not progress)
+    chunks = bar(total=writer.n_chunks, initial=manifest["chunks_done"], desc="activations", unit=writer.unit)
     with torch.inference_mode():
         for chunk in range(manifest["chunks_done"], writer.n_chunks):
             writer.fill(chunk, acts, path)
@@ -191,11 +189,11 @@ def build_or_open(root: Path, spec: dict, writer: CacheWriter, progress: bool = 
             acts.flush()
             manifest["chunks_done"] = chunk + 1
             write_json_atomic(manifest_path, manifest)
-            bar.update(1)
+            chunks.update(1)
             if stop is not None and stop.requested and chunk + 1 < writer.n_chunks:
-                bar.close()
+                chunks.close()
                 raise BuildInterrupted(chunk + 1, writer.n_chunks)
-    bar.close()
+    chunks.close()
 
     split = writer.split()
     train = acts[: split["n_train_rows"]]

@@ -211,7 +211,7 @@ def harvester(model: SubjectModel, hook_name: str, device: str):
 
 class HarvestWriter:
     """Fills an activation cache from a transformer: token sequences in, hook activations out
-    (experiments.activation_cache.CacheWriter). The BOS position of each sequence is not stored."""
+    (experiments.data.activation_cache.CacheWriter). The BOS position of each sequence is not stored."""
 
     unit = "chunk"
 

@@ -232,7 +232,7 @@ CODE_FILES = ("codes_indptr.npy", "codes_indices.npy", "codes_values.npy")
 
 
 class SyntheticWriter:
-    """Fills an activation cache from the toy model (experiments.activation_cache.CacheWriter).
+    """Fills an activation cache from the toy model (experiments.data.activation_cache.CacheWriter).
 
     Beside the activations it stores the true dictionary, the marginal firing probabilities, the
     hierarchy and group structure, and every row's true code as CSR (codes_indptr [n_rows + 1],

@@ -20,12 +20,12 @@ import numpy as np
 import torch
 
 from config.schema import ProbeConfig
-from experiments.concepts import ConceptSet, score_concepts
-from experiments.metrics import frequency_stats, rank_stability
-from experiments.recovery import abs_cosine
-from experiments.synthetic import SyntheticTruth
+from experiments.eval.concepts import ConceptSet, score_concepts
+from experiments.eval.metrics import frequency_stats, rank_stability
+from experiments.eval.recovery import abs_cosine
+from experiments.data.synthetic import SyntheticTruth
 from experiments.timing import phase
-from visualization.local_sink import read_json, write_json_atomic
+from config.files import read_json, write_json_atomic
 
 PROBE_KINDS = {"activations": set(), "emergence": {"concepts", "umap"}, "frequency": {"frequency"},
                "resampling": set()}
@@ -135,7 +135,7 @@ class ArmProbes:
             metrics.update(self._recovery_by_frequency(rec.best_cos))
         embedding = None
         if step in self.umap_at:
-            from experiments.embedding import decoder_embedding
+            from experiments.eval.embedding import decoder_embedding
 
             W_dec = sae.W_dec.detach().cpu().numpy()
             with phase("umap"):

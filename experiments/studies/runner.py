@@ -14,28 +14,31 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 from config.schema import (ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, ArmSpec, RunConfig, SAEArmConfig,
                            TrainConfig, UsageError, flatten, stable_hash)
 from experiments import faults
-from experiments.concepts import tinylm_concepts, yaml_concepts
-from experiments.probes import PROBE_KINDS, ArmProbes, ConceptData, umap_steps
-from experiments.studies import analyse
-from experiments.activation_cache import BuildInterrupted, build_or_open
+from experiments.eval.concepts import tinylm_concepts, yaml_concepts
+from experiments.eval.probes import PROBE_KINDS, ArmProbes, ConceptData, umap_steps
+from experiments.studies import activations, emergence, frequency, resampling
+from experiments.studies.results import ArmData, StudyResult, load_arm
+from experiments.data.activation_cache import ActivationCache, BuildInterrupted, build_or_open
 from experiments.provenance import code_commit
-from experiments.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
+from experiments.data.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
                                  token_sequences)
-from experiments.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
+from experiments.data.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.timing import CLOCK, phase
-from experiments.trainer import EvalContext, StopFlag, StopRequested, Trainer, lockstep_key, train_arms
-from visualization.local_sink import read_json, write_json_atomic
+from experiments.train.trainer import (EvalContext, StopFlag, StopRequested, Trainer, eval_steps, lockstep_key,
+                                      total_steps, train_arms)
+from config.files import read_json, write_json_atomic
 from visualization.sinks import ArmSinks
 from visualization.generated import block_kinds, fill_blocks
 from visualization.report import docs_excerpt, figure_file, write_report
-from visualization.terminal import boxed_table, format_timing, wrapped_finding
+from visualization.terminal import boxed_table, format_timing, progress_bar, wrapped_finding
 
-DEFAULT_CONCEPTS = Path(__file__).resolve().parents[1] / "config" / "concepts" / "english.yaml"
+DEFAULT_CONCEPTS = Path(__file__).resolve().parents[2] / "config" / "concepts" / "english.yaml"
 
 @dataclass
 class Arm:
@@ -231,6 +234,11 @@ def run_study(cfg: RunConfig, stop: StopFlag) -> int:
         raise OutOfSpace(study_dir.name, err) from None
 
 
+def bars(cfg: RunConfig):
+    """The progress bars the data and training code draw: on the terminal unless --no-progress."""
+    return partial(progress_bar, disable=not cfg.log.progress)
+
+
 def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
     if cfg.probes.concepts is None and model.name == "tinylm":
         concepts = tinylm_concepts(model.tokenizer)
@@ -260,7 +268,7 @@ def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag):
                  "eval_fraction": cfg.data.eval_fraction}
     writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size, cfg.data.eval_fraction)
     with phase("harvest"):
-        cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
+        cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
     return cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec, model
 
 
@@ -271,14 +279,14 @@ def _synthetic_source(cfg: RunConfig, root: Path, stop: StopFlag):
                  "eval_fraction": cfg.data.eval_fraction}
     writer = SyntheticWriter(model, cfg.train.seed, cfg.data.eval_fraction)
     with phase("harvest"):
-        cache = build_or_open(root, data_spec, writer, progress=cfg.log.progress, stop=stop)
+        cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
     truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
     return cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None
 
 
 def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
+    """The study, top to bottom: record → data → plan → train → analyse and write."""
     CLOCK.reset()
-    root = Path(cfg.log.checkpoint_dir)
     study_json = study_dir / "study.json"
     meta = read_json(study_json) if study_json.exists() else {
         "study_id": study_dir.name, "studies": cfg.study.names, "created": time.time(), "status": "running",
@@ -286,31 +294,10 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     meta["status"] = "running"
     write_json_atomic(study_json, meta)  # before the harvest, so a run killed there can be resumed
 
-    open_source = _synthetic_source if cfg.data.source == "synthetic" else _transformer_source
-    try:
-        cache, ctx, data_spec, model = open_source(cfg, root, stop)  # model: the subject transformer, if any
-    except BuildInterrupted as built:
-        stopped = StopRequested(0, where=f"while building the activation cache, with {built.done} of its "
-                                         f"{built.total} chunks saved")
-        stopped.study_id = study_dir.name
-        raise stopped from None
-    scale = cache.norm_scale(cfg.data.normalize)
-
-    planned = plan_arms(cfg, data_spec)
-    previous = {a["arm_id"]: a for a in meta["arms"]}
-    meta["arms"] = [previous.get(p.arm.arm_id, {
-        **asdict(p.arm), "studies": p.studies, "status": "pending", "d_sae": p.spec.sae.d_sae(cache.d_in),
-        "sparsity": p.spec.sae.sparsity_setting(), "lr": p.spec.train.lr, "batch_size": p.spec.train.batch_size})
-        for p in planned]
-    meta["cache"] = str(cache.path)
-    # What a reader of the report needs to know about the data, and the code each run of the study used.
-    commits = meta.get("setup", {}).get("commits", [])
-    meta["setup"] = {"hook": ctx.hook_name, "d_in": cache.d_in, "train_tokens": cache.n_train_rows,
-                     "eval_tokens": cache.n_eval_rows, "norm_scale": scale,
-                     "commits": commits + [c for c in [code_commit()] if c not in commits]}
+    source = _open_source(cfg, study_dir, stop)
+    planned = plan_arms(cfg, source.data_spec)
+    _record_plan(meta, planned, source)
     write_json_atomic(study_json, meta)
-    needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
-    concept_data = _concept_data(cfg, model, cache) if needs_concepts and model is not None else None
 
     wandb = None
     if cfg.log.use_wandb:
@@ -318,11 +305,64 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
 
         wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
                           after_log=lambda: faults.reached("wandb-log"))
-
     shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
+    trainers = _build_trainers(cfg, study_dir, meta, planned, source, wandb, shared_config, stop)
+    try:
+        failed = _train(cfg, study_dir, meta, planned, trainers, stop)
+    except StopRequested as stopped:
+        stopped.study_id = study_dir.name
+        meta["status"] = "interrupted"  # resumable, as "running" is, but no process is at work on it
+        write_json_atomic(study_json, meta)
+        print_sync_command(wandb)
+        raise
+    return _write_outputs(study_dir, meta, failed, wandb, shared_config)
+
+
+@dataclass
+class OpenedSource:
+    cache: ActivationCache
+    ctx: EvalContext  # what evaluation needs besides the cache: the model and hook, or the true features
+    data_spec: dict  # what identifies the cache
+    model: object | None  # the subject transformer (SubjectModel), None for a synthetic source
+    scale: float  # the normalisation factor of the activations
+
+
+def _open_source(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> OpenedSource:
+    open_source = _synthetic_source if cfg.data.source == "synthetic" else _transformer_source
+    try:
+        cache, ctx, data_spec, model = open_source(cfg, Path(cfg.log.checkpoint_dir), stop)
+    except BuildInterrupted as built:
+        stopped = StopRequested(0, where=f"while building the activation cache, with {built.done} of its "
+                                         f"{built.total} chunks saved")
+        stopped.study_id = study_dir.name
+        raise stopped from None
+    return OpenedSource(cache, ctx, data_spec, model, cache.norm_scale(cfg.data.normalize))
+
+
+def _record_plan(meta: dict, planned: list[PlannedArm], source: OpenedSource) -> None:
+    """The arms in study.json (those of an earlier run of this study as they were), and what a reader
+    of the report needs to know about the data and the code each run of the study used."""
+    cache, previous = source.cache, {a["arm_id"]: a for a in meta["arms"]}
+    meta["arms"] = [previous.get(p.arm.arm_id, {
+        **asdict(p.arm), "studies": p.studies, "status": "pending", "d_sae": p.spec.sae.d_sae(cache.d_in),
+        "sparsity": p.spec.sae.sparsity_setting(), "lr": p.spec.train.lr, "batch_size": p.spec.train.batch_size})
+        for p in planned]
+    meta["cache"] = str(cache.path)
+    commits = meta.get("setup", {}).get("commits", [])
+    meta["setup"] = {"hook": source.ctx.hook_name, "d_in": cache.d_in, "train_tokens": cache.n_train_rows,
+                     "eval_tokens": cache.n_eval_rows, "norm_scale": source.scale,
+                     "commits": commits + [c for c in [code_commit()] if c not in commits]}
+
+
+def _build_trainers(cfg: RunConfig, study_dir: Path, meta: dict, planned: list[PlannedArm], source: OpenedSource,
+                    wandb, shared_config: dict, stop: StopFlag) -> dict[str, Trainer]:
+    """A trainer per arm not yet complete, in plan order, with its sinks and the probes its studies need."""
+    needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
+    concept_data = (_concept_data(cfg, source.model, source.cache)
+                    if needs_concepts and source.model is not None else None)
+    cache, ctx, scale = source.cache, source.ctx, source.scale
     trainers: dict[str, Trainer] = {}
-    index_of: dict[str, int] = {}
-    for index, (p, record) in enumerate(zip(planned, meta["arms"])):
+    for p, record in zip(planned, meta["arms"]):
         arm, spec = p.arm, p.spec
         if record["status"] == "complete":
             print(f"arm {arm.name} ({arm.arm_id}) already complete; skipped")
@@ -333,47 +373,25 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
                       "d_sae": spec.sae.d_sae(cache.d_in), "hook_name": ctx.hook_name, "norm_scale": scale}
         sinks = ArmSinks(arm_dir, wandb.for_another_run() if wandb is not None else None, arm.name,
                          group=study_dir.name, job_type="+".join(p.studies), config=run_config)
-        trainer = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, progress=cfg.log.progress)
-        trainer.probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
-                                   umap_steps(trainer.eval_steps, cfg.probes.umap_evals), spec.train.seed,
-                                   cache.n_eval_rows, truth=ctx.truth)
-        trainers[arm.arm_id], index_of[arm.arm_id] = trainer, index
+        n_steps = total_steps(spec.train, cache)
+        probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
+                           umap_steps(eval_steps(spec.train, n_steps), cfg.probes.umap_evals), spec.train.seed,
+                           cache.n_eval_rows, truth=ctx.truth)
+        trainers[arm.arm_id] = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, probes)
+    return trainers
+
+
+def _train(cfg: RunConfig, study_dir: Path, meta: dict, planned: list[PlannedArm], trainers: dict[str, Trainer],
+           stop: StopFlag) -> bool:
+    """Train the arms, those that read the same batches in lockstep, recording each arm's outcome in
+    study.json as it comes. True when an arm failed."""
+    study_json = study_dir / "study.json"
     records = {r["arm_id"]: r for r in meta["arms"]}
-    failed = False
-
-    def on_done(arm_id: str, result) -> None:
-        records[arm_id].update(status="complete", steps=result.steps, tokens=result.tokens, final=result.final,
-                               weights=str(study_dir / arm_id / "sae.safetensors"),
-                               wandb_run_id=result.wandb_run_id, seconds=round(result.seconds, 2))
-        write_json_atomic(study_json, meta)
-        faults.reached(f"arm-done:{index_of[arm_id] + 1}")
-
-    def on_error(arm_id: str, trainer: Trainer, err: Exception) -> None:
-        nonlocal failed
-        if isinstance(err, UsageError) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE):
-            raise err  # a usage error or a full disk ends the study (resumable), not just this arm
-        # One arm failing must not take the others down.
-        name = planned[index_of[arm_id]].arm.name
-        reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        error_file = study_dir / arm_id / "error.txt"
-        error_file.write_text("".join(traceback.format_exception(err)))
-        print(f"arm {name} failed: {reason} (traceback in {error_file})", file=sys.stderr)
-        records[arm_id].update(status="failed", reason=reason, steps=trainer.step)
-        write_json_atomic(study_json, meta)
-        try:
-            trainer.sinks.finish({})
-        except Exception:  # noqa: BLE001  (closing the failed arm's logs is best effort)
-            pass
-        failed = True
-
-    def on_stop(arm_id: str, trainer: Trainer) -> None:
-        records[arm_id].update(status="interrupted", steps=trainer.step)
-        write_json_atomic(study_json, meta)
-
+    index_of = {p.arm.arm_id: i for i, p in enumerate(planned)}
     groups: dict[tuple, dict[str, Trainer]] = {}
-    for arm_id, trainer in trainers.items():  # in plan order; arms that read the same batches train together
-        key = lockstep_key(trainer) if cfg.study.lockstep else arm_id
-        groups.setdefault(key, {})[arm_id] = trainer
+    for arm_id, trainer in trainers.items():  # in plan order
+        groups.setdefault(lockstep_key(trainer) if cfg.study.lockstep else arm_id, {})[arm_id] = trainer
+    failed = False
     for group in groups.values():
         labels = {arm_id: f"[{index_of[arm_id] + 1}/{len(planned)}] {planned[index_of[arm_id]].arm.name}"
                   for arm_id in group}
@@ -383,15 +401,44 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         for arm_id, trainer in group.items():
             records[arm_id].update(status="running", steps_total=trainer.n_steps)
         write_json_atomic(study_json, meta)
-        try:
-            train_arms(group, cfg.study.resume, stop, labels, on_done, on_error, on_stop, progress=cfg.log.progress)
-        except StopRequested as stopped:
-            stopped.study_id = study_dir.name
-            meta["status"] = "interrupted"  # resumable, as "running" is, but no process is at work on it
+        for outcome in train_arms(group, cfg.study.resume, stop, labels, bar=bars(cfg)):
+            record = records[outcome.arm_id]
+            if outcome.result is not None:
+                r = outcome.result
+                record.update(status="complete", steps=r.steps, tokens=r.tokens, final=r.final,
+                              weights=str(study_dir / outcome.arm_id / "sae.safetensors"),
+                              wandb_run_id=r.wandb_run_id, seconds=round(r.seconds, 2))
+            elif outcome.error is not None:
+                record.update(_failure(outcome, study_dir, record["name"]))
+                failed = True
+            else:
+                record.update(status="interrupted", steps=outcome.trainer.step)
             write_json_atomic(study_json, meta)
-            print_sync_command(wandb)
-            raise
+            if outcome.result is not None:
+                faults.reached(f"arm-done:{index_of[outcome.arm_id] + 1}")
+    return failed
 
+
+def _failure(outcome, study_dir: Path, name: str) -> dict:
+    """A failed arm's record. A usage error or a full disk ends the study (resumable); any other
+    error fails this arm only, with its traceback in error.txt, and the others carry on."""
+    err = outcome.error
+    if isinstance(err, UsageError) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE):
+        raise err
+    reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    error_file = study_dir / outcome.arm_id / "error.txt"
+    error_file.write_text("".join(traceback.format_exception(err)))
+    print(f"arm {name} failed: {reason} (traceback in {error_file})", file=sys.stderr)
+    try:
+        outcome.trainer.sinks.finish({})
+    except Exception:  # noqa: BLE001  (closing the failed arm's logs is best effort)
+        pass
+    return {"status": "failed", "reason": reason, "steps": outcome.trainer.step}
+
+
+def _write_outputs(study_dir: Path, meta: dict, failed: bool, wandb, shared_config: dict) -> int:
+    """The studies' analyses, summary.json, the report, the W&B summary runs and the terminal tables."""
+    study_json = study_dir / "study.json"
     status = "failed" if failed else "complete"
     finished = {**meta, "status": status}  # what the outputs describe; study.json says so only once they exist
     with phase("report"):
@@ -421,6 +468,26 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     print(f"report: {report}\noutputs: {study_dir}")
     print_sync_command(wandb)
     return 1 if failed else 0
+
+
+ANALYSES = {"activations": activations.analyse, "emergence": emergence.analyse, "frequency": frequency.analyse,
+            "resampling": resampling.analyse}
+
+
+def analyse(study_dir: Path, meta: dict) -> list[StudyResult]:
+    """Every study of the run, from its files. `meta` is the study.json content."""
+    probes = meta["spec"]["probes"]
+    loaded: dict[str, ArmData] = {}
+    results = []
+    for name in meta["spec"]["study"]["names"]:
+        records = [r for r in meta["arms"] if name in r.get("studies", [])]
+        arms = []
+        for r in records:
+            if r["arm_id"] not in loaded:
+                loaded[r["arm_id"]] = load_arm(study_dir, r)
+            arms.append(loaded[r["arm_id"]])
+        results.append(ANALYSES[name](arms, probes))
+    return results
 
 
 def print_sync_command(wandb) -> None:

@@ -10,20 +10,21 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Iterator
 
 import numpy as np
 import torch
 
 from config.schema import OPTION_ARCHITECTURES, ProbeConfig, SAEArmConfig, TrainConfig, UsageError
-from experiments.activation_cache import ActivationCache
+from experiments.data.activation_cache import ActivationCache
 from experiments import faults
+from experiments.progress import BarFactory, silent_bar
 from experiments.timing import phase
-from experiments.checkpointing import list_checkpoints, load_latest, save_checkpoint
-from experiments.resampling import resample_dead_latents_
-from experiments.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
-from experiments.recovery import FiringMatch, Recovery, feature_recovery, recovery_breakdown, recovery_metrics
-from experiments.synthetic import SyntheticTruth
+from experiments.train.checkpointing import list_checkpoints, load_latest, save_checkpoint
+from experiments.train.resampling import resample_dead_latents_
+from experiments.eval.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
+from experiments.eval.recovery import FiringMatch, Recovery, feature_recovery, recovery_breakdown, recovery_metrics
+from experiments.data.synthetic import SyntheticTruth
 from models.sae import SAE, SAEConfig, build_sae
 
 
@@ -75,6 +76,13 @@ def steps_per_epoch(cache: ActivationCache, batch_size: int) -> int:
         raise UsageError(f"--batch-size {batch_size} exceeds the {cache.n_train_rows:,} training activations; "
                          f"lower it or raise --n-samples")
     return n
+
+
+def eval_steps(cfg: TrainConfig, n_steps: int) -> list[int]:
+    """Every eval_every steps and the final step; a regular eval closer than half an interval to
+    the final one is skipped (two near-identical evals would say nothing about change)."""
+    every = cfg.eval_every
+    return sorted({*(s for s in range(every, n_steps + 1, every) if n_steps - s >= every / 2), n_steps})
 
 
 def total_steps(cfg: TrainConfig, cache: ActivationCache) -> int:
@@ -159,9 +167,9 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
 
 class Trainer:
     def __init__(self, arm_dir: Path, sae_cfg: SAEArmConfig, cfg: TrainConfig, cache: ActivationCache,
-                 scale: float, ctx: EvalContext, sinks, stop: StopFlag, probes=None, progress: bool = True):
+                 scale: float, ctx: EvalContext, sinks, stop: StopFlag, probes=None):
         self.arm_dir, self.cfg, self.cache, self.scale, self.ctx = arm_dir, cfg, cache, scale, ctx
-        self.sinks, self.stop, self.probes, self.progress = sinks, stop, probes, progress
+        self.sinks, self.stop, self.probes = sinks, stop, probes
         self.arm = sae_cfg
         self.n_steps = total_steps(cfg, cache)
         self.spe = steps_per_epoch(cache, cfg.batch_size)
@@ -282,10 +290,7 @@ class Trainer:
 
     @property
     def eval_steps(self) -> list[int]:
-        """Every eval_every steps and the final step; a regular eval closer than half an interval to
-        the final one is skipped (two near-identical evals would say nothing about change)."""
-        every, last = self.cfg.eval_every, self.n_steps
-        return sorted({*(s for s in range(every, last + 1, every) if last - s >= every / 2), last})
+        return eval_steps(self.cfg, self.n_steps)
 
     def run_eval(self) -> None:
         probes = self.probes
@@ -367,68 +372,83 @@ def lockstep_key(trainer: Trainer) -> tuple:
     return id(trainer.cache), trainer.cfg.batch_size, trainer.cfg.seed, trainer.scale
 
 
+@dataclass
+class ArmOutcome:
+    """How an arm's training ended, as train_arms reports it: finished (`result`), failed (`error`),
+    or interrupted by a stop request (checkpointed at `trainer.step`)."""
+    arm_id: str
+    trainer: Trainer
+    result: ArmResult | None = None
+    error: Exception | None = None
+
+    @property
+    def interrupted(self) -> bool:
+        return self.result is None and self.error is None
+
+
 def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, labels: dict[str, str],
-               on_done: Callable[[str, ArmResult], None], on_error: Callable[[str, Trainer, Exception], None],
-               on_stop: Callable[[str, Trainer], None], progress: bool = True) -> None:
+               bar: BarFactory = silent_bar) -> Iterator[ArmOutcome]:
     """Train arms that read the same batches (equal lockstep_key) together, step by step: each
     step's batch is read once for all of them. The result equals training them one after another:
     a batch depends only on (seed, step) and the arms share no other state. Arms at different steps
     (resumed from checkpoints written at different steps) each go on alone until level.
 
-    As arms finish, on_done gets their result. An arm that raises goes to on_error, and the others
-    carry on unless on_error re-raises. A stop request checkpoints every unfinished arm (on_stop
-    for each) and raises StopRequested. Each arm has a progress bar of its own, labelled by `labels`."""
-    from visualization.terminal import progress_bar
-
+    Yields each arm's outcome as it happens, so the caller can record it at once: an arm that
+    raises is reported failed and the others carry on (unless the caller raises). On a stop
+    request every unfinished arm is checkpointed and reported interrupted, then StopRequested is
+    raised. Each arm has a progress bar of its own (made by `bar`), labelled by `labels`."""
     assert len({lockstep_key(t) for t in trainers.values()}) <= 1, "arms that read different batches"
     active: dict[str, Trainer] = {}
-    for key, trainer in trainers.items():
-        try:
-            trainer.begin(resume)
-            active[key] = trainer
-        except Exception as err:
-            on_error(key, trainer, err)
+    bars: dict[str, object] = {}
 
-    def finish_done() -> None:
+    def finish_done() -> Iterator[ArmOutcome]:  # finished arms: write their weights, close their logs
         for key, trainer in list(active.items()):
             if trainer.done:
                 del active[key]
                 try:
                     result = trainer.finish()
                 except Exception as err:
-                    on_error(key, trainer, err)
+                    yield ArmOutcome(key, trainer, error=err)
                     continue
-                on_done(key, result)
+                yield ArmOutcome(key, trainer, result=result)
 
-    pad = max(map(len, labels.values()))
-    bars = {key: progress_bar(total=t.n_steps, initial=t.step, desc=labels[key].ljust(pad), disable=not progress,
-                              position=i) for i, (key, t) in enumerate(trainers.items())}
-    finish_done()
-    while active:
-        step = min(t.step for t in active.values())
-        level = [key for key, t in active.items() if t.step == step]
-        x = active[level[0]].batch(step)
-        for key in level:
-            trainer = active[key]
+    try:
+        for key, trainer in trainers.items():
             try:
-                logs = trainer.advance(x)
+                trainer.begin(resume)
+                active[key] = trainer
             except Exception as err:
-                del active[key]
-                on_error(key, trainer, err)
-                continue
-            if logs is not None:
-                bars[key].set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
-            bars[key].update()
-        finish_done()
-        if stop.requested and active:
-            for bar in bars.values():
-                bar.close()
-            for key, trainer in active.items():
-                trainer.interrupt()
-                on_stop(key, trainer)
-            steps = sorted({t.step for t in active.values()})
-            where = (f"at step {steps[0]} with a checkpoint saved" if len(active) == 1 else
-                     f"at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} with checkpoints saved")
-            raise StopRequested(steps[0], where=where)
-    for bar in bars.values():
-        bar.close()
+                yield ArmOutcome(key, trainer, error=err)
+        pad = max(map(len, labels.values()))
+        bars.update({key: bar(total=t.n_steps, initial=t.step, desc=labels[key].ljust(pad), position=i)
+                     for i, (key, t) in enumerate(trainers.items())})  # after begin: a resumed bar starts at its step
+        yield from finish_done()
+        while active:
+            step = min(t.step for t in active.values())
+            level = [key for key, t in active.items() if t.step == step]
+            x = active[level[0]].batch(step)
+            for key in level:
+                trainer = active[key]
+                try:
+                    logs = trainer.advance(x)
+                except Exception as err:
+                    del active[key]
+                    yield ArmOutcome(key, trainer, error=err)
+                    continue
+                if logs is not None:
+                    bars[key].set_postfix(mse=f"{logs['train/mse']:.4f}", l0=f"{logs['train/l0']:.1f}", refresh=False)
+                bars[key].update()
+            yield from finish_done()
+            if stop.requested and active:
+                for arm_bar in bars.values():
+                    arm_bar.close()  # before the messages the interruption prints
+                steps = sorted({t.step for t in active.values()})
+                for key, trainer in active.items():
+                    trainer.interrupt()
+                    yield ArmOutcome(key, trainer)
+                where = (f"at step {steps[0]} with a checkpoint saved" if len(active) == 1 else
+                         f"at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} with checkpoints saved")
+                raise StopRequested(steps[0], where=where)
+    finally:
+        for arm_bar in bars.values():
+            arm_bar.close()

@@ -1,0 +1,51 @@
+"""Crash-safe files, for every layer: JSON records and CSVs written whole or not at all."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+
+@contextmanager
+def atomic_writer(path: Path) -> Iterator[TextIO]:
+    """Text file in the target's directory; on clean exit it is fsynced and os.replace'd over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # only still there if something failed
+
+
+def _json_default(obj: Any) -> Any:
+    # Metrics often arrive as numpy scalars/arrays and configs hold Paths.
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON so readers see either the old file or the complete new one, never a torn write."""
+    with atomic_writer(path) as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)

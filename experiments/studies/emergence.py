@@ -1,0 +1,206 @@
+"""The emergence study: when latents come to represent known concepts (or, on a synthetic source,
+the true features), and in what order."""
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from experiments.eval.metrics import rank_stability
+from experiments.studies.results import ArmData, StudyResult, Table, beside, rounded, tokens_text
+from visualization import study_plots
+from visualization.plots import density_floor, log10_density
+from visualization.terminal import format_beside
+
+
+def _nanmax(scores: np.ndarray) -> np.ndarray:
+    """Column maxima ignoring NaN; NaN (without numpy's warning) where a column is all NaN."""
+    filled = np.where(np.isnan(scores), -np.inf, scores).max(0)
+    return np.where(np.isneginf(filled), np.nan, filled)
+
+
+def _first_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """[C] tokens at the first eval whose score reaches threshold (NaN: never). scores [E, C]."""
+    reached = np.nan_to_num(scores, nan=-1.0) >= threshold
+    first = reached.argmax(0)
+    return np.where(reached.any(0), tokens[first], np.nan)
+
+
+def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
+    if any(a.evals and "best_cos" in a.evals[0] for a in arms):
+        return feature_emergence(arms, probes)
+    threshold = probes["f1_threshold"]
+    res = StudyResult("emergence", "When do latents come to represent known concepts, and in what order?")
+    scored = [a for a in arms if a.concepts and a.evals and "single_f1" in a.evals[0]]
+    if not scored:
+        res.findings.append("No arm has concept scores (the subject model has no concept vocabulary here).")
+        return res
+    curves, per_arm, summary_arms = {}, {}, []
+    names, kinds = scored[0].concepts["names"], scored[0].concepts["kinds"]
+    cat = [i for i, k in enumerate(kinds) if k == "category"]
+    word = [i for i, k in enumerate(kinds) if k == "word"]
+    label = [n.split(":", 1)[1] for n in names]
+    rows, detail = [], []
+    for a in scored:
+        tokens = np.array([float(e["tokens"]) for e in a.evals])
+        single = np.stack([e["single_f1"] for e in a.evals])
+        probe = np.stack([e["probe_f1"] for e in a.evals])
+        curves[a.name] = {"architecture": a.architecture, "tokens": tokens, "kinds": kinds, "single": single,
+                          "probe": probe}
+        first_single, first_probe = _first_reach(tokens, single, threshold), _first_reach(tokens, probe, threshold)
+        best_single, best_probe = _nanmax(single), _nanmax(probe)
+        per_arm[a.name] = (first_single, first_probe, best_single, best_probe)
+        n = lambda first, idx: int(np.sum(~np.isnan(first[idx])))  # noqa: E731
+        rows.append([a.name, f"{n(first_single, cat)}/{len(cat)}", f"{n(first_probe, cat)}/{len(cat)}",
+                     f"{n(first_single, word)}/{len(word)}", f"{n(first_probe, word)}/{len(word)}",
+                     rounded(np.nanmedian(best_single[cat]), 3), rounded(np.nanmedian(best_probe[cat]), 3)])
+        last = a.evals[-1]
+        concepts_out = []
+        for i in range(len(names)):
+            entry = {"concept": names[i], "emerged_single_tokens": rounded(first_single[i], 0),
+                     "emerged_probe_tokens": rounded(first_probe[i], 0), "best_single_f1": rounded(best_single[i]),
+                     "best_probe_f1": rounded(best_probe[i]), "final_single_latent": int(last["single_latent"][i]),
+                     "final_probe_latents": [int(x) for x in last["probe_latents"][i] if x >= 0]}
+            concepts_out.append(entry)
+            if kinds[i] == "category":
+                detail.append([a.name, label[i], tokens_text(first_single[i]), beside(best_single[i], threshold),
+                               tokens_text(first_probe[i]), beside(best_probe[i], threshold),
+                               len(entry["final_probe_latents"])])
+        summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "concepts": concepts_out})
+    k = probes["probe_k"]
+    res.tables["counts"] = Table(
+        f"Concepts emerged (held-out F1 >= {threshold}): best single latent / {k}-sparse probe",
+        ["arm", "categories (one latent)", "categories (probe)", "words (one latent)", "words (probe)",
+         "median best cat. F1 (one latent)", "median best cat. F1 (probe)"], rows)
+    res.tables["categories"] = Table(
+        "Category concepts: when each emerged (training tokens) and the best held-out F1 reached",
+        ["arm", "category", "emerged (single)", "best F1 (single)", "emerged (probe)", "best F1 (probe)",
+         "probe latents"], detail)
+    res.figure("curves", partial(study_plots.emergence_curves, curves, threshold),
+               f"Median over concepts of the best held-out F1 as training goes on (solid: one latent, dashed: "
+               f"the {k}-sparse probe); a concept has emerged once its score reaches the dotted {threshold:g}.")
+    cat_names = [label[i] for i in cat]
+    res.figure("steps", partial(study_plots.emergence_steps, {a.name: {
+        "architecture": a.architecture, "tokens": curves[a.name]["tokens"],
+        "emerged_tokens": per_arm[a.name][0][cat], "best": per_arm[a.name][2][cat],
+        "probe_emerged_tokens": per_arm[a.name][1][cat], "probe_best": per_arm[a.name][3][cat]} for a in scored},
+        cat_names, threshold),
+        "When each category first reached the threshold (filled: one latent, hollow: the probe); on the right, "
+        "the best F1 of the arms where it never did.")
+    for kind in ("single", "probe"):
+        final = np.stack([curves[a.name][kind][-1][cat] for a in scored])
+        what = "best single latent" if kind == "single" else f"{k}-sparse probe"
+        res.figure(f"final_f1_{kind}", partial(study_plots.score_heatmap, [a.name for a in scored], cat_names, final,
+                                               f"Final held-out F1 per category, {what}", threshold),
+                   f"Final held-out F1 of the {what} for each category and arm; bold cells reach {threshold:g}.")
+    _umap_figures(res, scored)
+    single = {a.name: int(np.sum(~np.isnan(per_arm[a.name][0][cat]))) for a in scored}
+    probe = {a.name: int(np.sum(~np.isnan(per_arm[a.name][1][cat]))) for a in scored}
+    words = {a.name: int(np.sum(~np.isnan(per_arm[a.name][0][word]))) for a in scored}
+    lead, lead_probe = max(single, key=single.get), max(probe, key=probe.get)
+    res.findings.append(
+        f"Most categories isolated in one latent (held-out F1 >= {threshold:g}): **{lead}**, {single[lead]} of "
+        f"{len(cat)}; with the {k}-sparse probe **{lead_probe}**, {probe[lead_probe]} of {len(cat)}.")
+    if word:
+        res.findings.append(f"Words isolated in one latent: at most {max(words.values())} of {len(word)} "
+                            f"(**{max(words, key=words.get)}**).")
+    never = [i for i in cat if all(np.isnan(per_arm[a.name][1][i]) for a in scored)]
+    if never:
+        best = {i: max(float(np.nan_to_num(per_arm[a.name][3][i], nan=0.0)) for a in scored) for i in never}
+        res.findings.append("No arm reached the threshold even with the probe for: " + ", ".join(
+            f"{label[i]} (best {format_beside(best[i], threshold)})" for i in never) + ".")
+    res.summary = {"threshold": threshold, "probe_k": k, "skipped_words": scored[0].concepts.get("skipped", []),
+                   "arms": summary_arms}
+    return res
+
+
+def _umap_figures(res: StudyResult, arms: list[ArmData]) -> None:
+    """Each arm's decoder embedding at its last UMAP eval (W&B has every eval's), on one colour
+    scale of firing frequency for all arms."""
+    floors = [density_floor(int(a.evals[-1]["n_tokens"])) for a in arms]
+    freq_range = (min(floors), 0.0) if floors else None
+    for a in arms:
+        label = [n.split(":", 1)[1] for n in a.concepts["names"]]
+        e = next((e for e in reversed(a.evals) if "umap_xy" in e), None)
+        if e is None:
+            continue
+        concept = [label[i] if i >= 0 else None for i in e["umap_concept"]]
+        res.figure(f"umap_{a.name}", partial(
+            study_plots.umap_scatter, e["umap_xy"], concept, log10_density(e["density"], int(e["n_tokens"])),
+            f"{a.name}: decoder directions at {tokens_text(float(e['tokens']))} tokens", freq_range),
+            f"{a.name}'s latents laid out by UMAP of their decoder directions: left, the latents that best match "
+            f"a concept, by concept; right, firing frequency (the same scale for every arm).")
+
+
+FREQUENCY_BINS = 4
+
+
+def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
+    """Emergence on a synthetic source: the concepts are the true features, and a feature has
+    emerged at the first eval where some decoder row reaches |cos| >= threshold with it."""
+    threshold = probes["cos_threshold"]
+    res = StudyResult("emergence", "When does each true feature get a latent of its own, and do frequent features "
+                                   "come first?")
+    scored = [a for a in arms if a.concepts and a.evals and "best_cos" in a.evals[0]]
+    probability = np.array(scored[0].concepts["feature_probability"])
+    roles = scored[0].concepts["feature_role"]
+    n = len(probability)
+    # Features binned by probability rank, most frequent first: the table version of the scatter.
+    bins = np.array_split(np.argsort(-probability, kind="stable"), FREQUENCY_BINS)
+    bin_names = [f"p {probability[b].min():.2g}–{probability[b].max():.2g}" for b in bins]
+    rows, by_bin, per_feature, scatter, curves, summary_arms = [], [], [], {}, {}, []
+    for a in scored:
+        tokens = np.array([float(e["tokens"]) for e in a.evals])
+        best_cos = np.stack([e["best_cos"] for e in a.evals])
+        emerged = _first_reach(tokens, best_cos, threshold)
+        best = _nanmax(best_cos)
+        done = ~np.isnan(emerged)
+        # Negative: frequent features emerge first (the sign the scatter's titles show too).
+        rho = rank_stability(probability[done], emerged[done]) if done.sum() >= 3 else float("nan")
+        scatter[a.name] = {"architecture": a.architecture, "probability": probability, "emerged_tokens": emerged,
+                           "best_cos": best, "tokens": tokens}
+        ev_tokens, frac = a.curve("eval/frac_recovered")
+        _, mcc = a.curve("eval/mcc")
+        curves[a.name] = {"architecture": a.architecture, "tokens": ev_tokens, "frac_recovered": frac, "mcc": mcc}
+        rows.append([a.name, f"{int(done.sum())}/{n}", tokens_text(np.nanmin(emerged) if done.any() else np.nan),
+                     tokens_text(np.nanmedian(emerged) if done.any() else np.nan), rounded(rho, 3),
+                     rounded(a.final.get("frac_recovered")), rounded(a.final.get("mcc"))])
+        by_bin.append([a.name] + [f"{int(done[b].sum())}/{b.size} emerged" + (
+            f", median {tokens_text(np.nanmedian(emerged[b]))}" if done[b].any() else "") for b in bins])
+        final = a.evals[-1]
+        features = [{"feature": i, "role": roles[i], "probability": rounded(probability[i], 6),
+                     "emerged_tokens": rounded(emerged[i], 0), "best_cos": rounded(best[i]),
+                     "final_best_cos": rounded(final["best_cos"][i]), "final_best_latent": int(final["best_latent"][i])}
+                    for i in range(n)]
+        per_feature += [[a.name, *f.values()] for f in features]
+        summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "emerged": int(done.sum()),
+                             "spearman_probability_vs_emergence_tokens": rounded(rho), "features": features})
+    res.tables["counts"] = Table(
+        f"True features emerged (some decoder row with |cos| >= {threshold:g})",
+        ["arm", "emerged", "first at", "median emergence", "Spearman(probability, emergence)", "frac_recovered (final)",
+         "mcc (final)"], rows)
+    res.tables["by_frequency"] = Table(
+        "Features emerged by frequency quarter (most frequent first): emerged / features, median emergence tokens",
+        ["arm", *bin_names], by_bin)
+    res.data["features"] = Table("Every true feature: when it emerged and the best |cos| reached",
+                                 ["arm", "feature", "role", "probability", "emerged_tokens", "best_cos",
+                                  "final_best_cos", "final_best_latent"], per_feature)
+    if scored:
+        lead = max(summary_arms, key=lambda arm: arm["emerged"])
+        res.findings.append(f"Most true features given a latent of their own (best |cos| >= {threshold:g}): "
+                            f"**{lead['name']}**, {lead['emerged']} of {n}.")
+        rhos = {arm["name"]: arm["spearman_probability_vs_emergence_tokens"] for arm in summary_arms
+                if arm["spearman_probability_vs_emergence_tokens"] is not None}
+        if rhos:
+            first = [name for name, rho in rhos.items() if rho < 0]
+            res.findings.append(f"Frequent features emerge first (Spearman of probability against emergence "
+                                f"tokens below 0) in {len(first)} of {len(rhos)} arms; from "
+                                f"{min(rhos.values()):.2f} to {max(rhos.values()):.2f}.")
+    res.figure("emergence_vs_frequency", partial(study_plots.emergence_vs_frequency, scatter, threshold),
+               "When each true feature got a latent against how often it fires: frequent features (right) "
+               "should emerge first (low); features that never did sit in the top band.")
+    res.figure("recovery_curves", partial(study_plots.recovery_curves, curves, threshold),
+               "Share of true features recovered, and the mean max correlation, as training goes on.")
+    _umap_figures(res, scored)
+    res.summary = {"threshold": threshold, "source": "synthetic", "arms": summary_arms}
+    return res
