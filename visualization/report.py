@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from config.records import StudyRecord
 from visualization.generated import markdown_table
 from visualization.plots import save_figure
 from visualization.terminal import format_timing, format_value
@@ -48,7 +49,7 @@ def summary_lines(results: list) -> list[str]:
     return lines
 
 
-def write_report(study_dir: Path, meta: dict, results: list, after_figure: Callable[[], None] = lambda: None) -> Path:
+def write_report(study_dir: Path, record: StudyRecord, results: list, after_figure: Callable[[], None] = lambda: None) -> Path:
     """Write the report afresh (figures are closed once saved); returns the Markdown page's path.
 
     The page opens with what a reader needs first: the findings of every study and the setup (model,
@@ -58,11 +59,11 @@ def write_report(study_dir: Path, meta: dict, results: list, after_figure: Calla
     tmp = study_dir / ".report.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    lines = [f"# Study `{meta['study_id']}`", "",
-             f"Studies: {', '.join(meta['spec']['study']['names'])}. Status: **{meta['status']}**. "
+    lines = [f"# Study `{record.study_id}`", "",
+             f"Studies: {', '.join(record.spec['study']['names'])}. Status: **{record.status}**. "
              f"Report written {time.strftime('%Y-%m-%d %H:%M')} from the files in this folder "
-             f"(`python run_experiments.py --report {meta['study_id']}` rebuilds it).", "", "## Summary", "",
-             *summary_lines(results), "", *setup_section(meta)]
+             f"(`python run_experiments.py --report {record.study_id}` rebuilds it).", "", "## Summary", "",
+             *summary_lines(results), "", *setup_section(record)]
     for res in results:
         lines += [f"## {res.name}", "", f"*{res.question}*", ""]
         for table in res.tables.values():
@@ -82,9 +83,9 @@ def write_report(study_dir: Path, meta: dict, results: list, after_figure: Calla
     return out / "report.md"
 
 
-def setup_section(meta: dict) -> list[str]:
+def setup_section(record: StudyRecord) -> list[str]:
     """The "Setup" section: what the activations were, how each arm was trained, which code ran."""
-    spec, setup = meta["spec"], meta.get("setup", {})
+    spec, setup = record.spec, record.setup
     data, train = spec["data"], spec["plans"][0]["arms"][0]["train"] if spec.get("plans") else {}
     rows = []
     if data["source"] == "synthetic":
@@ -111,9 +112,8 @@ def setup_section(meta: dict) -> list[str]:
                                  f"{train['decay_fraction']:.0%}), seed {train['seed']}"])
     commits = setup.get("commits")
     rows.append(["code", f"commit {', then '.join(commits)}" if commits else "commit not recorded"])
-    arm_rows = [[a["name"], a["arm_id"], a["architecture"], a.get("d_sae"), a.get("sparsity"), a["dead_handling"],
-                 ", ".join(a.get("studies", [])), a["status"] + (f" ({a['reason']})" if a.get("reason") else ""),
-                 a.get("steps"), a.get("tokens"), a.get("seconds")] for a in meta["arms"]]
+    arm_rows = [[a.name, a.arm_id, a.architecture, a.d_sae, a.sparsity, a.dead_handling, ", ".join(a.studies),
+                 a.status + (f" ({a.reason})" if a.reason else ""), a.steps, a.tokens, a.seconds] for a in record.arms]
     return ["## Setup", "", _md_table(["setting", "value"], rows), "",
             _md_table(["arm", "folder", "architecture", "d_sae", "sparsity", "dead handling", "studies", "status",
                        "steps", "tokens", "time (s)"], arm_rows), ""]
@@ -122,18 +122,18 @@ def setup_section(meta: dict) -> list[str]:
 EXCERPT_ROWS = 12
 
 
-def docs_excerpt(meta: dict, results: list, kind: str, timing: dict | None = None) -> str:
+def docs_excerpt(record: StudyRecord, results: list, kind: str, timing: dict | None = None) -> str:
     """A docs page's block (visualization/generated.py) of a study: its findings, and for `results` its
     setup and its tables of at most EXCERPT_ROWS rows, as Markdown stamped with the commit the study
     ran at and today's date."""
-    commits = ", then ".join(meta.get("setup", {}).get("commits") or ["(not recorded)"])
-    lines = [f"*Generated on {time.strftime('%Y-%m-%d')} by `python run_experiments.py --report {meta['study_id']} "
-             f"--docs FILE` from study `{meta['study_id']}`, which ran at commit {commits}; do not edit by hand.*",
+    commits = ", then ".join(record.setup.get("commits") or ["(not recorded)"])
+    lines = [f"*Generated on {time.strftime('%Y-%m-%d')} by `python run_experiments.py --report {record.study_id} "
+             f"--docs FILE` from study `{record.study_id}`, which ran at commit {commits}; do not edit by hand.*",
              "", *summary_lines(results), ""]
     if kind == "results":
         if timing:
             lines += [f"Time (the run's last process): {format_timing(timing)}.", ""]
-        lines += setup_section(meta)[2:]
+        lines += setup_section(record)[2:]
         for res in results:  # the tables of a row per arm (not the long ones of a row per concept)
             for table in res.tables.values():
                 if len(table.rows) <= EXCERPT_ROWS:

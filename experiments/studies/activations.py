@@ -12,8 +12,8 @@ def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
     res = StudyResult("activations", "How do the sparsity mechanisms trade reconstruction against sparsity?")
     # CE/KL exist for transformer sources, mcc/frac_recovered for synthetic ones.
     metrics = [m for m in FINAL_METRICS if any(rounded(a.final.get(m)) is not None for a in arms)] or list(FINAL_METRICS[:6])
-    rows = [[a.name, a.record.get("status"), *(rounded(a.final.get(m)) for m in metrics), a.record.get("steps"),
-             a.record.get("seconds")] for a in arms]
+    rows = [[a.name, a.record.status, *(rounded(a.final.get(m)) for m in metrics), a.record.steps, a.record.seconds]
+            for a in arms]
     res.tables["final"] = Table("Final metrics on the eval split", ["arm", "status", *metrics, "steps", "time (s)"],
                                 rows)
     done = [a for a in arms if a.final]
@@ -43,6 +43,6 @@ def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
             "Fraction of true features recovered, by frequency quarter (q1 the most frequent) and by role",
             ["arm", "all", *(k.removeprefix("frac_recovered_") for k in breakdown)],
             [[a.name, rounded(a.final.get("frac_recovered")), *(rounded(a.final.get(k)) for k in breakdown)] for a in arms])
-    res.summary = {"arms": [{"name": a.name, "arm_id": a.record["arm_id"],
+    res.summary = {"arms": [{"name": a.name, "arm_id": a.record.arm_id,
                              **{m: a.final.get(m) for m in (*metrics, *breakdown)}} for a in arms]}
     return res

@@ -66,7 +66,7 @@ def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
                 detail.append([a.name, label[i], tokens_text(first_single[i]), beside(best_single[i], threshold),
                                tokens_text(first_probe[i]), beside(best_probe[i], threshold),
                                len(entry["final_probe_latents"])])
-        summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "concepts": concepts_out})
+        summary_arms.append({"name": a.name, "arm_id": a.record.arm_id, "concepts": concepts_out})
     k = probes["probe_k"]
     res.tables["counts"] = Table(
         f"Concepts emerged (held-out F1 >= {threshold}): best single latent / {k}-sparse probe",
@@ -173,7 +173,7 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
                      "final_best_cos": rounded(final["best_cos"][i]), "final_best_latent": int(final["best_latent"][i])}
                     for i in range(n)]
         per_feature += [[a.name, *f.values()] for f in features]
-        summary_arms.append({"name": a.name, "arm_id": a.record["arm_id"], "emerged": int(done.sum()),
+        summary_arms.append({"name": a.name, "arm_id": a.record.arm_id, "emerged": int(done.sum()),
                              "spearman_probability_vs_emergence_tokens": rounded(rho), "features": features})
     res.tables["counts"] = Table(
         f"True features emerged (some decoder row with |cos| >= {threshold:g})",

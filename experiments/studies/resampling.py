@@ -17,11 +17,11 @@ def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
         _, ev = a.curve("eval/explained_variance")
         train_tokens, train_dead = a.curve("train/dead_frac")
         resampled_tokens, resampled = a.curve("train/resampled")
-        curves[a.name] = {"architecture": a.architecture, "dead_handling": a.record["dead_handling"],
+        curves[a.name] = {"architecture": a.architecture, "dead_handling": a.record.dead_handling,
                           "tokens": tokens, "dead_frac": dead, "explained_variance": ev,
                           "train_tokens": train_tokens, "train_dead_frac": train_dead,
                           "resampled_tokens": resampled_tokens[resampled > 0]}
-        rows.append([a.name, a.record["dead_handling"], rounded(a.final.get("dead_frac")),
+        rows.append([a.name, a.record.dead_handling, rounded(a.final.get("dead_frac")),
                      rounded(np.max(dead) if dead.size else None), rounded(train_dead[-1] if train_dead.size else None),
                      int(resampled.sum()) if resampled.size else 0, rounded(a.final.get("explained_variance")),
                      rounded(a.final.get("l0"), 2)])

@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 from matplotlib.figure import Figure
 
+from config.records import ArmRecord
 from experiments.eval.probes import read_concepts, read_evals
 from visualization import study_plots
 from visualization.local_sink import MetricsCSV
@@ -52,29 +53,29 @@ class StudyResult:
 
 @dataclass
 class ArmData:
-    record: dict  # the arm's entry in study.json
+    record: ArmRecord  # the arm's entry in study.json
     series: dict[str, tuple[np.ndarray, np.ndarray]]  # metric -> (tokens, values), from metrics.csv
     evals: list[dict[str, np.ndarray]]  # probe arrays per eval, in step order
     concepts: dict | None  # names, kinds, skipped
 
     @property
     def name(self) -> str:
-        return self.record["name"]
+        return self.record.name
 
     @property
     def architecture(self) -> str:
-        return self.record["architecture"]
+        return self.record.architecture
 
     @property
     def final(self) -> dict:
-        return self.record.get("final") or {}
+        return self.record.final or {}
 
     def curve(self, metric: str) -> tuple[np.ndarray, np.ndarray]:
         return self.series.get(metric, (np.zeros(0), np.zeros(0)))
 
 
-def load_arm(study_dir: Path, record: dict) -> ArmData:
-    arm_dir = study_dir / record["arm_id"]
+def load_arm(study_dir: Path, record: ArmRecord) -> ArmData:
+    arm_dir = study_dir / record.arm_id
     series: dict[str, tuple[list, list]] = {}
     csv = arm_dir / "metrics.csv"
     for row in MetricsCSV.read(csv) if csv.exists() else []:

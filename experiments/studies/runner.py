@@ -13,7 +13,7 @@ import textwrap
 import time
 import traceback
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from experiments.timing import CLOCK, phase
 from experiments.train.trainer import (EvalContext, StopFlag, StopRequested, Trainer, eval_steps, lockstep_key,
                                       total_steps, train_arms)
 from config.files import read_json, write_json_atomic
+from config.records import ArmRecord, StudyRecord
 from visualization.sinks import ArmSinks
 from visualization.generated import block_kinds, fill_blocks
 from visualization.report import docs_excerpt, figure_file, write_report
@@ -121,7 +122,7 @@ def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
         path = root / cfg.study.study_id
         if not (path / "study.json").exists():
             raise UsageError(f"nothing to resume: there is no study {cfg.study.study_id!r} in {root}")
-        stored = read_study_record(path, "--resume")["spec"]
+        stored = StudyRecord.read(path / "study.json", "--resume").spec
         if stored != spec:
             raise UsageError(f"cannot resume {cfg.study.study_id!r} with different settings: "
                              f"{_first_difference(stored, spec)}")
@@ -129,27 +130,15 @@ def resolve_study_dir(cfg: RunConfig, root: Path) -> Path:
     candidates = []
     for study_json in root.glob("*/study.json"):
         try:
-            meta = read_json(study_json)
+            record = StudyRecord.from_dict(read_json(study_json))
         except (OSError, ValueError):
             continue
-        if meta.get("status") != "complete" and meta.get("spec") == spec:
-            candidates.append((meta.get("created", 0), study_json.parent))
+        if record.status != "complete" and record.spec == spec:
+            candidates.append((record.created, study_json.parent))
     if not candidates:
         raise UsageError(f"nothing to resume: no unfinished study in {root} was run with these settings "
                          f"(name one with --study-id)")
     return max(candidates)[1]
-
-
-def read_study_record(study_dir: Path, flag: str) -> dict:
-    """study.json, checked enough that a damaged or foreign file is one line, not a traceback."""
-    path = study_dir / "study.json"
-    try:
-        meta = read_json(path)
-    except (ValueError, UnicodeDecodeError):
-        raise UsageError(f"{flag}: {path} is not valid JSON") from None
-    if not isinstance(meta, dict) or not {"study_id", "spec", "arms", "status"} <= meta.keys():
-        raise UsageError(f"{flag}: {path} is not a study record of this harness")
-    return meta
 
 
 def arm_name(sae: SAEArmConfig, train: TrainConfig, common: dict) -> str:
@@ -288,16 +277,15 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     """The study, top to bottom: record → data → plan → train → analyse and write."""
     CLOCK.reset()
     study_json = study_dir / "study.json"
-    meta = read_json(study_json) if study_json.exists() else {
-        "study_id": study_dir.name, "studies": cfg.study.names, "created": time.time(), "status": "running",
-        "spec": cfg.result_spec(), "arms": []}
-    meta["status"] = "running"
-    write_json_atomic(study_json, meta)  # before the harvest, so a run killed there can be resumed
+    record = (StudyRecord.read(study_json, "--resume") if study_json.exists() else
+              StudyRecord(study_dir.name, cfg.study.names, time.time(), "running", cfg.result_spec()))
+    record.status = "running"
+    record.write(study_json)  # before the harvest, so a run killed there can be resumed
 
     source = _open_source(cfg, study_dir, stop)
     planned = plan_arms(cfg, source.data_spec)
-    _record_plan(meta, planned, source)
-    write_json_atomic(study_json, meta)
+    _record_plan(record, planned, source)
+    record.write(study_json)
 
     wandb = None
     if cfg.log.use_wandb:
@@ -306,16 +294,16 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
                           after_log=lambda: faults.reached("wandb-log"))
     shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
-    trainers = _build_trainers(cfg, study_dir, meta, planned, source, wandb, shared_config, stop)
+    trainers = _build_trainers(cfg, study_dir, record, planned, source, wandb, shared_config, stop)
     try:
-        failed = _train(cfg, study_dir, meta, planned, trainers, stop)
+        failed = _train(cfg, study_dir, record, planned, trainers, stop)
     except StopRequested as stopped:
         stopped.study_id = study_dir.name
-        meta["status"] = "interrupted"  # resumable, as "running" is, but no process is at work on it
-        write_json_atomic(study_json, meta)
+        record.status = "interrupted"  # resumable, as "running" is, but no process is at work on it
+        record.write(study_json)
         print_sync_command(wandb)
         raise
-    return _write_outputs(study_dir, meta, failed, wandb, shared_config)
+    return _write_outputs(study_dir, record, failed, wandb, shared_config)
 
 
 @dataclass
@@ -339,22 +327,22 @@ def _open_source(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> OpenedSourc
     return OpenedSource(cache, ctx, data_spec, model, cache.norm_scale(cfg.data.normalize))
 
 
-def _record_plan(meta: dict, planned: list[PlannedArm], source: OpenedSource) -> None:
+def _record_plan(record: StudyRecord, planned: list[PlannedArm], source: OpenedSource) -> None:
     """The arms in study.json (those of an earlier run of this study as they were), and what a reader
     of the report needs to know about the data and the code each run of the study used."""
-    cache, previous = source.cache, {a["arm_id"]: a for a in meta["arms"]}
-    meta["arms"] = [previous.get(p.arm.arm_id, {
-        **asdict(p.arm), "studies": p.studies, "status": "pending", "d_sae": p.spec.sae.d_sae(cache.d_in),
-        "sparsity": p.spec.sae.sparsity_setting(), "lr": p.spec.train.lr, "batch_size": p.spec.train.batch_size})
-        for p in planned]
-    meta["cache"] = str(cache.path)
-    commits = meta.get("setup", {}).get("commits", [])
-    meta["setup"] = {"hook": source.ctx.hook_name, "d_in": cache.d_in, "train_tokens": cache.n_train_rows,
+    cache, previous = source.cache, {a.arm_id: a for a in record.arms}
+    record.arms = [previous.get(p.arm.arm_id) or ArmRecord(
+        **asdict(p.arm), studies=p.studies, d_sae=p.spec.sae.d_sae(cache.d_in), sparsity=p.spec.sae.sparsity_setting(),
+        lr=p.spec.train.lr, batch_size=p.spec.train.batch_size) for p in planned]
+    record.cache = str(cache.path)
+    commits = record.setup.get("commits", [])
+    record.setup = {"hook": source.ctx.hook_name, "d_in": cache.d_in, "train_tokens": cache.n_train_rows,
                      "eval_tokens": cache.n_eval_rows, "norm_scale": source.scale,
                      "commits": commits + [c for c in [code_commit()] if c not in commits]}
 
 
-def _build_trainers(cfg: RunConfig, study_dir: Path, meta: dict, planned: list[PlannedArm], source: OpenedSource,
+def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[PlannedArm],
+                    source: OpenedSource,
                     wandb, shared_config: dict, stop: StopFlag) -> dict[str, Trainer]:
     """A trainer per arm not yet complete, in plan order, with its sinks and the probes its studies need."""
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
@@ -362,9 +350,9 @@ def _build_trainers(cfg: RunConfig, study_dir: Path, meta: dict, planned: list[P
                     if needs_concepts and source.model is not None else None)
     cache, ctx, scale = source.cache, source.ctx, source.scale
     trainers: dict[str, Trainer] = {}
-    for p, record in zip(planned, meta["arms"]):
+    for p, arm_record in zip(planned, record.arms):
         arm, spec = p.arm, p.spec
-        if record["status"] == "complete":
+        if arm_record.status == "complete":
             print(f"arm {arm.name} ({arm.arm_id}) already complete; skipped")
             continue
         arm_dir = study_dir / arm.arm_id
@@ -381,12 +369,11 @@ def _build_trainers(cfg: RunConfig, study_dir: Path, meta: dict, planned: list[P
     return trainers
 
 
-def _train(cfg: RunConfig, study_dir: Path, meta: dict, planned: list[PlannedArm], trainers: dict[str, Trainer],
-           stop: StopFlag) -> bool:
+def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[PlannedArm],
+           trainers: dict[str, Trainer], stop: StopFlag) -> bool:
     """Train the arms, those that read the same batches in lockstep, recording each arm's outcome in
     study.json as it comes. True when an arm failed."""
     study_json = study_dir / "study.json"
-    records = {r["arm_id"]: r for r in meta["arms"]}
     index_of = {p.arm.arm_id: i for i, p in enumerate(planned)}
     groups: dict[tuple, dict[str, Trainer]] = {}
     for arm_id, trainer in trainers.items():  # in plan order
@@ -399,28 +386,28 @@ def _train(cfg: RunConfig, study_dir: Path, meta: dict, planned: list[PlannedArm
             print(f"training {len(group)} arms in lockstep, one batch read per step for all "
                   f"(--sequential-arms: one by one)", flush=True)
         for arm_id, trainer in group.items():
-            records[arm_id].update(status="running", steps_total=trainer.n_steps)
-        write_json_atomic(study_json, meta)
+            record.arm(arm_id).status, record.arm(arm_id).steps_total = "running", trainer.n_steps
+        record.write(study_json)
         for outcome in train_arms(group, cfg.study.resume, stop, labels, bar=bars(cfg)):
-            record = records[outcome.arm_id]
+            arm = record.arm(outcome.arm_id)
             if outcome.result is not None:
                 r = outcome.result
-                record.update(status="complete", steps=r.steps, tokens=r.tokens, final=r.final,
-                              weights=str(study_dir / outcome.arm_id / "sae.safetensors"),
-                              wandb_run_id=r.wandb_run_id, seconds=round(r.seconds, 2))
+                arm.status, arm.steps, arm.tokens, arm.final = "complete", r.steps, r.tokens, r.final
+                arm.weights = str(study_dir / outcome.arm_id / "sae.safetensors")
+                arm.wandb_run_id, arm.seconds = r.wandb_run_id, round(r.seconds, 2)
             elif outcome.error is not None:
-                record.update(_failure(outcome, study_dir, record["name"]))
+                arm.status, arm.reason, arm.steps = "failed", _failure(outcome, study_dir, arm.name), outcome.trainer.step
                 failed = True
             else:
-                record.update(status="interrupted", steps=outcome.trainer.step)
-            write_json_atomic(study_json, meta)
+                arm.status, arm.steps = "interrupted", outcome.trainer.step
+            record.write(study_json)
             if outcome.result is not None:
                 faults.reached(f"arm-done:{index_of[outcome.arm_id] + 1}")
     return failed
 
 
-def _failure(outcome, study_dir: Path, name: str) -> dict:
-    """A failed arm's record. A usage error or a full disk ends the study (resumable); any other
+def _failure(outcome, study_dir: Path, name: str) -> str:
+    """Why an arm failed, in one line. A usage error or a full disk ends the study (resumable); any other
     error fails this arm only, with its traceback in error.txt, and the others carry on."""
     err = outcome.error
     if isinstance(err, UsageError) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE):
@@ -433,36 +420,32 @@ def _failure(outcome, study_dir: Path, name: str) -> dict:
         outcome.trainer.sinks.finish({})
     except Exception:  # noqa: BLE001  (closing the failed arm's logs is best effort)
         pass
-    return {"status": "failed", "reason": reason, "steps": outcome.trainer.step}
+    return reason
 
 
-def _write_outputs(study_dir: Path, meta: dict, failed: bool, wandb, shared_config: dict) -> int:
+def _write_outputs(study_dir: Path, record: StudyRecord, failed: bool, wandb, shared_config: dict) -> int:
     """The studies' analyses, summary.json, the report, the W&B summary runs and the terminal tables."""
     study_json = study_dir / "study.json"
     status = "failed" if failed else "complete"
-    finished = {**meta, "status": status}  # what the outputs describe; study.json says so only once they exist
+    finished = replace(record, status=status)  # what the outputs describe; study.json says so once they exist
     with phase("report"):
         results = analyse(study_dir, finished)
-    summary = {"study_id": study_dir.name, "status": status, "arms": [
-        {"arm_id": r["arm_id"], "name": r["name"], "architecture": r["architecture"],
-         "dead_handling": r["dead_handling"], "studies": r.get("studies", []), "status": r["status"],
-         "steps": r.get("steps"), "tokens": r.get("tokens"), "final": r.get("final", {}), "weights": r.get("weights"),
-         "wandb_run_id": r.get("wandb_run_id"), "seconds": r.get("seconds"), "reason": r.get("reason")}
-        for r in meta["arms"]], "studies": {res.name: res.summary for res in results}}
+    summary = {"study_id": study_dir.name, "status": status, "arms": [a.summary() for a in record.arms],
+               "studies": {res.name: res.summary for res in results}}
     with phase("report"):
         report = write_report(study_dir, finished, results, lambda: faults.reached("report-figure"))
     if wandb is not None:
-        runs = meta.setdefault("summary_runs", {})
+        runs = record.summary_runs
         for res in results:
             with phase("logging"):
                 runs[res.name] = log_summary_run(wandb, study_dir, res, shared_config, runs.get(res.name))
-            write_json_atomic(study_json, meta)  # a resumed study logs to these runs again, adding none
+            record.write(study_json)  # a resumed study logs to these runs again, adding none
             faults.reached("summary-run")
         summary["summary_runs"] = runs
     summary["timing"] = timing = CLOCK.split()  # this process only: a resumed study counts what it ran
     write_json_atomic(study_dir / "summary.json", summary)
-    meta["status"] = status
-    write_json_atomic(study_json, meta)
+    record.status = status
+    record.write(study_json)
     print_tables(results)
     print(textwrap.fill(f"time: {format_timing(timing)}", 100, subsequent_indent="      "))
     print(f"report: {report}\noutputs: {study_dir}")
@@ -474,18 +457,17 @@ ANALYSES = {"activations": activations.analyse, "emergence": emergence.analyse, 
             "resampling": resampling.analyse}
 
 
-def analyse(study_dir: Path, meta: dict) -> list[StudyResult]:
-    """Every study of the run, from its files. `meta` is the study.json content."""
-    probes = meta["spec"]["probes"]
+def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
+    """Every study of the run, from its files."""
+    probes = record.spec["probes"]
     loaded: dict[str, ArmData] = {}
     results = []
-    for name in meta["spec"]["study"]["names"]:
-        records = [r for r in meta["arms"] if name in r.get("studies", [])]
+    for name in record.spec["study"]["names"]:
         arms = []
-        for r in records:
-            if r["arm_id"] not in loaded:
-                loaded[r["arm_id"]] = load_arm(study_dir, r)
-            arms.append(loaded[r["arm_id"]])
+        for r in (a for a in record.arms if name in a.studies):
+            if r.arm_id not in loaded:
+                loaded[r.arm_id] = load_arm(study_dir, r)
+            arms.append(loaded[r.arm_id])
         results.append(ANALYSES[name](arms, probes))
     return results
 
@@ -526,17 +508,17 @@ def rebuild_report(cfg: RunConfig) -> int:
         known = sorted(p.parent.name for p in root.glob("*/study.json")) if root.is_dir() else []
         there = f"; the studies there: {', '.join(known)}" if known else "; it holds no study"
         raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}{there}")
-    meta = read_study_record(study_dir, "--report")
+    record = StudyRecord.read(study_dir / "study.json", "--report")
     if cfg.study.docs is not None:  # before the rebuild, which takes a while
-        block_kinds(Path(cfg.study.docs), "study", meta["study_id"], "--docs")
-    results = analyse(study_dir, meta)
-    report = write_report(study_dir, meta, results, lambda: faults.reached("report-figure"))
+        block_kinds(Path(cfg.study.docs), "study", record.study_id, "--docs")
+    results = analyse(study_dir, record)
+    report = write_report(study_dir, record, results, lambda: faults.reached("report-figure"))
     print_tables(results)
     print(f"report: {report}")
     if cfg.study.docs is not None:
         run_summary = study_dir / "summary.json"
         timing = read_json(run_summary).get("timing") if run_summary.exists() else None
-        fill_blocks(Path(cfg.study.docs), "study", meta["study_id"],
-                    lambda kind: docs_excerpt(meta, results, kind, timing), "--docs")
+        fill_blocks(Path(cfg.study.docs), "study", record.study_id,
+                    lambda kind: docs_excerpt(record, results, kind, timing), "--docs")
         print(f"docs: {cfg.study.docs}")
     return 0
