@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
+from typing import Callable
 
 from config.schema import (ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, ArmSpec, RunConfig, SAEArmConfig,
                            TrainConfig, UsageError, flatten, stable_hash)
@@ -40,14 +41,6 @@ from visualization.report import docs_excerpt, figure_file, write_report
 from visualization.terminal import boxed_table, format_timing, progress_bar, wrapped_finding
 
 DEFAULT_CONCEPTS = Path(__file__).resolve().parents[2] / "config" / "concepts" / "english.yaml"
-
-@dataclass
-class Arm:
-    arm_id: str
-    name: str
-    architecture: str
-    dead_handling: str
-
 
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -167,9 +160,17 @@ def _width(sae: SAEArmConfig) -> tuple:
 
 @dataclass
 class PlannedArm:
-    arm: Arm
+    """An arm of the run: its folder (a hash of everything that changes its results), its name, what it
+    trains, and the studies that read it."""
+    arm_id: str
+    name: str
     spec: ArmSpec
     studies: list[str]
+
+    def record(self, d_in: int) -> ArmRecord:
+        sae, train = self.spec.sae, self.spec.train
+        return ArmRecord(self.arm_id, self.name, sae.architecture, sae.dead_handling, self.studies, d_sae=sae.d_sae(d_in),
+                         sparsity=sae.sparsity_setting(), lr=train.lr, batch_size=train.batch_size)
 
 
 def plan_arms(cfg: RunConfig, data_spec: dict) -> list[PlannedArm]:
@@ -186,9 +187,7 @@ def plan_arms(cfg: RunConfig, data_spec: dict) -> list[PlannedArm]:
                         "train": asdict(spec.train)}
             arm_id = f"{spec.sae.architecture}-{stable_hash(identity, 8)}"
             if arm_id not in planned:
-                arm = Arm(arm_id, arm_name(spec.sae, spec.train, common), spec.sae.architecture,
-                          spec.sae.dead_handling)
-                planned[arm_id] = PlannedArm(arm, spec, [])
+                planned[arm_id] = PlannedArm(arm_id, arm_name(spec.sae, spec.train, common), spec, [])
             if plan.name not in planned[arm_id].studies:
                 planned[arm_id].studies.append(plan.name)
     return list(planned.values())
@@ -239,7 +238,17 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
     return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
 
 
-def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag):
+@dataclass
+class OpenedSource:
+    """An activation source, opened: what the rest of the study needs from it, whichever it is."""
+    cache: ActivationCache
+    ctx: EvalContext  # what evaluation needs besides the cache: the model and hook, or the true features
+    data_spec: dict  # what identifies the cache
+    concepts: Callable[[], ConceptData] | None  # the concepts to score latents against; None where the
+    # source's own truth is the concept (a synthetic source's true features, in ctx.truth)
+
+
+def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
     """Harvest (or reopen) the subject model's activations at the hook."""
     device = cfg.train.device
     with phase("model"):
@@ -258,10 +267,11 @@ def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag):
     writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size, cfg.data.eval_fraction)
     with phase("harvest"):
         cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
-    return cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec, model
+    return OpenedSource(cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec,
+                        partial(_concept_data, cfg, model, cache))
 
 
-def _synthetic_source(cfg: RunConfig, root: Path, stop: StopFlag):
+def _synthetic_source(cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
     """Generate (or reopen) the toy model's activations, with the true features beside them."""
     model = ToyModel.build(cfg.synthetic, cfg.train.seed)
     data_spec = {"source": "synthetic", "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
@@ -270,7 +280,10 @@ def _synthetic_source(cfg: RunConfig, root: Path, stop: StopFlag):
     with phase("harvest"):
         cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
     truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
-    return cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None
+    return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None)
+
+
+SOURCES = {"transformer": _transformer_source, "synthetic": _synthetic_source}
 
 
 def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
@@ -282,9 +295,9 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     record.status = "running"
     record.write(study_json)  # before the harvest, so a run killed there can be resumed
 
-    source = _open_source(cfg, study_dir, stop)
+    source, scale = _open_source(cfg, study_dir, stop)
     planned = plan_arms(cfg, source.data_spec)
-    _record_plan(record, planned, source)
+    _record_plan(record, planned, source, scale)
     record.write(study_json)
 
     wandb = None
@@ -294,7 +307,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
                           after_log=lambda: faults.reached("wandb-log"))
     shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
-    trainers = _build_trainers(cfg, study_dir, record, planned, source, wandb, shared_config, stop)
+    trainers = _build_trainers(cfg, study_dir, record, planned, source, scale, wandb, shared_config, stop)
     try:
         failed = _train(cfg, study_dir, record, planned, trainers, stop)
     except StopRequested as stopped:
@@ -306,66 +319,54 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     return _write_outputs(study_dir, record, failed, wandb, shared_config)
 
 
-@dataclass
-class OpenedSource:
-    cache: ActivationCache
-    ctx: EvalContext  # what evaluation needs besides the cache: the model and hook, or the true features
-    data_spec: dict  # what identifies the cache
-    model: object | None  # the subject transformer (SubjectModel), None for a synthetic source
-    scale: float  # the normalisation factor of the activations
-
-
-def _open_source(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> OpenedSource:
-    open_source = _synthetic_source if cfg.data.source == "synthetic" else _transformer_source
+def _open_source(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> tuple[OpenedSource, float]:
+    """The source and the normalisation factor of its activations."""
     try:
-        cache, ctx, data_spec, model = open_source(cfg, Path(cfg.log.checkpoint_dir), stop)
+        source = SOURCES[cfg.data.source](cfg, Path(cfg.log.checkpoint_dir), stop)
     except BuildInterrupted as built:
         stopped = StopRequested(0, where=f"while building the activation cache, with {built.done} of its "
                                          f"{built.total} chunks saved")
         stopped.study_id = study_dir.name
         raise stopped from None
-    return OpenedSource(cache, ctx, data_spec, model, cache.norm_scale(cfg.data.normalize))
+    return source, source.cache.norm_scale(cfg.data.normalize)
 
 
-def _record_plan(record: StudyRecord, planned: list[PlannedArm], source: OpenedSource) -> None:
+def _record_plan(record: StudyRecord, planned: list[PlannedArm], source: OpenedSource, scale: float) -> None:
     """The arms in study.json (those of an earlier run of this study as they were), and what a reader
     of the report needs to know about the data and the code each run of the study used."""
     cache, previous = source.cache, {a.arm_id: a for a in record.arms}
-    record.arms = [previous.get(p.arm.arm_id) or ArmRecord(
-        **asdict(p.arm), studies=p.studies, d_sae=p.spec.sae.d_sae(cache.d_in), sparsity=p.spec.sae.sparsity_setting(),
-        lr=p.spec.train.lr, batch_size=p.spec.train.batch_size) for p in planned]
+    record.arms = [previous.get(p.arm_id) or p.record(cache.d_in) for p in planned]
     record.cache = str(cache.path)
     commits = record.setup.get("commits", [])
     record.setup = {"hook": source.ctx.hook_name, "d_in": cache.d_in, "train_tokens": cache.n_train_rows,
-                     "eval_tokens": cache.n_eval_rows, "norm_scale": source.scale,
+                     "eval_tokens": cache.n_eval_rows, "norm_scale": scale,
                      "commits": commits + [c for c in [code_commit()] if c not in commits]}
 
 
 def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[PlannedArm],
-                    source: OpenedSource,
-                    wandb, shared_config: dict, stop: StopFlag) -> dict[str, Trainer]:
+                    source: OpenedSource, scale: float, wandb, shared_config: dict,
+                    stop: StopFlag) -> dict[str, Trainer]:
     """A trainer per arm not yet complete, in plan order, with its sinks and the probes its studies need."""
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
-    concept_data = (_concept_data(cfg, source.model, source.cache)
-                    if needs_concepts and source.model is not None else None)
-    cache, ctx, scale = source.cache, source.ctx, source.scale
+    concept_data = source.concepts() if needs_concepts and source.concepts is not None else None
+    cache, ctx = source.cache, source.ctx
     trainers: dict[str, Trainer] = {}
     for p, arm_record in zip(planned, record.arms):
-        arm, spec = p.arm, p.spec
+        spec = p.spec
         if arm_record.status == "complete":
-            print(f"arm {arm.name} ({arm.arm_id}) already complete; skipped")
+            print(f"arm {p.name} ({p.arm_id}) already complete; skipped")
             continue
-        arm_dir = study_dir / arm.arm_id
+        arm_dir = study_dir / p.arm_id
         run_config = {**shared_config, **flatten({"sae": asdict(spec.sae), "train": asdict(spec.train)}),
-                      "arm_id": arm.arm_id, "studies": p.studies, "study_id": study_dir.name, "d_in": cache.d_in,
+                      "arm_id": p.arm_id, "studies": p.studies, "study_id": study_dir.name, "d_in": cache.d_in,
                       "d_sae": spec.sae.d_sae(cache.d_in), "hook_name": ctx.hook_name, "norm_scale": scale}
-        sinks = ArmSinks(arm_dir, wandb.for_another_run() if wandb is not None else None, arm.name,
+        sinks = ArmSinks(arm_dir, wandb.for_another_run() if wandb is not None else None, p.name,
                          group=study_dir.name, job_type="+".join(p.studies), config=run_config)
         n_steps = total_steps(spec.train, cache)
         probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
                            umap_steps(eval_steps(spec.train, n_steps), cfg.probes.umap_evals), spec.train.seed,
                            cache.n_eval_rows, truth=ctx.truth)
-        trainers[arm.arm_id] = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, probes)
+        trainers[p.arm_id] = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, probes)
     return trainers
 
 
@@ -374,13 +375,13 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
     """Train the arms, those that read the same batches in lockstep, recording each arm's outcome in
     study.json as it comes. True when an arm failed."""
     study_json = study_dir / "study.json"
-    index_of = {p.arm.arm_id: i for i, p in enumerate(planned)}
+    index_of = {p.arm_id: i for i, p in enumerate(planned)}
     groups: dict[tuple, dict[str, Trainer]] = {}
     for arm_id, trainer in trainers.items():  # in plan order
         groups.setdefault(lockstep_key(trainer) if cfg.study.lockstep else arm_id, {})[arm_id] = trainer
     failed = False
     for group in groups.values():
-        labels = {arm_id: f"[{index_of[arm_id] + 1}/{len(planned)}] {planned[index_of[arm_id]].arm.name}"
+        labels = {arm_id: f"[{index_of[arm_id] + 1}/{len(planned)}] {planned[index_of[arm_id]].name}"
                   for arm_id in group}
         if len(group) > 1:
             print(f"training {len(group)} arms in lockstep, one batch read per step for all "
