@@ -312,7 +312,7 @@ def main() -> None:
     cache = Path(a.cache_dir)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     if a.sweep:
-        table = Table(["L0 coefficient", "L0", "frac_recovered", "explained variance"])
+        table = Table(["L0 coefficient", "L0", "frac_recovered", "explained variance"], [14, 6])
         l0s = []
         for coef in SWEEP:
             (row,) = train_and_score("jumprelu", "standard", 0, cache, (), our_coef=coef)

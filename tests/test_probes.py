@@ -7,7 +7,7 @@ from scipy.stats import spearmanr
 from experiments.eval.concepts import ConceptSet
 from experiments.eval.metrics import EvalAccumulator, frequency_stats, rank_stability
 from experiments.eval.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
-from experiments.studies.emergence import _first_reach, _nanmax
+from experiments.studies.emergence import _first_reach, _nanmax, median_by_kind
 from config.schema import ProbeConfig
 from experiments.train.trainer import EvalOutput
 
@@ -16,6 +16,17 @@ def test_umap_steps_spread_from_first_to_final():
     assert umap_steps([150, 300, 450, 600, 750, 900, 906], 3) == {150, 600, 906}
     assert umap_steps([40], 3) == {40}
     assert umap_steps([10, 20], 0) == set() and umap_steps([], 3) == set()
+
+
+def test_median_by_kind_leaves_out_nan_scores():
+    kinds = ["category", "word", "category", "category"]
+    scores = np.array([[0.2, 0.9, 0.4, np.nan],      # category: median of 0.2, 0.4
+                       [np.nan, np.nan, np.nan, np.nan],
+                       [0.1, 0.5, 0.7, 0.3]])
+    medians = median_by_kind(kinds, scores)
+    assert list(medians) == ["category", "word"]
+    np.testing.assert_allclose(medians["category"], [0.3, np.nan, 0.3])
+    np.testing.assert_allclose(medians["word"], [0.9, np.nan, 0.5])
 
 
 def test_first_reach_and_nanmax():

@@ -90,16 +90,19 @@ def test_frontier(tmp_path):
     _check(sp.frontier(pts[:1]), tmp_path, 3, "frontier_one_point")
 
 
-def _curves(n_evals: int, never: bool = False) -> dict:
+def _curves(n_evals: int, never: bool = False, kinds: tuple[str, ...] = ("category", "word")) -> dict:
+    """Per arm the medians the analysis hands the plot, NaN at the first eval of one series."""
     rng = np.random.default_rng(0)
-    kinds = ["category"] * 4 + ["word"] * 10
     tokens = np.linspace(1e5, 1e6, n_evals)
     out = {}
     for name, arch in ARMS.items():
-        single = rng.uniform(0, 1, (n_evals, len(kinds))) * (0.1 if never else 1.0)
-        single[0, 0] = np.nan
-        out[name] = {"architecture": arch, "tokens": tokens, "kinds": kinds, "single": single,
-                     "probe": np.minimum(single + 0.1, 1.0)}
+        medians = {}
+        for kind in kinds:
+            single = rng.uniform(0, 1, n_evals) * (0.1 if never else 1.0)
+            single[0] = np.nan
+            medians[kind] = {"single": single, "probe": np.minimum(np.nan_to_num(single) + 0.1, 1.0)}
+        out[name] = {"architecture": arch, "tokens": tokens, "counts": {"category": 4, "word": 10},
+                     "medians": medians}
     return out
 
 
@@ -107,22 +110,19 @@ def _curves(n_evals: int, never: bool = False) -> dict:
 def test_emergence_curves(tmp_path, n_evals, never):
     arms = _curves(n_evals, never)
     fig = sp.emergence_curves(arms, 0.8)
-    # each arm's curve is the median over the concepts of that kind, NaN left out, at its eval tokens
+    # each arm's curve is the medians it was given, at its eval tokens (NaN points left out)
     for ax, kind in zip(fig.axes, ("category", "word")):
-        mask = np.array(arms["topk-k32"]["kinds"]) == kind
         for key in ("single", "probe"):
-            expected = _as_points(arms["topk-k32"]["tokens"], np.nanmedian(arms["topk-k32"][key][:, mask], axis=1))
+            expected = _as_points(arms["topk-k32"]["tokens"], arms["topk-k32"]["medians"][kind][key])
             assert expected <= _points(ax), (kind, key)
         threshold = [line for line in ax.get_lines() if line.get_linestyle() == ":"]
         assert [tuple(line.get_ydata()) for line in threshold] == [(0.8, 0.8)]
+        assert ax.get_title() == f"{kind.capitalize()} concepts (n={4 if kind == 'category' else 10})"
     _check(fig, tmp_path, 2, f"curves_{n_evals}_{never}")
 
 
 def test_emergence_curves_single_kind(tmp_path):
-    arms = _curves(3)
-    for arm in arms.values():
-        arm["kinds"] = ["category"] * len(arm["kinds"])
-    _check(sp.emergence_curves(arms, 0.8), tmp_path, 1, "curves_one_kind")
+    _check(sp.emergence_curves(_curves(3, kinds=("category",)), 0.8), tmp_path, 1, "curves_one_kind")
 
 
 def test_emergence_steps(tmp_path):
@@ -348,7 +348,8 @@ def _freq_arms(n_features: int = 60, seed: int = 7) -> dict:
         idx = np.searchsorted(evals, need)
         emerged = np.where(idx < evals.size, evals[np.minimum(idx, evals.size - 1)], np.nan)
         best = np.where(np.isfinite(emerged), rng.uniform(0.9, 1.0, n_features), rng.uniform(0.2, 0.9, n_features))
-        out[name] = {"architecture": arch, "probability": prob, "emerged_tokens": emerged, "best_cos": best}
+        out[name] = {"architecture": arch, "probability": prob, "emerged_tokens": emerged, "best_cos": best,
+                     "spearman": -0.5 - 0.1 * j}
     return out
 
 
@@ -367,7 +368,7 @@ def test_emergence_vs_frequency(tmp_path):
     for ax, arm in zip(panels, arms.values()):
         n_got = int(np.isfinite(arm["emerged_tokens"]).sum())
         assert f"emerged {n_got}/60" in ax.get_title()
-        assert "Spearman ρ = -" in ax.get_title()  # emergence tokens fall with probability
+        assert f"Spearman ρ = {arm['spearman']:+.2f}" in ax.get_title()  # the analysis's value, as given
     _check(fig, tmp_path, 6, "emergence_freq")  # 5 panels + best-|cos| colorbar
 
 
@@ -375,7 +376,7 @@ def test_emergence_vs_frequency_edge_cases(tmp_path):
     full = _freq_arms()
     arms = {"gated": full["gated"]}  # one panel keeps this test fast
     # Nothing emerged: every feature in the band, no Spearman.
-    nothing = {n: dict(a, emerged_tokens=np.full(60, np.nan)) for n, a in arms.items()}
+    nothing = {n: dict(a, emerged_tokens=np.full(60, np.nan), spearman=np.nan) for n, a in arms.items()}
     fig = sp.emergence_vs_frequency(nothing, 0.9)
     assert "never" in _ytick_texts(fig.axes[0])
     assert all("emerged 0/60" in ax.get_title() and "Spearman" not in ax.get_title() for ax in _data_axes(fig))

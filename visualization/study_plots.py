@@ -13,7 +13,6 @@ figures:
 
 from __future__ import annotations
 
-import warnings
 import zlib
 from collections import Counter
 from typing import Iterable, Sequence
@@ -313,19 +312,11 @@ def frontier(points: list[dict]) -> Figure:
 def _kind_panels(arms: dict[str, dict]) -> list[str]:
     kinds: list[str] = []
     for arm in arms.values():
-        for k in arm.get("kinds", []):
+        for k in arm.get("medians", {}):
             if k not in kinds:
                 kinds.append(str(k))
     order = {"category": 0, "word": 1}
     return sorted(kinds, key=lambda k: (order.get(k, 2), kinds.index(k)))
-
-
-def _scores(arm: dict, key: str) -> np.ndarray | None:
-    s = arm.get(key)
-    if s is None:
-        return None
-    s = np.asarray(s, dtype=np.float64)
-    return s.reshape(s.shape[0], -1) if s.ndim != 2 else s
 
 
 def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str = "F1") -> Figure:
@@ -333,8 +324,8 @@ def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str =
     word); one colour per arm, solid = best single latent, dashed = k-sparse probe; the threshold
     dotted. Medians show progress even where no concept reaches the threshold.
 
-    arms: name -> {"architecture", "tokens": [E], "kinds": [C] str, "single": [E, C], "probe": [E, C]}.
-    NaN scores (a concept without held-out examples) are left out of the median.
+    arms: name -> {"architecture", "tokens": [E], "counts": {kind: concepts}, "medians": {kind:
+    {"single": [E], "probe": [E]}}} (the analysis computes the medians; NaN points are not drawn).
     """
     kinds = _kind_panels(arms) or ["concepts"]
     styles = arm_styles({n: a.get("architecture", "?") for n, a in arms.items()})
@@ -344,16 +335,11 @@ def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str =
         n_kind = 0
         for name, arm in arms.items():
             tokens = _floats(arm.get("tokens"))
-            mask = np.array([str(k) == kind for k in arm.get("kinds", [])], dtype=bool)
-            n_kind = max(n_kind, int(mask.sum()))
+            n_kind = max(n_kind, int(arm.get("counts", {}).get(kind, 0)))
             for key, ls in (("single", "-"), ("probe", "--")):
-                s = _scores(arm, key)
-                if s is None or not mask.any() or s.shape[1] != mask.size:
+                median = _floats(arm.get("medians", {}).get(kind, {}).get(key))
+                if not median.size:
                     continue
-                scores = s[:, mask]
-                has = np.isfinite(scores).any(axis=1)
-                median = np.full(scores.shape[0], np.nan)
-                median[has] = np.nanmedian(scores[has], axis=1)
                 n = min(tokens.size, median.size)
                 ok = np.isfinite(tokens[:n]) & np.isfinite(median[:n])
                 # Probe markers are hollow so single-eval runs (markers only) still tell the two apart.
@@ -833,15 +819,13 @@ def emergence_vs_frequency(arms: dict[str, dict], threshold: float) -> Figure:
     x = true firing probability of each feature (log), y = training tokens at the first eval where
     some latent's decoder direction reaches |cos| >= threshold with it (log when the emerged values
     span more than a decade). Features that never emerged sit in a shaded "never" band on top,
-    shaded by the best |cos| they reached. Each title gives "emerged n/F" and the Spearman rank
-    correlation between probability and emergence tokens over emerged features (when >= 3).
+    shaded by the best |cos| they reached. Each title gives "emerged n/F" and the arm's "spearman"
+    (the analysis's rank correlation between probability and emergence tokens), where finite.
 
     arms: name -> {"architecture", "probability": [F], "emerged_tokens": [F] (NaN = never),
-    "best_cos": [F]}; an optional "tokens" entry (the arm's eval tokens) widens the y range.
+    "best_cos": [F], "spearman"}; an optional "tokens" entry (the arm's eval tokens) widens the y range.
     Features without a finite positive probability are not drawn (their count is in the title).
     """
-    from scipy.stats import spearmanr  # imported here: scipy.stats takes about a second to import
-
     names = list(arms) or ["(no arms)"]
     n = len(names)
     ncols = min(3, n)
@@ -909,13 +893,9 @@ def emergence_vs_frequency(arms: dict[str, dict], threshold: float) -> Figure:
 
         n_got = int(d["got"].sum())
         stats = f"emerged {n_got}/{d['f']}"
-        both = ok
-        if both.sum() >= 3:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # constant input (all at one eval) -> NaN, omitted
-                rho = spearmanr(d["p"][both], d["e"][both]).statistic
-            if np.isfinite(rho):
-                stats += f", Spearman ρ = {rho:+.2f}"
+        rho = _value(arms.get(name, {}).get("spearman"))
+        if np.isfinite(rho):
+            stats += f", Spearman ρ = {rho:+.2f}"
         n_nop = int((~d["has_p"]).sum())
         if n_nop:
             stats += f"\n({n_nop} without probability not shown)"

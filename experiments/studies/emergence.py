@@ -19,6 +19,19 @@ def _nanmax(scores: np.ndarray) -> np.ndarray:
     return np.where(np.isneginf(filled), np.nan, filled)
 
 
+def median_by_kind(kinds: list[str], scores: np.ndarray) -> dict[str, np.ndarray]:
+    """kind -> [E] median score over the concepts of that kind at each eval, NaN scores (a concept
+    without held-out examples) left out; NaN where a kind has no score at an eval. scores [E, C]."""
+    out = {}
+    for kind in dict.fromkeys(kinds):
+        part = scores[:, np.array([k == kind for k in kinds])]
+        has = np.isfinite(part).any(axis=1)
+        median = np.full(part.shape[0], np.nan)
+        median[has] = np.nanmedian(part[has], axis=1)
+        out[kind] = median
+    return out
+
+
 def _first_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
     """[C] tokens at the first eval whose score reaches threshold (NaN: never). scores [E, C]."""
     reached = np.nan_to_num(scores, nan=-1.0) >= threshold
@@ -35,7 +48,7 @@ def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
     if not scored:
         res.findings.append("No arm has concept scores (the subject model has no concept vocabulary here).")
         return res
-    curves, per_arm, summary_arms = {}, {}, []
+    curves, final_scores, per_arm, summary_arms = {}, {}, {}, []
     names, kinds = scored[0].concepts["names"], scored[0].concepts["kinds"]
     cat = [i for i, k in enumerate(kinds) if k == "category"]
     word = [i for i, k in enumerate(kinds) if k == "word"]
@@ -45,8 +58,12 @@ def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
         tokens = np.array([float(e["tokens"]) for e in a.evals])
         single = np.stack([e["single_f1"] for e in a.evals])
         probe = np.stack([e["probe_f1"] for e in a.evals])
-        curves[a.name] = {"architecture": a.architecture, "tokens": tokens, "kinds": kinds, "single": single,
-                          "probe": probe}
+        final_scores[a.name] = {"single": single[-1], "probe": probe[-1]}
+        single_medians, probe_medians = median_by_kind(kinds, single), median_by_kind(kinds, probe)
+        curves[a.name] = {"architecture": a.architecture, "tokens": tokens,
+                          "counts": {kind: kinds.count(kind) for kind in single_medians},
+                          "medians": {kind: {"single": single_medians[kind], "probe": probe_medians[kind]}
+                                      for kind in single_medians}}
         first_single, first_probe = _first_reach(tokens, single, threshold), _first_reach(tokens, probe, threshold)
         best_single, best_probe = _nanmax(single), _nanmax(probe)
         per_arm[a.name] = (first_single, first_probe, best_single, best_probe)
@@ -88,7 +105,7 @@ def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
         "When each category first reached the threshold (filled: one latent, hollow: the probe); on the right, "
         "the best F1 of the arms where it never did.")
     for kind in ("single", "probe"):
-        final = np.stack([curves[a.name][kind][-1][cat] for a in scored])
+        final = np.stack([final_scores[a.name][kind][cat] for a in scored])
         what = "best single latent" if kind == "single" else f"{k}-sparse probe"
         res.figure(f"final_f1_{kind}", partial(study_plots.score_heatmap, [a.name for a in scored], cat_names, final,
                                                f"Final held-out F1 per category, {what}", threshold),
@@ -158,7 +175,7 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         # Negative: frequent features emerge first (the sign the scatter's titles show too).
         rho = rank_stability(probability[done], emerged[done]) if done.sum() >= 3 else float("nan")
         scatter[a.name] = {"architecture": a.architecture, "probability": probability, "emerged_tokens": emerged,
-                           "best_cos": best, "tokens": tokens}
+                           "best_cos": best, "tokens": tokens, "spearman": rho}
         ev_tokens, frac = a.curve("eval/frac_recovered")
         _, mcc = a.curve("eval/mcc")
         curves[a.name] = {"architecture": a.architecture, "tokens": ev_tokens, "frac_recovered": frac, "mcc": mcc}
