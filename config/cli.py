@@ -332,9 +332,8 @@ def validate_static(cfg: RunConfig) -> None:
     if n_eval < 1 or n - n_eval < 1:
         raise UsageError(f"{flag} {n} is too small to split into train and eval {unit}")
     for arm in cfg.arms:
-        sae = arm.sae
-        if sae.architecture in OPTION_ARCHITECTURES["k"] and sae.hidden_dim is not None and sae.k > sae.hidden_dim:
-            raise UsageError(f"--k {sae.k} exceeds --hidden-dim {sae.hidden_dim}")
+        if arm.sae.hidden_dim is not None:  # known before the model is: checked now, not after the harvest
+            arm.sae.check_k(arm.sae.hidden_dim, f"--hidden-dim {arm.sae.hidden_dim}")
     if cfg.study.study_id is not None and (not cfg.study.study_id or "/" in cfg.study.study_id
                                            or cfg.study.study_id.startswith(".")
                                            or cfg.study.study_id in ("models", "activations")):

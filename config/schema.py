@@ -178,6 +178,11 @@ class SAEArmConfig:
     def d_sae(self, d_in: int) -> int:
         return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
 
+    def check_k(self, d_sae: int, what: str) -> None:
+        """The TopK family keeps k of d_sae latents, so k <= d_sae; `what` names d_sae in the message."""
+        if self.architecture in OPTION_ARCHITECTURES["k"] and self.k > d_sae:
+            raise UsageError(f"--k {self.k} exceeds {what}")
+
     def sparsity_setting(self) -> str:
         """What sets this arm's sparsity, as a report names it: "k 32", "L1 coef 0.0065", "target L0 40"."""
         if self.architecture in OPTION_ARCHITECTURES["k"]:

@@ -104,9 +104,8 @@ def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
 
 def build_arm_sae(arm: SAEArmConfig, train_cfg: TrainConfig, d_in: int, n_steps: int) -> SAE:
     d_sae = arm.d_sae(d_in)
+    arm.check_k(d_sae, f"the number of latents d_sae = {d_sae}")
     uses_k = arm.architecture in OPTION_ARCHITECTURES["k"]
-    if uses_k and arm.k > d_sae:
-        raise UsageError(f"--k {arm.k} exceeds the number of latents d_sae = {d_sae}")
     return build_sae(SAEConfig(
         architecture=arm.architecture, d_in=d_in, d_sae=d_sae, k=arm.k if uses_k else 1,
         aux_coef=arm.aux_coef, aux_k=arm.aux_k, auxk=arm.dead_handling == "auxk", sparsity_coef=arm.sparsity_coef,
