@@ -61,8 +61,7 @@ def main() -> None:
         sys.exit(f"the study failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
     timing = json.loads((tmp / "bench" / "summary.json").read_text())["timing"]
     total = timing["total"]
-    print(f"\nprocess wall time {wall:.1f} s; the study's clock {total:.1f} s (the rest: Python start-up and imports "
-          f"before the clock starts)\n")
+    print()
     table = Table(["phase", "seconds", "share"], [40, 8, 7])
     for name, label in LABELS.items():
         table.add(label, f"{timing[name]:.1f}", f"{timing[name] / total:.1%}")

@@ -14,7 +14,7 @@ from pathlib import Path
 from config.presets import (ARCHITECTURES, build_plans, load_config_file, load_source_preset,
                             parse_architectures, parse_studies, run_wide_train)
 from config.presets import SWEEP_MULTIPLIER
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, FREQUENCY_LAWS, HOOKS, OPTION_ARCHITECTURES, SOURCES,
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING_MODES, FREQUENCY_LAWS, HOOKS, OPTION_ARCHITECTURES, SOURCES,
                            STUDY_NAMES, WANDB_MODES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig,
                            Setting, StudyConfig, SyntheticConfig, TrainConfig, UsageError, check_setting, setting_of)
 
@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{coef['jumprelu']:g}; --source synthetic: 0.0156)")
     sae.add_argument("--target-l0", type=_field(SAEArmConfig, "target_l0"), help="jumprelu: penalise (L0/target - 1)^2 instead of "
                      "L0, steering the arm to this L0 (default: off)")
-    sae.add_argument("--dead-handling", choices=sorted({m for ms in DEAD_HANDLING.values() for m in ms}),
+    sae.add_argument("--dead-handling", choices=sorted(DEAD_HANDLING_MODES),
                      help="what to do about dead latents (no firing in --dead-window tokens): auxk = auxiliary TopK "
                      "loss that trains dead latents on the residual (Gao et al. 2024; TopK family), resample = "
                      "re-initialise them from badly reconstructed inputs each time another dead window has passed "

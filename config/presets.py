@@ -20,9 +20,9 @@ from typing import Any
 
 import yaml
 
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, OPTION_ARCHITECTURES, STUDY_NAMES, ArmSpec, DataConfig,
-                           LogConfig, ProbeConfig, SAEArmConfig, Setting, StudyPlan, SyntheticConfig, TrainConfig,
-                           UsageError, check_setting, setting_of)
+from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, DEAD_HANDLING_MODES, OPTION_ARCHITECTURES, STUDY_NAMES,
+                           ArmSpec, DataConfig, LogConfig, ProbeConfig, SAEArmConfig, Setting, StudyPlan, SyntheticConfig,
+                           TrainConfig, UsageError, check_setting, setting_of)
 
 PRESET_DIR = Path(__file__).resolve().parent / "studies"
 ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
@@ -123,7 +123,7 @@ def check_preset(values: Any, source: str, path: str) -> dict:
             out[key] = parse_architectures(value, where)
         elif key == "dead_handling":
             modes = value if isinstance(value, list) else [value]
-            allowed = sorted({m for ms in DEAD_HANDLING.values() for m in ms})
+            allowed = sorted(DEAD_HANDLING_MODES)
             if not modes or any(m not in allowed for m in modes):
                 raise UsageError(f"{where} must list modes from {', '.join(allowed)}, got {value!r}")
             out[key] = modes

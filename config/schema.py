@@ -122,8 +122,6 @@ class DataConfig:
         return self.hook_point or f"blocks.{self.layer}.hook_{self.hook}"
 
 
-
-
 @dataclass
 class SyntheticConfig:
     """The toy model of superposition behind `--source synthetic` (§3.3).
@@ -152,49 +150,6 @@ class SyntheticConfig:
 
     def __post_init__(self) -> None:
         validate_fields(self)
-
-
-@dataclass
-class SAEArmConfig:
-    """One SAE to train. Fields that do not apply to `architecture` keep their defaults and are
-    ignored; `for_architecture` fills in the architecture's own defaults."""
-
-    architecture: str = ranged("topk", choices=("topk", "batchtopk", "matryoshka", "relu", "jumprelu", "gated"))
-    expansion_factor: int = 8
-    hidden_dim: int | None = None  # d_sae; overrides expansion_factor
-    k: int = 32  # TopK family
-    dead_handling: str = ranged("auxk", choices=("auxk", "resample", "none"))  # auxk (TopK family) | resample | none
-    aux_coef: float = 1 / 32  # AuxK weight; Gated's gate-reconstruction weight
-    aux_k: int | None = None  # AuxK: dead latents that reconstruct the residual (TopK family); None -> d_in / 2
-    sparsity_coef: float = 0.0  # lambda: L1 (relu, gated) or L0 (jumprelu)
-    target_l0: float | None = ranged(None, "positive")  # jumprelu: penalise (L0/target - 1)^2 instead of L0
-    matryoshka_levels: int = 5  # matryoshka: nested prefixes d_sae / 2^(levels-1), ..., d_sae / 2, d_sae
-    bandwidth: float = ranged(0.001, "positive")  # jumprelu: STE kernel width
-    init_threshold: float = ranged(0.001, "positive")  # jumprelu: initial threshold
-
-    def __post_init__(self) -> None:
-        validate_fields(self)
-
-    def d_sae(self, d_in: int) -> int:
-        return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
-
-    def check_k(self, d_sae: int, what: str) -> None:
-        """The TopK family keeps k of d_sae latents, so k <= d_sae; `what` names d_sae in the message."""
-        if self.architecture in OPTION_ARCHITECTURES["k"] and self.k > d_sae:
-            raise UsageError(f"--k {self.k} exceeds {what}")
-
-    def sparsity_setting(self) -> str:
-        """What sets this arm's sparsity, as a report names it: "k 32", "L1 coef 0.0065", "target L0 40"."""
-        if self.architecture in OPTION_ARCHITECTURES["k"]:
-            return f"k {self.k}"
-        if self.architecture in OPTION_ARCHITECTURES["target_l0"] and self.target_l0 is not None:
-            return f"target L0 {self.target_l0:g}"
-        penalty = "L0" if self.architecture in OPTION_ARCHITECTURES["l0_coefficient"] else "L1"
-        return f"{penalty} coef {self.sparsity_coef:g}"
-
-    @classmethod
-    def for_architecture(cls, architecture: str, **overrides: Any) -> "SAEArmConfig":
-        return cls(**{**ARCHITECTURE_DEFAULTS[architecture], "architecture": architecture, **overrides})
 
 
 # Defaults per architecture, chosen so each lands near L0 = 32 on tinylm's default activations
@@ -226,6 +181,51 @@ DEAD_HANDLING: dict[str, tuple[str, ...]] = {
     "jumprelu": ("resample", "none"),
     "gated": ("resample", "none"),
 }
+# Every dead-latent handling mode some architecture takes, in the order the tables name them.
+DEAD_HANDLING_MODES = tuple(dict.fromkeys(m for modes in DEAD_HANDLING.values() for m in modes))
+
+
+@dataclass
+class SAEArmConfig:
+    """One SAE to train. Fields that do not apply to `architecture` keep their defaults and are
+    ignored; `for_architecture` fills in the architecture's own defaults."""
+
+    architecture: str = ranged("topk", choices=tuple(ARCHITECTURE_DEFAULTS))
+    expansion_factor: int = 8
+    hidden_dim: int | None = None  # d_sae; overrides expansion_factor
+    k: int = 32  # TopK family
+    dead_handling: str = ranged("auxk", choices=DEAD_HANDLING_MODES)  # auxk (TopK family) | resample | none
+    aux_coef: float = 1 / 32  # AuxK weight; Gated's gate-reconstruction weight
+    aux_k: int | None = None  # AuxK: dead latents that reconstruct the residual (TopK family); None -> d_in / 2
+    sparsity_coef: float = 0.0  # lambda: L1 (relu, gated) or L0 (jumprelu)
+    target_l0: float | None = ranged(None, "positive")  # jumprelu: penalise (L0/target - 1)^2 instead of L0
+    matryoshka_levels: int = 5  # matryoshka: nested prefixes d_sae / 2^(levels-1), ..., d_sae / 2, d_sae
+    bandwidth: float = ranged(0.001, "positive")  # jumprelu: STE kernel width
+    init_threshold: float = ranged(0.001, "positive")  # jumprelu: initial threshold
+
+    def __post_init__(self) -> None:
+        validate_fields(self)
+
+    def d_sae(self, d_in: int) -> int:
+        return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
+
+    def check_k(self, d_sae: int, what: str) -> None:
+        """The TopK family keeps k of d_sae latents, so k <= d_sae; `what` names d_sae in the message."""
+        if self.architecture in OPTION_ARCHITECTURES["k"] and self.k > d_sae:
+            raise UsageError(f"--k {self.k} exceeds {what}")
+
+    def sparsity_setting(self) -> str:
+        """What sets this arm's sparsity, as a report names it: "k 32", "L1 coef 0.0065", "target L0 40"."""
+        if self.architecture in OPTION_ARCHITECTURES["k"]:
+            return f"k {self.k}"
+        if self.architecture in OPTION_ARCHITECTURES["target_l0"] and self.target_l0 is not None:
+            return f"target L0 {self.target_l0:g}"
+        penalty = "L0" if self.architecture in OPTION_ARCHITECTURES["l0_coefficient"] else "L1"
+        return f"{penalty} coef {self.sparsity_coef:g}"
+
+    @classmethod
+    def for_architecture(cls, architecture: str, **overrides: Any) -> "SAEArmConfig":
+        return cls(**{**ARCHITECTURE_DEFAULTS[architecture], "architecture": architecture, **overrides})
 
 
 @dataclass

@@ -378,11 +378,7 @@ class ArmOutcome:
     arm_id: str
     trainer: Trainer
     result: ArmResult | None = None
-    error: Exception | None = None
-
-    @property
-    def interrupted(self) -> bool:
-        return self.result is None and self.error is None
+    error: Exception | None = None  # neither result nor error: interrupted
 
 
 def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, labels: dict[str, str],
