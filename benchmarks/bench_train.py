@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.schema import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, SAEArmConfig, TrainConfig  # noqa: E402
+from config.schema import SAEArmConfig, TrainConfig  # noqa: E402
+from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.data.activation_cache import ActivationCache  # noqa: E402
 from experiments.train.trainer import EvalContext, StopFlag, Trainer  # noqa: E402

@@ -6,16 +6,17 @@ never a value given explicitly.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from pathlib import Path
 
 from config.presets import (ARCHITECTURES, build_plans, load_config_file, load_source_preset,
                             parse_architectures, parse_studies, run_wide_train)
 from config.presets import SWEEP_MULTIPLIER
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING_MODES, FREQUENCY_LAWS, HOOKS, OPTION_ARCHITECTURES, SOURCES,
-                           STUDY_NAMES, WANDB_MODES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig,
+from models.sae.catalog import ARCHITECTURE_DEFAULTS, DEAD_HANDLING_MODES, OPTION_ARCHITECTURES
+from config.schema import (FREQUENCY_LAWS, STUDY_NAMES, DataConfig, LogConfig, ProbeConfig, RunConfig, SAEArmConfig,
                            Setting, StudyConfig, SyntheticConfig, TrainConfig, UsageError, check_setting, setting_of)
 
 # --quick: a smoke run that finishes in well under a minute once tinylm is cached.
@@ -74,9 +75,24 @@ def _setting(s: Setting):
     return parse
 
 
-def _field(cls: type, name: str):
-    """The argparse type of the flag that sets field `name` of `cls`."""
-    return _setting(setting_of(cls, name))
+def _shown(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        return f"{value:,}"
+    return "none" if value is None else str(value)
+
+
+def _flag(group, cls: type, name: str, *, default: Any = None, quick: Any = None, metavar: str | None = None) -> None:
+    """Add the flag --<name> that sets field `name` of `cls`, with the type or choices, range, help and
+    default of the field table (config/schema.py). `default` replaces the field's default where a
+    preset changes it; `quick` is the --quick default."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    s = setting_of(cls, name)
+    kind = {"choices": s.choices} if s.choices else {"type": _setting(s) if s.kind in ("int", "float") else _text}
+    shown = f.metadata["shown"] or _shown(f.default if default is None else default)
+    if quick is not None:
+        shown += f"; --quick: {_shown(quick)}"
+    group.add_argument("--" + name.replace("_", "-"), help=f"{f.metadata['help']} (default: {shown})".replace("%", "%%"),
+                       metavar=metavar, **kind)
 
 
 def _multipliers(text: str) -> list[float]:
@@ -87,14 +103,12 @@ def _multipliers(text: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d, s, t, lg = DataConfig(), SAEArmConfig(), TrainConfig(), LogConfig()
     p = OneLineParser(
         prog="run_experiments.py",
         description="Train sparse autoencoders on transformer activations and compare them. "
         "Outputs go to CHECKPOINT_DIR/<study-id>/ (study.json, per-arm metrics.csv and weights, "
         "summary.json); --use-wandb also logs every arm to Weights & Biases.",
     )
-    pr = ProbeConfig()
     study = p.add_argument_group("study")
     study.add_argument("--study", type=_text, help=f"which studies to run, comma-separated: "
                        f"{', '.join(STUDY_NAMES)}, or all; arms shared by several studies are trained once "
@@ -102,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--config", type=_text, metavar="FILE", help="YAML file of settings (groups data, train, "
                        "sae, probes, log, study, studies); it overrides the study presets in config/studies/ and is "
                        "overridden by flags (default: none)")
-    study.add_argument("--study-id", type=_text, help="name of the study folder under --checkpoint-dir "
-                       "(default: <study>-<date>-<time>; with --resume, the study to continue)")
+    _flag(study, StudyConfig, "study_id")
     study.add_argument("--report", type=_text, metavar="STUDY_ID", help="rebuild the report of a finished (or "
                            "partly finished) study under --checkpoint-dir from its files alone, then exit "
                            "(default: off)")
@@ -121,24 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train arms one after another, each reading its own batches, instead of stepping arms "
                        "that share the activation cache, batch size and seed together over one batch read; the "
                        "results are the same, but each arm's are ready as soon as it finishes (default: off)")
-    study.add_argument("--seed", type=_field(TrainConfig, "seed"), help=f"seed for data order, SAE init and everything else (default: {t.seed})")
+    _flag(study, TrainConfig, "seed")
 
     data = p.add_argument_group("activations")
-    data.add_argument("--source", choices=SOURCES, help="where activations come from: a transformer's hook, or a "
-                      "synthetic toy model of superposition whose true features are known (settings from "
-                      "config/studies/synthetic.yaml, then the --n-features ... flags) (default: transformer)")
-    data.add_argument("--model-name", type=_text, help=f"subject model: 'tinylm' (bundled, trained on first use) or a "
-                      f"Hugging Face name or local path such as gpt2 (default: {d.model_name})")
-    data.add_argument("--layer", type=_field(DataConfig, "layer"), help=f"transformer block whose activations are read (default: {d.layer})")
-    data.add_argument("--hook", choices=HOOKS, help=f"hook within the block; with --layer builds "
-                      f"blocks.L.hook_<hook> (default: {d.hook})")
-    data.add_argument("--hook-point", type=_text, help="full TransformerLens hook name, e.g. blocks.1.hook_mlp_out; "
-                      "overrides --layer/--hook (default: none)")
-    data.add_argument("--n-samples", type=_field(DataConfig, "n_samples"), help=f"sequences to harvest (default: {d.n_samples})")
-    data.add_argument("--seq-len", type=_field(DataConfig, "seq_len"), help=f"tokens per sequence, BOS included; the BOS "
-                      f"position is not used for training (default: {d.seq_len})")
-    data.add_argument("--dataset", type=_text, help="text file (one document per line) or JSONL with a 'text' field to "
-                      "harvest from (default: the bundled tinylm story corpus)")
+    for name in ("source", "model_name", "layer", "hook", "hook_point", "n_samples", "seq_len", "dataset"):
+        _flag(data, DataConfig, name)
     norm = data.add_mutually_exclusive_group()
     norm.add_argument("--normalize-activations", dest="normalize", action="store_true", default=None,
                       help="scale activations so their mean squared norm is d_in (default: on)")
@@ -150,22 +150,14 @@ def build_parser() -> argparse.ArgumentParser:
     def synth_default(name: str):
         return sy_preset.get(name, getattr(sy, name))
 
-    synth = p.add_argument_group("synthetic source (--source synthetic)")
-    synth.add_argument("--n-features", type=_field(SyntheticConfig, "n_features"), help=f"true features of the toy model "
-                       f"(default: {synth_default('n_features')})")
-    synth.add_argument("--d-in", type=_field(SyntheticConfig, "d_in"), help=f"dimension they are superposed in "
-                       f"(default: {synth_default('d_in')})")
-    synth.add_argument("--n-tokens", type=_field(SyntheticConfig, "n_tokens"), help=f"activation vectors generated, train and eval "
-                       f"(default: {synth_default('n_tokens'):,}; --quick: {QUICK_DEFAULTS['n_tokens']:,})")
-    synth.add_argument("--mean-l0", type=_field(SyntheticConfig, "mean_l0"), help=f"expected number of true features active per vector "
-                       f"(default: {synth_default('mean_l0')})")
+    synth = p.add_argument_group("synthetic source (--source synthetic)", "correlated groups, hierarchies and "
+                                 "magnitudes are set in the `synthetic` group of a --config file")
+    for name in ("n_features", "d_in", "n_tokens", "mean_l0"):
+        _flag(synth, SyntheticConfig, name, default=synth_default(name), quick=QUICK_DEFAULTS.get(name))
     synth.add_argument("--feature-frequency", choices=FREQUENCY_LAWS, help=f"firing probability across features: "
                        f"equal, or falling as rank^-zipf_exponent (default: {synth_default('frequency')}, exponent "
                        f"{synth_default('zipf_exponent')})")
-    synth.add_argument("--noise-std", type=_field(SyntheticConfig, "noise_std"), help=f"Gaussian noise added per dimension "
-                       f"(default: {synth_default('noise_std')}); correlated groups, hierarchies and magnitudes are "
-                       f"set in the `synthetic` group of a --config file")
-
+    _flag(synth, SyntheticConfig, "noise_std", default=synth_default("noise_std"))
     sae = p.add_argument_group("SAE")
     sae.add_argument("--activation", type=_text, help=f"SAE architecture(s), comma-separated, or 'all': "
                      f"{', '.join(ARCHITECTURES)} (jump_relu is accepted for jumprelu); one arm each, in every "
@@ -174,19 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
     sae.add_argument("--sparsity-sweep", type=_multipliers, help="activations study: train each architecture at "
                      "several sparsity levels, e.g. 0.5,1,2, multiplying k (topk, batchtopk) or dividing the penalty "
                      "coefficient (relu, jumprelu, gated) (default: 1, no sweep)")
-    sae.add_argument("--hidden-dim", type=_field(SAEArmConfig, "hidden_dim"), help="number of SAE latents d_sae; overrides "
-                     "--expansion-factor (default: expansion factor x d_in)")
-    sae.add_argument("--expansion-factor", type=_field(SAEArmConfig, "expansion_factor"), help=f"d_sae / d_in (default: {s.expansion_factor})")
-    sae.add_argument("--k", type=_field(SAEArmConfig, "k"), help=f"active latents per token for topk, and on average for "
-                     f"batchtopk (default: {ARCHITECTURE_DEFAULTS['topk']['k']})")
+    for name in ("hidden_dim", "expansion_factor", "k"):
+        _flag(sae, SAEArmConfig, name)
     coef = {arch: ARCHITECTURE_DEFAULTS[arch]["sparsity_coef"] for arch in ("relu", "gated", "jumprelu")}
-    sae.add_argument("--l1-coefficient", type=_field(SAEArmConfig, "sparsity_coef"), help=f"L1 penalty weight for relu and gated, "
+    sae.add_argument("--l1-coefficient", type=_setting(setting_of(SAEArmConfig, "sparsity_coef")), help=f"L1 penalty weight for relu and gated, "
                      f"warmed up over the first 5%% of steps (default: relu {coef['relu']:g}, gated {coef['gated']:g})")
-    sae.add_argument("--l0-coefficient", type=_field(SAEArmConfig, "sparsity_coef"), help=f"L0 penalty weight for jumprelu (of the "
+    sae.add_argument("--l0-coefficient", type=_setting(setting_of(SAEArmConfig, "sparsity_coef")), help=f"L0 penalty weight for jumprelu (of the "
                      f"target penalty while --target-l0 is set), warmed up over the first 5%% of steps (default: "
                      f"{coef['jumprelu']:g}; --source synthetic: 0.0156)")
-    sae.add_argument("--target-l0", type=_field(SAEArmConfig, "target_l0"), help="jumprelu: penalise (L0/target - 1)^2 instead of "
-                     "L0, steering the arm to this L0 (default: off)")
+    _flag(sae, SAEArmConfig, "target_l0")
     sae.add_argument("--dead-handling", choices=sorted(DEAD_HANDLING_MODES),
                      help="what to do about dead latents (no firing in --dead-window tokens): auxk = auxiliary TopK "
                      "loss that trains dead latents on the residual (Gao et al. 2024; TopK family), resample = "
@@ -199,41 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
                       "others (default: on for the TopK family, off for the others)")
     dead.add_argument("--no-dead-resample", dest="dead_resample", action="store_false",
                       help="leave dead latents alone, same as --dead-handling none (default: see --dead-resample)")
-    sae.add_argument("--dead-window", type=_field(TrainConfig, "dead_window"), help=f"a latent that has not fired in this many training "
-                     f"tokens counts as dead (for AuxK and resampling, which revives the dead latents each time "
-                     f"another window has passed) (default: {t.dead_window:,}; --quick: "
-                     f"{QUICK_DEFAULTS['dead_window']:,})")
-    sae.add_argument("--matryoshka-levels", type=_field(SAEArmConfig, "matryoshka_levels"), help=f"matryoshka: nested prefixes of the dictionary "
-                     f"that must each reconstruct the input, of d_sae / 2^(levels-1), ..., d_sae / 2, d_sae latents "
-                     f"(default: {s.matryoshka_levels})")
-    sae.add_argument("--aux-k", type=_field(SAEArmConfig, "aux_k"), help="AuxK (topk, batchtopk): dead latents per token that learn "
-                     "to reconstruct the residual (default: d_in / 2, as Gao et al. 2024)")
-
+    _flag(sae, TrainConfig, "dead_window", quick=QUICK_DEFAULTS["dead_window"])
+    _flag(sae, SAEArmConfig, "matryoshka_levels")
+    _flag(sae, SAEArmConfig, "aux_k")
     probes = p.add_argument_group("probes (emergence and frequency studies)")
-    probes.add_argument("--concepts", type=_text, metavar="FILE", help="YAML of concept word lists "
-                        "{category: [words]} to score latents against (default: tinylm's grammar vocabularies for "
-                        "tinylm, config/concepts/english.yaml for other models)")
-    probes.add_argument("--probe-k", type=_field(ProbeConfig, "probe_k"), help=f"latents in the k-sparse concept probe (default: {pr.probe_k})")
-    probes.add_argument("--f1-threshold", type=_field(ProbeConfig, "f1_threshold"), help=f"held-out F1 at which a concept counts as "
-                        f"emerged (default: {pr.f1_threshold})")
-    probes.add_argument("--cos-threshold", type=_field(ProbeConfig, "cos_threshold"), help=f"synthetic source: |cos| between a decoder row "
-                        f"and a true feature at which the feature counts as recovered (frac_recovered) and emerged "
-                        f"(default: {pr.cos_threshold})")
-
+    _flag(probes, ProbeConfig, "concepts", metavar="FILE")
+    for name in ("probe_k", "f1_threshold", "cos_threshold"):
+        _flag(probes, ProbeConfig, name)
     train = p.add_argument_group("training")
-    train.add_argument("--lr", type=_field(TrainConfig, "lr"), help=f"Adam learning rate (default: {t.lr})")
-    train.add_argument("--batch-size", type=_field(TrainConfig, "batch_size"), help=f"tokens per SAE training batch (default: {t.batch_size})")
-    train.add_argument("--epochs", type=_field(TrainConfig, "epochs"), help=f"passes over the training activations (default: {t.epochs})")
-    train.add_argument("--steps", type=_field(TrainConfig, "steps"), help="training steps; overrides --epochs (default: from --epochs)")
-    train.add_argument("--device", type=_text, help=f"torch device (default: {t.device})")
-
+    for name in ("lr", "batch_size", "epochs", "steps", "device"):
+        _flag(train, TrainConfig, name)
     log = p.add_argument_group("output and logging")
-    log.add_argument("--checkpoint-dir", type=_text, help=f"where studies, activation caches and tinylm live "
-                     f"(default: {lg.checkpoint_dir})")
+    _flag(log, LogConfig, "checkpoint_dir")
     log.add_argument("--use-wandb", action="store_true", default=False, help="log every arm to Weights & Biases (default: off)")
-    log.add_argument("--wandb-project", type=_text, help=f"W&B project (default: {lg.wandb_project})")
-    log.add_argument("--wandb-mode", choices=WANDB_MODES, help="W&B mode (default: WANDB_MODE if set, else "
-                     "online when logged in, offline otherwise)")
+    _flag(log, LogConfig, "wandb_project")
+    _flag(log, LogConfig, "wandb_mode")
     log.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                      help="hide progress bars (default: shown)")
     return p

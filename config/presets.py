@@ -20,13 +20,12 @@ from typing import Any
 
 import yaml
 
-from config.schema import (ARCHITECTURE_DEFAULTS, DEAD_HANDLING, DEAD_HANDLING_MODES, OPTION_ARCHITECTURES, STUDY_NAMES,
-                           ArmSpec, DataConfig, LogConfig, ProbeConfig, SAEArmConfig, Setting, StudyPlan, SyntheticConfig,
+from models.sae.catalog import ALIASES, ARCHITECTURE_DEFAULTS, DEAD_HANDLING, DEAD_HANDLING_MODES, OPTION_ARCHITECTURES
+from config.schema import (STUDY_NAMES, ArmSpec, DataConfig, LogConfig, ProbeConfig, SAEArmConfig, Setting, StudyPlan, SyntheticConfig,
                            TrainConfig, UsageError, check_setting, setting_of)
 
 PRESET_DIR = Path(__file__).resolve().parent / "studies"
 ARCHITECTURES = tuple(ARCHITECTURE_DEFAULTS)
-ALIASES = {"jump_relu": "jumprelu", "batch_topk": "batchtopk"}
 
 # The penalty coefficients are named as the flags name them, because one value means different
 # things per architecture (an L1 weight, an L0 weight).

@@ -11,15 +11,19 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from models.sae.catalog import ARCHITECTURE_DEFAULTS, DEAD_HANDLING_MODES, OPTION_ARCHITECTURES
+
 
 class UsageError(Exception):
     """Bad user input: reported as one line with exit code 2, never as a traceback."""
 
 
-# The one home of every setting's range: a field's `rule` (in its metadata; by default integers are
-# positive and other numbers >= 0) and `choices`. The dataclasses check themselves with it, the
-# flags' types (config/cli.py) and the YAML checks (config/presets.py) call the same check_setting,
-# so a bad value gets the same message however it arrives.
+# The field table: every setting's range is its field's `rule` (in its metadata; by default integers
+# are positive and other numbers >= 0) or `choices`, and a setting the command line sets carries its
+# flag's `help` (and `shown`, the default as --help words it when the value alone would not say it).
+# The dataclasses check themselves with it, the flags (config/cli.py) take their type, range, help
+# and default from it, and the YAML checks (config/presets.py) call the same check_setting, so a bad
+# value gets the same message however it arrives.
 RULES = {
     "positive": (lambda v: v > 0, "must be positive"),
     "non_negative": (lambda v: v >= 0, "must be >= 0"),
@@ -30,9 +34,11 @@ RULES = {
 }
 
 
-def ranged(default: Any, rule: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
-    """A dataclass field with its range: `rule` from RULES, or `choices` for a string."""
-    return field(default=default, metadata={"rule": rule, "choices": choices})
+def option(default: Any, rule: str | None = None, *, choices: tuple[str, ...] | None = None, help: str | None = None,
+           shown: str | None = None) -> Any:
+    """A dataclass field with its range (`rule` from RULES, or `choices` for a string) and, when a
+    flag sets it, the flag's help and the default as --help shows it (`shown`; the value otherwise)."""
+    return field(default=default, metadata={"rule": rule, "choices": choices, "help": help, "shown": shown})
 
 
 @dataclass(frozen=True)
@@ -102,16 +108,22 @@ HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 
 @dataclass
 class DataConfig:
-    source: str = ranged("transformer", choices=SOURCES)  # transformer | synthetic (then the `synthetic` group describes the data)
-    model_name: str = "tinylm"
-    layer: int = ranged(0, "non_negative")
-    hook: str = ranged("resid_post", choices=HOOKS)
-    hook_point: str | None = None  # full TransformerLens hook name; overrides layer + hook
-    n_samples: int = 8192  # sequences harvested (BOS + seq_len - 1 text tokens each)
-    seq_len: int = ranged(64, "at_least_2")  # a BOS token and at least one text token
-    dataset: str | None = None  # text or JSONL file; default: the bundled tinylm corpus
+    source: str = option("transformer", choices=SOURCES, help="where activations come from: a transformer's hook, or a "
+                         "synthetic toy model of superposition whose true features are known (settings from "
+                         "config/studies/synthetic.yaml, then the --n-features ... flags)")
+    model_name: str = option("tinylm", help="subject model: 'tinylm' (bundled, trained on first use) or a Hugging Face "
+                             "name or local path such as gpt2")
+    layer: int = option(0, "non_negative", help="transformer block whose activations are read")
+    hook: str = option("resid_post", choices=HOOKS, help="hook within the block; with --layer builds blocks.L.hook_<hook>")
+    hook_point: str | None = option(None, help="full TransformerLens hook name, e.g. blocks.1.hook_mlp_out; overrides "
+                                    "--layer/--hook")
+    n_samples: int = option(8192, help="sequences to harvest")
+    seq_len: int = option(64, "at_least_2", help="tokens per sequence, BOS included; the BOS position is not used for "
+                          "training")
+    dataset: str | None = option(None, help="text file (one document per line) or JSONL with a 'text' field to harvest "
+                                 "from", shown="the bundled tinylm story corpus")
     normalize: bool = True
-    eval_fraction: float = ranged(0.1, "fraction")  # held-out sequences for eval metrics
+    eval_fraction: float = option(0.1, "fraction")  # held-out sequences for eval metrics
     harvest_batch_size: int = 64
 
     def __post_init__(self) -> None:
@@ -130,59 +142,26 @@ class SyntheticConfig:
     (`children_per_parent` each, firing only with their parent), then `n_groups` correlated groups
     of `group_size`, then independent features."""
 
-    n_features: int = 512
-    d_in: int = 64
-    n_tokens: int = 1_048_576  # activation vectors generated, train and eval split together
-    mean_l0: float = ranged(5.0, "positive")  # expected number of active true features per vector
-    frequency: str = ranged("zipf", choices=FREQUENCY_LAWS)  # uniform | zipf: how firing probability falls with feature rank
+    n_features: int = option(512, help="true features of the toy model")
+    d_in: int = option(64, help="dimension they are superposed in")
+    n_tokens: int = option(1_048_576, help="activation vectors generated, train and eval")
+    mean_l0: float = option(5.0, "positive", help="expected number of true features active per vector")
+    frequency: str = option("zipf", choices=FREQUENCY_LAWS)  # uniform | zipf: how firing probability falls with feature rank
     zipf_exponent: float = 0.5  # probability ~ rank^-exponent
-    magnitude: str = ranged("uniform", choices=MAGNITUDE_LAWS)  # constant | uniform | exponential | lognormal, all with mean magnitude_mean
-    magnitude_mean: float = ranged(1.0, "positive")
+    magnitude: str = option("uniform", choices=MAGNITUDE_LAWS)  # constant | uniform | exponential | lognormal, all with mean magnitude_mean
+    magnitude_mean: float = option(1.0, "positive")
     magnitude_spread: float = 0.5  # uniform: half-width / mean; lognormal: sigma of log
-    n_groups: int = ranged(0, "non_negative")  # correlated groups
+    n_groups: int = option(0, "non_negative")  # correlated groups
     group_size: int = 4
-    group_correlation: float = ranged(0.5, "fraction")  # correlation of the latent Gaussians that decide group members' firing
-    n_parents: int = ranged(0, "non_negative")  # hierarchies
+    group_correlation: float = option(0.5, "fraction")  # correlation of the latent Gaussians that decide group members' firing
+    n_parents: int = option(0, "non_negative")  # hierarchies
     children_per_parent: int = 4
-    child_probability: float = ranged(0.25, "unit")  # P(child fires | parent fires); exclusive: P(one of them fires | parent fires)
+    child_probability: float = option(0.25, "unit")  # P(child fires | parent fires); exclusive: P(one of them fires | parent fires)
     exclusive_children: bool = False  # at most one child of a parent fires at a time (which one: uniform)
-    noise_std: float = 0.0  # Gaussian noise per dimension, added to every vector
+    noise_std: float = option(0.0, help="Gaussian noise added per dimension")
 
     def __post_init__(self) -> None:
         validate_fields(self)
-
-
-# Defaults per architecture, chosen so each lands near L0 = 32 on tinylm's default activations
-# (blocks.0.hook_resid_post, d_sae 1024, 2 epochs at lr 3e-3), for a fair comparison at matched
-# sparsity.
-ARCHITECTURE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "topk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
-    "batchtopk": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
-    "matryoshka": {"k": 32, "dead_handling": "auxk", "aux_coef": 1 / 32},
-    "relu": {"sparsity_coef": 0.0065, "dead_handling": "none"},
-    "jumprelu": {"sparsity_coef": 0.00055, "bandwidth": 0.05, "init_threshold": 0.01, "dead_handling": "none"},
-    "gated": {"sparsity_coef": 0.0084, "aux_coef": 1.0, "dead_handling": "none"},
-}
-# Which architectures each tunable option applies to, and the dead-latent handling each allows
-# (its own way of reviving latents first: what --dead-resample picks).
-OPTION_ARCHITECTURES: dict[str, tuple[str, ...]] = {
-    "k": ("topk", "batchtopk", "matryoshka"),
-    "aux_k": ("topk", "batchtopk", "matryoshka"),
-    "matryoshka_levels": ("matryoshka",),
-    "l1_coefficient": ("relu", "gated"),
-    "l0_coefficient": ("jumprelu",),
-    "target_l0": ("jumprelu",),
-}
-DEAD_HANDLING: dict[str, tuple[str, ...]] = {
-    "topk": ("auxk", "resample", "none"),
-    "batchtopk": ("auxk", "resample", "none"),
-    "matryoshka": ("auxk", "resample", "none"),
-    "relu": ("resample", "none"),
-    "jumprelu": ("resample", "none"),
-    "gated": ("resample", "none"),
-}
-# Every dead-latent handling mode some architecture takes, in the order the tables name them.
-DEAD_HANDLING_MODES = tuple(dict.fromkeys(m for modes in DEAD_HANDLING.values() for m in modes))
 
 
 @dataclass
@@ -190,18 +169,22 @@ class SAEArmConfig:
     """One SAE to train. Fields that do not apply to `architecture` keep their defaults and are
     ignored; `for_architecture` fills in the architecture's own defaults."""
 
-    architecture: str = ranged("topk", choices=tuple(ARCHITECTURE_DEFAULTS))
-    expansion_factor: int = 8
-    hidden_dim: int | None = None  # d_sae; overrides expansion_factor
-    k: int = 32  # TopK family
-    dead_handling: str = ranged("auxk", choices=DEAD_HANDLING_MODES)  # auxk (TopK family) | resample | none
+    architecture: str = option("topk", choices=tuple(ARCHITECTURE_DEFAULTS))
+    expansion_factor: int = option(8, help="d_sae / d_in")
+    hidden_dim: int | None = option(None, help="number of SAE latents d_sae; overrides --expansion-factor",
+                                    shown="expansion factor x d_in")
+    k: int = option(32, help="active latents per token for topk, and on average for batchtopk")
+    dead_handling: str = option("auxk", choices=DEAD_HANDLING_MODES)  # auxk (TopK family) | resample | none
     aux_coef: float = 1 / 32  # AuxK weight; Gated's gate-reconstruction weight
-    aux_k: int | None = None  # AuxK: dead latents that reconstruct the residual (TopK family); None -> d_in / 2
+    aux_k: int | None = option(None, help="AuxK (topk, batchtopk): dead latents per token that learn to reconstruct "
+                               "the residual", shown="d_in / 2, as Gao et al. 2024")
     sparsity_coef: float = 0.0  # lambda: L1 (relu, gated) or L0 (jumprelu)
-    target_l0: float | None = ranged(None, "positive")  # jumprelu: penalise (L0/target - 1)^2 instead of L0
-    matryoshka_levels: int = 5  # matryoshka: nested prefixes d_sae / 2^(levels-1), ..., d_sae / 2, d_sae
-    bandwidth: float = ranged(0.001, "positive")  # jumprelu: STE kernel width
-    init_threshold: float = ranged(0.001, "positive")  # jumprelu: initial threshold
+    target_l0: float | None = option(None, "positive", help="jumprelu: penalise (L0/target - 1)^2 instead of L0, "
+                                     "steering the arm to this L0", shown="off")
+    matryoshka_levels: int = option(5, help="matryoshka: nested prefixes of the dictionary that must each reconstruct "
+                                    "the input, of d_sae / 2^(levels-1), ..., d_sae / 2, d_sae latents")
+    bandwidth: float = option(0.001, "positive")  # jumprelu: STE kernel width
+    init_threshold: float = option(0.001, "positive")  # jumprelu: initial threshold
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -230,22 +213,24 @@ class SAEArmConfig:
 
 @dataclass
 class TrainConfig:
-    lr: float = ranged(3e-3, "positive")
-    batch_size: int = 1024
-    epochs: int = 2  # passes over the train split; `steps` overrides
-    steps: int | None = None
-    warmup_steps: int = ranged(50, "non_negative")
-    decay_fraction: float = ranged(0.2, "fraction")  # linear decay to zero over the last fraction of steps
+    lr: float = option(3e-3, "positive", help="Adam learning rate")
+    batch_size: int = option(1024, help="tokens per SAE training batch")
+    epochs: int = option(2, help="passes over the training activations")
+    steps: int | None = option(None, help="training steps; overrides --epochs", shown="from --epochs")
+    warmup_steps: int = option(50, "non_negative")
+    decay_fraction: float = option(0.2, "fraction")  # linear decay to zero over the last fraction of steps
     grad_clip: float = 1.0  # gradient-norm clip in units of the loss summed over d_in (see Trainer.train_step)
-    sparsity_warmup_fraction: float = ranged(0.05, "fraction")  # sparsity coefficient ramps up over this fraction of steps
+    sparsity_warmup_fraction: float = option(0.05, "fraction")  # sparsity coefficient ramps up over this fraction of steps
     resample_inputs: int = 16_384  # training rows scored to pick new directions for dead latents
-    seed: int = ranged(0, "any")
-    dead_window: int = 262_144  # a latent that has not fired in this many training tokens is dead; resampling every as many
+    seed: int = option(0, "any", help="seed for data order, SAE init and everything else")
+    dead_window: int = option(262_144, help="a latent that has not fired in this many training tokens counts as dead "
+                              "(for AuxK and resampling, which revives the dead latents each time another window has "
+                              "passed)")
     eval_every: int = 150  # steps; the final step is always evaluated
     log_every: int = 10
     checkpoint_every: int = 100
     ce_eval_sequences: int = 64  # eval sequences used for CE loss recovered / KL
-    device: str = "cpu"
+    device: str = option("cpu", help="torch device")
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -254,9 +239,10 @@ class TrainConfig:
 @dataclass
 class LogConfig:
     use_wandb: bool = False
-    wandb_project: str = "sae-interpretability"
-    wandb_mode: str | None = ranged(None, choices=WANDB_MODES)  # online | offline | disabled; None follows WANDB_MODE / login state
-    checkpoint_dir: str = "checkpoints"
+    wandb_project: str = option("sae-interpretability", help="W&B project")
+    wandb_mode: str | None = option(None, choices=WANDB_MODES, help="W&B mode",
+                                    shown="WANDB_MODE if set, else online when logged in, offline otherwise")
+    checkpoint_dir: str = option("checkpoints", help="where studies, activation caches and tinylm live")
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -270,13 +256,16 @@ STUDY_NAMES = ("activations", "emergence", "frequency", "resampling")
 class ProbeConfig:
     """What the probes measure at each eval step; they never change what an arm learns."""
 
-    concepts: str | None = None  # YAML of word lists; default: tinylm's grammar, or config/concepts/english.yaml
-    probe_k: int = 8  # latents in the k-sparse concept probe
-    f1_threshold: float = ranged(0.8, "unit")  # a concept has emerged once its held-out F1 reaches this
-    cos_threshold: float = ranged(0.9, "unit")  # synthetic source: a true feature is recovered once a decoder row reaches this |cos|
-    umap_evals: int = ranged(3, "non_negative")  # eval steps whose decoder directions get a UMAP embedding (first, ..., final)
-    ultra_low_density: float = ranged(1e-4, "positive")  # alive latents firing less often than this form the ultra-low cluster
-    dense_threshold: float = ranged(0.1, "positive")  # latents firing more often than this count as dense
+    concepts: str | None = option(None, help="YAML of concept word lists {category: [words]} to score latents against",
+                                  shown="tinylm's grammar vocabularies for tinylm, config/concepts/english.yaml for "
+                                  "other models")
+    probe_k: int = option(8, help="latents in the k-sparse concept probe")
+    f1_threshold: float = option(0.8, "unit", help="held-out F1 at which a concept counts as emerged")
+    cos_threshold: float = option(0.9, "unit", help="synthetic source: |cos| between a decoder row and a true feature at "
+                                  "which the feature counts as recovered (frac_recovered) and emerged")
+    umap_evals: int = option(3, "non_negative")  # eval steps whose decoder directions get a UMAP embedding (first, ..., final)
+    ultra_low_density: float = option(1e-4, "positive")  # alive latents firing less often than this form the ultra-low cluster
+    dense_threshold: float = option(0.1, "positive")  # latents firing more often than this count as dense
 
     def __post_init__(self) -> None:
         validate_fields(self)
@@ -285,7 +274,8 @@ class ProbeConfig:
 @dataclass
 class StudyConfig:
     names: list[str] = field(default_factory=lambda: list(STUDY_NAMES))
-    study_id: str | None = None
+    study_id: str | None = option(None, help="name of the study folder under --checkpoint-dir",
+                                  shown="<study>-<date>-<time>; with --resume, the study to continue")
     resume: bool = False
     quick: bool = False
     report: str | None = None  # rebuild this study's report from its files, train nothing

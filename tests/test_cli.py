@@ -142,3 +142,22 @@ def test_the_harness_imports_from_outside_the_repository(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     module, path = out.stdout.split()
     assert module == "models.sae.base" and Path(path).is_relative_to(Path(__file__).resolve().parents[1])
+
+
+def test_every_flag_of_a_setting_takes_its_help_and_default_from_the_field_table():
+    import dataclasses
+
+    from config.cli import build_parser
+    from config.schema import DataConfig, LogConfig, ProbeConfig, SAEArmConfig, StudyConfig, SyntheticConfig, TrainConfig
+
+    text = build_parser().format_help()
+    shown, squeezed = " ".join(text.split()), "".join(text.split())  # argparse wraps lines, also at hyphens
+    described = [(cls, f) for cls in (DataConfig, SyntheticConfig, SAEArmConfig, TrainConfig, ProbeConfig, LogConfig,
+                                      StudyConfig) for f in dataclasses.fields(cls) if f.metadata.get("help")]
+    assert len(described) >= 30
+    for cls, f in described:
+        flag = "--" + f.name.replace("_", "-")
+        assert f"{flag} " in shown, flag
+        assert "".join(f.metadata["help"].split()) in squeezed, flag
+    assert "seedfordataorder,SAEinitandeverythingelse(default:0)" in squeezed
+    assert "(default:262,144;--quick:16,384)" in squeezed  # --dead-window

@@ -49,12 +49,14 @@ def summary_lines(results: list) -> list[str]:
     return lines
 
 
-def write_report(study_dir: Path, record: StudyRecord, results: list, after_figure: Callable[[], None] = lambda: None) -> Path:
+def write_report(study_dir: Path, record: StudyRecord, results: list, source_rows: list[list[str]],
+                 after_figure: Callable[[], None] = lambda: None) -> Path:
     """Write the report afresh (figures are closed once saved); returns the Markdown page's path.
 
     The page opens with what a reader needs first: the findings of every study and the setup (model,
     hook, data, arms, training, code); then one section per study with its tables and its figures,
-    each with a line saying what to look for."""
+    each with a line saying what to look for. `source_rows` are the setup rows, from the source, that
+    say what the activations were."""
     out = study_dir / "report"
     tmp = study_dir / ".report.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -63,7 +65,7 @@ def write_report(study_dir: Path, record: StudyRecord, results: list, after_figu
              f"Studies: {', '.join(record.spec['study']['names'])}. Status: **{record.status}**. "
              f"Report written {time.strftime('%Y-%m-%d %H:%M')} from the files in this folder "
              f"(`python run_experiments.py --report {record.study_id}` rebuilds it).", "", "## Summary", "",
-             *summary_lines(results), "", *setup_section(record)]
+             *summary_lines(results), "", *setup_section(record, source_rows)]
     for res in results:
         lines += [f"## {res.name}", "", f"*{res.question}*", ""]
         for table in res.tables.values():
@@ -83,22 +85,12 @@ def write_report(study_dir: Path, record: StudyRecord, results: list, after_figu
     return out / "report.md"
 
 
-def setup_section(record: StudyRecord) -> list[str]:
-    """The "Setup" section: what the activations were, how each arm was trained, which code ran."""
+def setup_section(record: StudyRecord, source_rows: list[list[str]]) -> list[str]:
+    """The "Setup" section: what the activations were (`source_rows`), how each arm was trained,
+    which code ran."""
     spec, setup = record.spec, record.setup
     data, train = spec["data"], spec["plans"][0]["arms"][0]["train"] if spec.get("plans") else {}
-    rows = []
-    if data["source"] == "synthetic":
-        toy = spec["synthetic"]
-        rows.append(["activations", f"toy model of superposition: {toy['n_features']:,} true features in "
-                                    f"{toy['d_in']} dimensions, mean L0 {toy['mean_l0']:g}, {toy['frequency']} "
-                                    f"frequencies, noise {toy['noise_std']:g}"])
-    else:
-        hook = setup.get("hook") or data.get("hook_point") or f"layer {data['layer']} {data['hook']}"
-        rows.append(["subject model", f"{data['model_name']}, `{hook}`"
-                                      + (f" (d_in {setup['d_in']})" if "d_in" in setup else "")])
-        rows.append(["text", f"{data['dataset'] or 'the tinylm corpus (held-out stories)'}: {data['n_samples']:,} "
-                             f"sequences of {data['seq_len']} tokens"])
+    rows = list(source_rows)
     if "train_tokens" in setup:
         scale = setup.get("norm_scale")
         rows.append(["activation cache", f"{setup['train_tokens']:,} train and {setup['eval_tokens']:,} eval "
@@ -122,7 +114,8 @@ def setup_section(record: StudyRecord) -> list[str]:
 EXCERPT_ROWS = 12
 
 
-def docs_excerpt(record: StudyRecord, results: list, kind: str, timing: dict | None = None) -> str:
+def docs_excerpt(record: StudyRecord, results: list, kind: str, source_rows: list[list[str]],
+                 timing: dict | None = None) -> str:
     """A docs page's block (visualization/generated.py) of a study: its findings, and for `results` its
     setup and its tables of at most EXCERPT_ROWS rows, as Markdown stamped with the commit the study
     ran at and today's date."""
@@ -133,7 +126,7 @@ def docs_excerpt(record: StudyRecord, results: list, kind: str, timing: dict | N
     if kind == "results":
         if timing:
             lines += [f"Time (the run's last process): {format_timing(timing)}.", ""]
-        lines += setup_section(record)[2:]
+        lines += setup_section(record, source_rows)[2:]
         for res in results:  # the tables of a row per arm (not the long ones of a row per concept)
             for table in res.tables.values():
                 if len(table.rows) <= EXCERPT_ROWS:

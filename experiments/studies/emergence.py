@@ -39,9 +39,9 @@ def _first_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> np
     return np.where(reached.any(0), tokens[first], np.nan)
 
 
-def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
-    if any(a.evals and "best_cos" in a.evals[0] for a in arms):
-        return feature_emergence(arms, probes)
+def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
+    """Emergence on a transformer source: when a concept's best single latent (and k-sparse probe)
+    reaches the F1 threshold on held-out tokens."""
     threshold = probes["f1_threshold"]
     res = StudyResult("emergence", "When do latents come to represent known concepts, and in what order?")
     scored = [a for a in arms if a.concepts and a.evals and "single_f1" in a.evals[0]]

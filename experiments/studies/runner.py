@@ -14,33 +14,25 @@ import time
 import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
-from functools import partial
 from pathlib import Path
-from typing import Callable
 
-from config.schema import (ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES, ArmSpec, RunConfig, SAEArmConfig,
-                           TrainConfig, UsageError, flatten, stable_hash)
+from config.schema import ArmSpec, RunConfig, SAEArmConfig, TrainConfig, UsageError, flatten, stable_hash
 from experiments import faults
-from experiments.eval.concepts import tinylm_concepts, yaml_concepts
-from experiments.eval.probes import PROBE_KINDS, ArmProbes, ConceptData, umap_steps
-from experiments.studies import activations, emergence, frequency, resampling
+from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES
+from experiments.eval.probes import PROBE_KINDS, ArmProbes, umap_steps
 from experiments.studies.results import ArmData, StudyResult, load_arm
-from experiments.data.activation_cache import ActivationCache, BuildInterrupted, build_or_open
+from experiments.studies.sources import SOURCES, OpenedSource, bars, source_of
+from experiments.data.activation_cache import BuildInterrupted
 from experiments.provenance import code_commit
-from experiments.data.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
-                                 token_sequences)
-from experiments.data.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.timing import CLOCK, phase
-from experiments.train.trainer import (EvalContext, StopFlag, StopRequested, Trainer, eval_steps, lockstep_key,
+from experiments.train.trainer import (StopFlag, StopRequested, Trainer, eval_steps, lockstep_key,
                                       total_steps, train_arms)
 from config.files import read_json, write_json_atomic
 from config.records import ArmRecord, StudyRecord
 from visualization.sinks import ArmSinks
 from visualization.generated import block_kinds, fill_blocks
 from visualization.report import docs_excerpt, figure_file, write_report
-from visualization.terminal import boxed_table, format_timing, progress_bar, wrapped_finding
-
-DEFAULT_CONCEPTS = Path(__file__).resolve().parents[2] / "config" / "concepts" / "english.yaml"
+from visualization.terminal import boxed_table, format_timing, wrapped_finding
 
 OUT_OF_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
@@ -222,70 +214,6 @@ def run_study(cfg: RunConfig, stop: StopFlag) -> int:
         raise OutOfSpace(study_dir.name, err) from None
 
 
-def bars(cfg: RunConfig):
-    """The progress bars the data and training code draw: on the terminal unless --no-progress."""
-    return partial(progress_bar, disable=not cfg.log.progress)
-
-
-def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
-    if cfg.probes.concepts is None and model.name == "tinylm":
-        concepts = tinylm_concepts(model.tokenizer)
-    else:
-        concepts = yaml_concepts(cfg.probes.concepts or DEFAULT_CONCEPTS, model.tokenizer)
-    if concepts.skipped:
-        shown = ", ".join(concepts.skipped[:8]) + (" ..." if len(concepts.skipped) > 8 else "")
-        print(f"concepts: {len(concepts.skipped)} words are not single tokens here and are left out: {shown}")
-    return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
-
-
-@dataclass
-class OpenedSource:
-    """An activation source, opened: what the rest of the study needs from it, whichever it is."""
-    cache: ActivationCache
-    ctx: EvalContext  # what evaluation needs besides the cache: the model and hook, or the true features
-    data_spec: dict  # what identifies the cache
-    concepts: Callable[[], ConceptData] | None  # the concepts to score latents against; None where the
-    # source's own truth is the concept (a synthetic source's true features, in ctx.truth)
-
-
-def _transformer_source(cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
-    """Harvest (or reopen) the subject model's activations at the hook."""
-    device = cfg.train.device
-    with phase("model"):
-        model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
-    hook_name = resolve_hook(model, cfg.data)
-    sequences = token_sequences(model, cfg.data, cfg.train.seed)
-    harvest = harvester(model, hook_name, device)
-    probe = harvest(sequences[:1])
-    if probe.ndim != 3:
-        raise UsageError(f"hook {hook_name!r} gives activations of shape {tuple(probe.shape)}, "
-                         f"not [batch, position, features]; pick a residual, MLP or attention output hook")
-    data_spec = {"source": cfg.data.source, "model": model.fingerprint, "hook_name": hook_name,
-                 "n_samples": cfg.data.n_samples, "seq_len": cfg.data.seq_len,
-                 "dataset": dataset_fingerprint(cfg.data), "seed": cfg.train.seed,
-                 "eval_fraction": cfg.data.eval_fraction}
-    writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size, cfg.data.eval_fraction)
-    with phase("harvest"):
-        cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
-    return OpenedSource(cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec,
-                        partial(_concept_data, cfg, model, cache))
-
-
-def _synthetic_source(cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
-    """Generate (or reopen) the toy model's activations, with the true features beside them."""
-    model = ToyModel.build(cfg.synthetic, cfg.train.seed)
-    data_spec = {"source": "synthetic", "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
-                 "eval_fraction": cfg.data.eval_fraction}
-    writer = SyntheticWriter(model, cfg.train.seed, cfg.data.eval_fraction)
-    with phase("harvest"):
-        cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
-    truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
-    return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None)
-
-
-SOURCES = {"transformer": _transformer_source, "synthetic": _synthetic_source}
-
-
 def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     """The study, top to bottom: record → data → plan → train → analyse and write."""
     CLOCK.reset()
@@ -322,7 +250,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
 def _open_source(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> tuple[OpenedSource, float]:
     """The source and the normalisation factor of its activations."""
     try:
-        source = SOURCES[cfg.data.source](cfg, Path(cfg.log.checkpoint_dir), stop)
+        source = SOURCES[cfg.data.source].open(cfg, Path(cfg.log.checkpoint_dir), stop)
     except BuildInterrupted as built:
         stopped = StopRequested(0, where=f"while building the activation cache, with {built.done} of its "
                                          f"{built.total} chunks saved")
@@ -434,7 +362,8 @@ def _write_outputs(study_dir: Path, record: StudyRecord, failed: bool, wandb, sh
     summary = {"study_id": study_dir.name, "status": status, "arms": [a.summary() for a in record.arms],
                "studies": {res.name: res.summary for res in results}}
     with phase("report"):
-        report = write_report(study_dir, finished, results, lambda: faults.reached("report-figure"))
+        report = write_report(study_dir, finished, results, source_of(record).describe(record),
+                              lambda: faults.reached("report-figure"))
     if wandb is not None:
         runs = record.summary_runs
         for res in results:
@@ -454,10 +383,6 @@ def _write_outputs(study_dir: Path, record: StudyRecord, failed: bool, wandb, sh
     return 1 if failed else 0
 
 
-ANALYSES = {"activations": activations.analyse, "emergence": emergence.analyse, "frequency": frequency.analyse,
-            "resampling": resampling.analyse}
-
-
 def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
     """Every study of the run, from its files."""
     probes = record.spec["probes"]
@@ -469,7 +394,7 @@ def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
             if r.arm_id not in loaded:
                 loaded[r.arm_id] = load_arm(study_dir, r)
             arms.append(loaded[r.arm_id])
-        results.append(ANALYSES[name](arms, probes))
+        results.append(source_of(record).analyses[name](arms, probes))
     return results
 
 
@@ -513,13 +438,14 @@ def rebuild_report(cfg: RunConfig) -> int:
     if cfg.study.docs is not None:  # before the rebuild, which takes a while
         block_kinds(Path(cfg.study.docs), "study", record.study_id, "--docs")
     results = analyse(study_dir, record)
-    report = write_report(study_dir, record, results, lambda: faults.reached("report-figure"))
+    described = source_of(record).describe(record)
+    report = write_report(study_dir, record, results, described, lambda: faults.reached("report-figure"))
     print_tables(results)
     print(f"report: {report}")
     if cfg.study.docs is not None:
         run_summary = study_dir / "summary.json"
         timing = read_json(run_summary).get("timing") if run_summary.exists() else None
         fill_blocks(Path(cfg.study.docs), "study", record.study_id,
-                    lambda kind: docs_excerpt(record, results, kind, timing), "--docs")
+                    lambda kind: docs_excerpt(record, results, kind, described, timing), "--docs")
         print(f"docs: {cfg.study.docs}")
     return 0

@@ -15,7 +15,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from config.schema import OPTION_ARCHITECTURES, ProbeConfig, SAEArmConfig, TrainConfig, UsageError
+from config.schema import ProbeConfig, SAEArmConfig, TrainConfig, UsageError
+from models.sae.catalog import OPTION_ARCHITECTURES
 from experiments.data.activation_cache import ActivationCache
 from experiments import faults
 from experiments.progress import BarFactory, silent_bar

@@ -1,14 +1,21 @@
-"""Sparse autoencoders. Importing this package imports every module in it, and each module
-registers its architecture in ARCHITECTURES with `@register(name)`."""
+"""Sparse autoencoders: one module per architecture, each registering its class in ARCHITECTURES
+with `@register(name)`.
 
-import importlib
-import pkgutil
+The package loads its torch modules on first use, not on import, so that `models.sae.catalog`
+(the architectures' defaults and options, which the command line reads) costs no torch import.
+"""
 
-from models.sae.base import ARCHITECTURES, SAE, SAEConfig, build_sae
+_PUBLIC = {"ARCHITECTURES": "base", "SAE": "base", "SAEConfig": "base", "build_sae": "base", "TopKSAE": "topk"}
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+__all__ = sorted(_PUBLIC)
 
-from models.sae.topk import TopKSAE  # noqa: E402  (re-exported)
 
-__all__ = ["ARCHITECTURES", "SAE", "SAEConfig", "TopKSAE", "build_sae"]
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    from models.sae.base import import_architectures
+
+    import_architectures()
+    return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)

@@ -6,8 +6,11 @@ Every architecture is a small subclass of `SAE` registered in `ARCHITECTURES`; i
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import os
+import pkgutil
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
+from models.sae.catalog import ARCHITECTURE_DEFAULTS
 from models.sae.kernels import encoder_pre_acts, firing_counts
 
 
@@ -62,6 +66,9 @@ ARCHITECTURES: dict[str, type[SAE]] = {}
 
 
 def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
+    if name not in ARCHITECTURE_DEFAULTS:  # the command line and presets would not know it
+        raise TypeError(f"architecture {name!r} has no entry in models/sae/catalog.py")
+
     def deco(cls: type[SAE]) -> type[SAE]:
         ARCHITECTURES[name] = cls
         return cls
@@ -69,7 +76,16 @@ def register(name: str) -> Callable[[type[SAE]], type[SAE]]:
     return deco
 
 
+@functools.cache
+def import_architectures() -> None:
+    """Import every architecture module of this package, so each has registered itself."""
+    package = Path(__file__).parent
+    for module in pkgutil.iter_modules([str(package)]):
+        importlib.import_module(f"models.sae.{module.name}")
+
+
 def build_sae(cfg: SAEConfig) -> SAE:
+    import_architectures()
     if cfg.architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {cfg.architecture!r}; known: {sorted(ARCHITECTURES)}")
     return ARCHITECTURES[cfg.architecture](cfg)

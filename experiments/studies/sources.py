@@ -1,0 +1,126 @@
+"""The activation sources a study can run on, each one object that knows how to open its data, how
+to describe it in the report, and which analyses fit it, so that no other code asks which source
+it has. `SOURCES` maps the name `--source` takes (and study.json records) to the source.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+from config.records import StudyRecord
+from config.schema import RunConfig, UsageError
+from experiments.data.activation_cache import ActivationCache, build_or_open
+from experiments.data.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
+                                      token_sequences)
+from experiments.data.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
+from experiments.eval.concepts import tinylm_concepts, yaml_concepts
+from experiments.eval.probes import ConceptData
+from experiments.studies import activations, emergence, frequency, resampling
+from experiments.timing import phase
+from experiments.train.trainer import EvalContext, StopFlag
+from visualization.terminal import progress_bar
+
+DEFAULT_CONCEPTS = Path(__file__).resolve().parents[2] / "config" / "concepts" / "english.yaml"
+
+# The analyses every source shares; each source adds its emergence analysis.
+COMMON_ANALYSES = {"activations": activations.analyse, "frequency": frequency.analyse,
+                   "resampling": resampling.analyse}
+
+
+def bars(cfg: RunConfig):
+    """The progress bars the data and training code draw: on the terminal unless --no-progress."""
+    return partial(progress_bar, disable=not cfg.log.progress)
+
+
+@dataclass
+class OpenedSource:
+    """An activation source, opened: what the rest of the study needs from it, whichever it is."""
+    cache: ActivationCache
+    ctx: EvalContext  # what evaluation needs besides the cache: the model and hook, or the true features
+    data_spec: dict  # what identifies the cache
+    concepts: Callable[[], ConceptData] | None  # the concepts to score latents against; None where the
+    # source's own truth is the concept (a synthetic source's true features, in ctx.truth)
+
+
+class TransformerSource:
+    """A subject model's activations at one hook, harvested from text."""
+
+    analyses = {**COMMON_ANALYSES, "emergence": emergence.concept_emergence}
+
+    def open(self, cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
+        """Harvest (or reopen) the subject model's activations at the hook."""
+        device = cfg.train.device
+        with phase("model"):
+            model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
+        hook_name = resolve_hook(model, cfg.data)
+        sequences = token_sequences(model, cfg.data, cfg.train.seed)
+        harvest = harvester(model, hook_name, device)
+        probe = harvest(sequences[:1])
+        if probe.ndim != 3:
+            raise UsageError(f"hook {hook_name!r} gives activations of shape {tuple(probe.shape)}, "
+                             f"not [batch, position, features]; pick a residual, MLP or attention output hook")
+        data_spec = {"source": cfg.data.source, "model": model.fingerprint, "hook_name": hook_name,
+                     "n_samples": cfg.data.n_samples, "seq_len": cfg.data.seq_len,
+                     "dataset": dataset_fingerprint(cfg.data), "seed": cfg.train.seed,
+                     "eval_fraction": cfg.data.eval_fraction}
+        writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size,
+                               cfg.data.eval_fraction)
+        with phase("harvest"):
+            cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
+        return OpenedSource(cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec,
+                            partial(_concept_data, cfg, model, cache))
+
+    @staticmethod
+    def describe(record: StudyRecord) -> list[list[str]]:
+        """The report's setup rows that say what the activations were."""
+        data, setup = record.spec["data"], record.setup
+        hook = setup.get("hook") or data.get("hook_point") or f"layer {data['layer']} {data['hook']}"
+        return [["subject model", f"{data['model_name']}, `{hook}`"
+                                  + (f" (d_in {setup['d_in']})" if "d_in" in setup else "")],
+                ["text", f"{data['dataset'] or 'the tinylm corpus (held-out stories)'}: {data['n_samples']:,} "
+                         f"sequences of {data['seq_len']} tokens"]]
+
+
+class SyntheticSource:
+    """A toy model of superposition whose true features are known."""
+
+    analyses = {**COMMON_ANALYSES, "emergence": emergence.feature_emergence}
+
+    def open(self, cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
+        """Generate (or reopen) the toy model's activations, with the true features beside them."""
+        model = ToyModel.build(cfg.synthetic, cfg.train.seed)
+        data_spec = {"source": "synthetic", "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
+                     "eval_fraction": cfg.data.eval_fraction}
+        writer = SyntheticWriter(model, cfg.train.seed, cfg.data.eval_fraction)
+        with phase("harvest"):
+            cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
+        truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
+        return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None)
+
+    @staticmethod
+    def describe(record: StudyRecord) -> list[list[str]]:
+        toy = record.spec["synthetic"]
+        return [["activations", f"toy model of superposition: {toy['n_features']:,} true features in "
+                                f"{toy['d_in']} dimensions, mean L0 {toy['mean_l0']:g}, {toy['frequency']} "
+                                f"frequencies, noise {toy['noise_std']:g}"]]
+
+
+SOURCES = {"transformer": TransformerSource(), "synthetic": SyntheticSource()}
+
+
+def source_of(record: StudyRecord) -> TransformerSource | SyntheticSource:
+    """The source a recorded study ran on."""
+    return SOURCES[record.spec["data"]["source"]]
+
+
+def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
+    if cfg.probes.concepts is None and model.name == "tinylm":
+        concepts = tinylm_concepts(model.tokenizer)
+    else:
+        concepts = yaml_concepts(cfg.probes.concepts or DEFAULT_CONCEPTS, model.tokenizer)
+    if concepts.skipped:
+        shown = ", ".join(concepts.skipped[:8]) + (" ..." if len(concepts.skipped) > 8 else "")
+        print(f"concepts: {len(concepts.skipped)} words are not single tokens here and are left out: {shown}")
+    return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
