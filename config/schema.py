@@ -281,6 +281,10 @@ class StudyConfig:
     report: str | None = None  # rebuild this study's report from its files, train nothing
     docs: str | None = None  # with report: the Markdown file whose generated block gets the study's results
     lockstep: bool = True  # arms that read the same batches train step by step together (same results)
+    search: str | None = option(None, help="print the latents of study --study-id whose label, top tokens or top "
+                                "contexts contain the word, ranked (labels first), then exit", shown="off")
+    arm: str | None = option(None, help="with --search: only this arm (its name, as the report's tables give it, "
+                             "or its folder)", shown="every arm")
 
     @property
     def label(self) -> str:

@@ -6,10 +6,12 @@ import shutil
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.test_end_to_end import ckpt, run, summary, wandb_env  # noqa: F401  (fixtures)
 from run_experiments import main
+from experiments.eval.features import load_features
 from experiments.provenance import code_commit
 from tests.outcomes import assert_same_outcome
 from visualization.generated import check_blocks
@@ -49,10 +51,10 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
             if len(line) > 100 and not line.startswith(("report: ", "outputs: ")) and "offline-run-" not in line]
     assert not wide, wide  # every line but those naming a path fits a 100-column terminal
 
-    assert out.stderr.count("W&B logging offline") == 1  # one notice for the 13 runs
+    assert out.stderr.count("W&B logging offline") == 1  # one notice for the 14 runs
     sync = out.stdout.split("W&B runs logged offline; upload them with:\n  ", 1)[1].strip()
     synced = sync.split(" \\\n    ")[1:]
-    assert sync.startswith("wandb sync \\\n") and len(synced) == 13 and all(Path(d).is_dir() for d in synced)
+    assert sync.startswith("wandb sync \\\n") and len(synced) == 14 and all(Path(d).is_dir() for d in synced)
     assert {d.rsplit("-", 1)[1] for d in synced} == {a["wandb_run_id"] for a in arms} | set(s["summary_runs"].values())
     wb_root = Path(wandb_env["WANDB_DIR"])
     topk = next(a for a in shared if a["architecture"] == "topk")
@@ -65,13 +67,32 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     assert table["_type"] == "table-file" and table["nrows"] == 256
     resampling = next(a for a in arms if a["studies"] == ["resampling"])
     assert read_offline_runs(wb_root, resampling["wandb_run_id"]).job_type == "resampling"
-    for name in STUDIES:
+    for name in (*STUDIES, "features"):
         run_id = s["summary_runs"][name]
         summary_run = read_offline_runs(wb_root, run_id)
         assert summary_run.job_type == "summary" and summary_run.group == "all" and summary_run.name == f"{name}-summary"
         tables = [k for k in summary_run.keys() if k.startswith("tables/")]
         assert tables and all(summary_run.values(k)[0]["_type"] == "table-file" for k in tables)
-        assert any(k.startswith("plots/") for k in summary_run.keys())
+        assert any(k.startswith("plots/") for k in summary_run.keys()) or name == "features"  # tables only
+
+    # every arm's latents are described, in its folder, the report, W&B and --search
+    topk_features = load_features(study_dir / topk["arm_id"])
+    assert len(topk_features.labels) == 256 and topk_features.arrays["top_context_tokens"].shape == (256, 20, 17)
+    assert s["studies"]["features"]["arms"][0] == {"arm": topk["name"], "latents": 256,
+                                                   "alive": int((topk_features.arrays["n_fired"] > 0).sum()),
+                                                   "matched": int((topk_features.arrays["concept_f1"] >= 0.5).sum())}
+    section = (study_dir / "report" / "report.md").read_text().split("## features", 1)[1]
+    frequent = markdown_table(section.split(f"**{topk['name']}: the 5 most frequent latents**", 1)[1])
+    by_density = np.argsort(-topk_features.arrays["density"], kind="stable")[:5]
+    assert [int(row["latent"]) for row in frequent] == by_density.tolist()
+    assert all("**⟦" in row["top context"] for row in frequent)
+    (latents,) = read_offline_runs(wb_root, s["summary_runs"]["features"]).values(f"tables/latents {topk['name']}")
+    assert latents["nrows"] == 256
+    label = next(label for label in topk_features.labels if label and label.isalpha())
+    capsys.readouterr()
+    assert main(["--search", label, "--study-id", "all", "--checkpoint-dir", str(ckpt), "--arm", topk["name"]]) == 0
+    printed = capsys.readouterr().out
+    assert f"latents matching {label!r}" in printed and "│ label '" in printed
 
     # the report opens with the findings and the setup, and says what to look for in each figure
     report = (study_dir / "report" / "report.md").read_text()
@@ -134,7 +155,8 @@ def markdown_table(text: str) -> list[dict[str, str]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     table = itertools.takewhile(lambda line: line.startswith("|"), lines[start:])
-    header, _rule, *rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in table]
+    cells = (re.split(r"(?<!\\)\|", line.strip()[1:-1]) for line in table)  # a cell's own "|" is escaped
+    header, _rule, *rows = [[cell.strip() for cell in row] for row in cells]
     return [dict(zip(header, row)) for row in rows]
 
 
@@ -147,6 +169,7 @@ KILLS = [
                            "writing step 30, the process's second checkpoint, the others resumed from step 20"),
     ("arm-done:1", "arm 1 recorded complete, the others past their last step but not yet recorded"),
     ("wandb-log@4", "arm 2, resumed at its last step, replaying its logged history to W&B (4th log call)"),
+    ("features-arm@3", "three arms' latents described, the others' not yet"),
     ("report-figure", "the report half written: its first figure saved"),
     ("summary-run", "the first study's W&B summary run logged, summary.json not yet written"),
 ]
@@ -196,6 +219,8 @@ def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(tmp_path, tiny
             data = bytearray(acts.read_bytes())
             data[-5] ^= 0x01
             acts.write_bytes(bytes(data))
+        if point == "features-arm@3":
+            assert len(list(study.glob("*/features/features.json"))) == 3
         if point == "report-figure":
             assert (study / ".report.tmp").is_dir() and not (study / "report").exists()
         if i == 2:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from config.cli import parse_args
+from experiments.eval.features import load_features
 from config.schema import SyntheticConfig
 from experiments.data import activation_cache as ac
 from experiments.data.synthetic import CODE_FILES, SyntheticTruth, SyntheticWriter, ToyModel
@@ -251,6 +252,16 @@ def test_emergence_on_a_small_toy_logs_features_and_recovers_them(tmp_path, wand
     assert (report / "emergence" / "emergence_vs_frequency.png").exists()
     assert (report / "emergence" / "features.csv").read_text().count("\n") == 32 + 1
     assert "Features emerged by frequency quarter" in (report / "report.md").read_text()
+    # each latent's description names its true feature: the recovered features are each some latent's match
+    latents = load_features(ckpt / "syn" / topk["arm_id"])
+    recovered = {f["feature"] for f in features if f["final_best_cos"] >= 0.9}
+    matched = set(latents.arrays["true_feature"][latents.arrays["true_cos"] >= 0.9].tolist())
+    # (a latent within 0.9 of a feature matches it best unless two true features are themselves close)
+    assert matched <= recovered and len(matched) >= 0.9 * len(recovered) and all(latents.labels[i] == f"true feature {latents.arrays['true_feature'][i]}"
+                                        for i in np.flatnonzero(latents.arrays["true_cos"] >= 0.9))
+    precise = latents.arrays["firing_precision"][latents.arrays["true_cos"] >= 0.9]
+    assert np.nanmedian(precise) >= 0.8, precise  # a recovered feature's latent fires when it does
+    assert "true features matched" in (report / "report.md").read_text().split("## features", 1)[1]
 
     wb_root = Path(wandb_env["WANDB_DIR"])
     run_log = read_offline_runs(wb_root, topk["wandb_run_id"])

@@ -127,7 +127,7 @@ def docs_excerpt(record: StudyRecord, results: list, kind: str, source_rows: lis
         if timing:
             lines += [f"Time (the run's last process): {format_timing(timing)}.", ""]
         lines += setup_section(record, source_rows)[2:]
-        for res in results:  # the tables of a row per arm (not the long ones of a row per concept)
+        for res in (r for r in results if r.in_docs):  # the tables of a row per arm, not those of a row per concept
             for table in res.tables.values():
                 if len(table.rows) <= EXCERPT_ROWS:
                     lines += [f"**{res.name}: {table.title}**", "", _md_table(table.headers, table.rows), ""]

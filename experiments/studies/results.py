@@ -45,6 +45,7 @@ class StudyResult:
     findings: list[str] = field(default_factory=list)  # one Markdown sentence each, the first the headline
     summary: dict = field(default_factory=dict)  # goes to summary.json["studies"][name]
     captions: dict[str, str] = field(default_factory=dict)  # per figure: what to look for in it
+    in_docs: bool = True  # whether a docs page's excerpt of the study shows its short tables
 
     def figure(self, key: str, draw: Callable[[], Figure], caption: str) -> None:
         self.figures[key] = draw

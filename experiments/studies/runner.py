@@ -19,7 +19,9 @@ from pathlib import Path
 from config.schema import ArmSpec, RunConfig, SAEArmConfig, TrainConfig, UsageError, flatten, stable_hash
 from experiments import faults
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES
+from experiments.eval.features import features_done, save_features
 from experiments.eval.probes import PROBE_KINDS, ArmProbes, umap_steps
+from experiments.studies import features
 from experiments.studies.results import ArmData, StudyResult, load_arm
 from experiments.studies.sources import SOURCES, OpenedSource, bars, source_of
 from experiments.data.activation_cache import BuildInterrupted
@@ -29,6 +31,7 @@ from experiments.train.trainer import (StopFlag, StopRequested, Trainer, eval_st
                                       total_steps, train_arms)
 from config.files import read_json, write_json_atomic
 from config.records import ArmRecord, StudyRecord
+from models.sae import SAE
 from visualization.sinks import ArmSinks
 from visualization.generated import block_kinds, fill_blocks
 from visualization.report import docs_excerpt, figure_file, write_report
@@ -238,6 +241,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     trainers = _build_trainers(cfg, study_dir, record, planned, source, scale, wandb, shared_config, stop)
     try:
         failed = _train(cfg, study_dir, record, planned, trainers, stop)
+        _describe_latents(study_dir, record, source, stop)
     except StopRequested as stopped:
         stopped.study_id = study_dir.name
         record.status = "interrupted"  # resumable, as "running" is, but no process is at work on it
@@ -335,6 +339,19 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
     return failed
 
 
+def _describe_latents(study_dir: Path, record: StudyRecord, source: OpenedSource, stop: StopFlag) -> None:
+    """What each latent of every finished arm means (experiments/eval/features.py), saved in the
+    arm's folder; an arm already described is skipped, so a resumed study redoes at most one."""
+    todo = [a for a in record.arms if a.status == "complete" and not features_done(study_dir / a.arm_id)]
+    for n, arm in enumerate(todo, 1):
+        if stop.requested:
+            raise StopRequested(0, where=f"between the feature analyses of the arms, {n - 1} of {len(todo)} done")
+        print(f"features [{n}/{len(todo)}] {arm.name}: top contexts, logit effects, labels", flush=True)
+        with phase("features"):
+            save_features(source.features(SAE.load(study_dir / arm.arm_id)), study_dir / arm.arm_id)
+        faults.reached("features-arm")
+
+
 def _failure(outcome, study_dir: Path, name: str) -> str:
     """Why an arm failed, in one line. A usage error or a full disk ends the study (resumable); any other
     error fails this arm only, with its traceback in error.txt, and the others carry on."""
@@ -395,6 +412,8 @@ def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
                 loaded[r.arm_id] = load_arm(study_dir, r)
             arms.append(loaded[r.arm_id])
         results.append(source_of(record).analyses[name](arms, probes))
+    described = features.analyse(study_dir, [a for a in record.arms if a.status == "complete"])
+    results += [described] if described is not None else []
     return results
 
 
@@ -426,15 +445,42 @@ def print_tables(results: list) -> None:
             print(wrapped_finding(finding.replace("**", "")))
 
 
-def rebuild_report(cfg: RunConfig) -> int:
-    """--report STUDY_ID: tables, figures and report.md again, from the study folder alone."""
-    study_dir = Path(cfg.log.checkpoint_dir) / cfg.study.report
+def _recorded_study(cfg: RunConfig, study_id: str, flag: str) -> tuple[Path, StudyRecord]:
+    """The folder and record of study `study_id` under --checkpoint-dir; UsageError naming the
+    studies there when it is not one."""
+    root = Path(cfg.log.checkpoint_dir)
+    study_dir = root / study_id
     if not (study_dir / "study.json").exists():
-        root = Path(cfg.log.checkpoint_dir)
         known = sorted(p.parent.name for p in root.glob("*/study.json")) if root.is_dir() else []
         there = f"; the studies there: {', '.join(known)}" if known else "; it holds no study"
-        raise UsageError(f"--report: there is no study {cfg.study.report!r} in {cfg.log.checkpoint_dir}{there}")
-    record = StudyRecord.read(study_dir / "study.json", "--report")
+        raise UsageError(f"{flag}: there is no study {study_id!r} in {cfg.log.checkpoint_dir}{there}")
+    return study_dir, StudyRecord.read(study_dir / "study.json", flag)
+
+
+def search_study(cfg: RunConfig) -> int:
+    """--search WORD --study-id ID [--arm NAME]: the matching latents of the study's arms, printed."""
+    study_dir, record = _recorded_study(cfg, cfg.study.study_id, "--search")
+    arms = [a for a in record.arms if a.status == "complete"]
+    if cfg.study.arm is not None:
+        arms = [a for a in arms if cfg.study.arm in (a.name, a.arm_id)]
+        if not arms:
+            names = ", ".join(a.name for a in record.arms if a.status == "complete") or "none"
+            raise UsageError(f"--arm {cfg.study.arm!r} is not a finished arm of study {record.study_id} "
+                             f"(finished: {names})")
+    table = features.search(study_dir, arms, cfg.study.search)
+    if table is None:
+        raise UsageError(f"--search: no arm of study {record.study_id} has a feature analysis yet (it is made when "
+                         f"an arm finishes; --resume the study to make it)")
+    if not table.rows:
+        print(f"no latent of {len(arms)} arm(s) matches {cfg.study.search!r}")
+        return 0
+    print(boxed_table(table.title, table.headers, table.rows))
+    return 0
+
+
+def rebuild_report(cfg: RunConfig) -> int:
+    """--report STUDY_ID: tables, figures and report.md again, from the study folder alone."""
+    study_dir, record = _recorded_study(cfg, cfg.study.report, "--report")
     if cfg.study.docs is not None:  # before the rebuild, which takes a while
         block_kinds(Path(cfg.study.docs), "study", record.study_id, "--docs")
     results = analyse(study_dir, record)

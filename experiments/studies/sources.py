@@ -4,6 +4,7 @@ it has. `SOURCES` maps the name `--source` takes (and study.json records) to the
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -16,10 +17,12 @@ from experiments.data.sources import (HarvestWriter, dataset_fingerprint, harves
                                       token_sequences)
 from experiments.data.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.eval.concepts import tinylm_concepts, yaml_concepts
+from experiments.eval.features import FeatureAnalysis, analyse_features, analyse_synthetic_features
 from experiments.eval.probes import ConceptData
 from experiments.studies import activations, emergence, frequency, resampling
 from experiments.timing import phase
 from experiments.train.trainer import EvalContext, StopFlag
+from models.sae import SAE
 from visualization.terminal import progress_bar
 
 DEFAULT_CONCEPTS = Path(__file__).resolve().parents[2] / "config" / "concepts" / "english.yaml"
@@ -42,6 +45,7 @@ class OpenedSource:
     data_spec: dict  # what identifies the cache
     concepts: Callable[[], ConceptData] | None  # the concepts to score latents against; None where the
     # source's own truth is the concept (a synthetic source's true features, in ctx.truth)
+    features: Callable[[SAE], FeatureAnalysis]  # what each latent of a saved (folded) SAE means
 
 
 class TransformerSource:
@@ -69,8 +73,11 @@ class TransformerSource:
                                cfg.data.eval_fraction)
         with phase("harvest"):
             cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
+        concepts = functools.cache(partial(_concept_data, cfg, model, cache))  # says what it left out once
+        features = partial(_token_features, cache=cache, unembed=model.bridge.W_U,
+                           decode=lambda token: model.tokenizer.decode([token]), concepts=concepts, bar=bars(cfg))
         return OpenedSource(cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec,
-                            partial(_concept_data, cfg, model, cache))
+                            concepts, features)
 
     @staticmethod
     def describe(record: StudyRecord) -> list[list[str]]:
@@ -97,7 +104,8 @@ class SyntheticSource:
         with phase("harvest"):
             cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
         truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
-        return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None)
+        features = partial(_synthetic_features, cache=cache, truth=truth, bar=bars(cfg))
+        return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None, features)
 
     @staticmethod
     def describe(record: StudyRecord) -> list[list[str]]:
@@ -124,3 +132,12 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
         shown = ", ".join(concepts.skipped[:8]) + (" ..." if len(concepts.skipped) > 8 else "")
         print(f"concepts: {len(concepts.skipped)} words are not single tokens here and are left out: {shown}")
     return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
+
+
+def _token_features(sae: SAE, *, cache: ActivationCache, unembed, decode, concepts, bar) -> FeatureAnalysis:
+    # A saved SAE is folded (it reads raw activations), hence scale 1.
+    return analyse_features(sae, cache, 1.0, unembed=unembed, decode=decode, concepts=concepts().concepts, bar=bar)
+
+
+def _synthetic_features(sae: SAE, *, cache: ActivationCache, truth: SyntheticTruth, bar) -> FeatureAnalysis:
+    return analyse_synthetic_features(sae, cache, 1.0, truth, bar=bar)
