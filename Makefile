@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test quick clean-venv bench-peers bench-parity
+.PHONY: run test quick clean-venv bench-peers bench-parity check-export
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -49,3 +49,8 @@ bench-peers: $(PEERS_STAMP)
 # (benchmarks/bench_parity.py), in the same venv as bench-peers.
 bench-parity: $(PEERS_STAMP)
 	$(PEERS_PY) benchmarks/bench_parity.py $(ARGS)
+
+# `make check-export`: every arm of the default study exported for SAELens, loaded back with SAELens and
+# compared with ours on encode and decode (benchmarks/check_export.py), in the same venv as bench-peers.
+check-export: $(PEERS_STAMP)
+	$(PEERS_PY) benchmarks/check_export.py --study-dir checkpoints/default $(ARGS)

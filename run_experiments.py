@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Heavy imports only after the arguments are checked, so --help and bad flags answer at once.
     from experiments.host_memory import retain_freed_memory
-    from experiments.studies.runner import OutOfSpace, rebuild_report, run_study, search_study
+    from experiments.studies.runner import OutOfSpace, export_study, rebuild_report, run_study, search_study
     from experiments.train.trainer import StopFlag, StopRequested
 
     retain_freed_memory()
@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             return rebuild_report(cfg)
         if cfg.study.search:
             return search_study(cfg)
+        if cfg.study.export:
+            return export_study(cfg)
         return run_study(cfg, stop)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

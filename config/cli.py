@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: off)")
     _flag(study, StudyConfig, "search", metavar="WORD")
     _flag(study, StudyConfig, "arm", metavar="NAME")
+    _flag(study, StudyConfig, "export")
+    _flag(study, StudyConfig, "out", metavar="DIR")
     study.add_argument("--resume", action="store_true", default=False,
                        help="continue the most recent unfinished study run with the same settings "
                        "(or the one named by --study-id) from its last checkpoints (default: off)")
@@ -276,11 +278,15 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     probes = ProbeConfig(**{**source_preset.get("probes", {}), **config.get("probes", {}), **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
                         lockstep=not a.sequential_arms,
-                        report=a.report, docs=a.docs, search=a.search, arm=a.arm)
-    if a.search is not None and a.study_id is None:
-        raise UsageError("--search needs --study-id: the study whose latents to search")
-    if a.arm is not None and a.search is None:
-        raise UsageError("--arm works with --search WORD: it limits the search to one arm")
+                        report=a.report, docs=a.docs, search=a.search, arm=a.arm,
+                        export=a.export, out=a.out)
+    for flag, value in (("--search", a.search), ("--export", a.export)):
+        if value is not None and a.study_id is None:
+            raise UsageError(f"{flag} needs --study-id: the study whose arms to use")
+    if a.arm is not None and a.search is None and a.export is None:
+        raise UsageError("--arm works with --search WORD or --export FORMAT: it picks one arm of the study")
+    if a.out is not None and a.export is None:
+        raise UsageError("--out works with --export FORMAT: it is the folder the export is written to")
     if a.docs is not None and a.report is None:
         raise UsageError("--docs works with --report STUDY_ID: it writes that study's results into the file")
     cfg = RunConfig(data=data, synthetic=synthetic, plans=plans, train=run_wide_train(plans), probes=probes, log=log, study=study)

@@ -250,6 +250,7 @@ class LogConfig:
 
 
 STUDY_NAMES = ("activations", "emergence", "frequency", "resampling")
+EXPORT_FORMATS = ("saelens", "neuronpedia")
 
 
 @dataclass
@@ -283,8 +284,13 @@ class StudyConfig:
     lockstep: bool = True  # arms that read the same batches train step by step together (same results)
     search: str | None = option(None, help="print the latents of study --study-id whose label, top tokens or top "
                                 "contexts contain the word, ranked (labels first), then exit", shown="off")
-    arm: str | None = option(None, help="with --search: only this arm (its name, as the report's tables give it, "
-                             "or its folder)", shown="every arm")
+    arm: str | None = option(None, help="with --search or --export: only this arm (its name, as the report's tables "
+                             "give it, or its folder)", shown="every arm")
+    export: str | None = option(None, choices=EXPORT_FORMATS, help="write the finished arms of study --study-id for "
+                                "another tool, then exit: saelens (a folder SAELens's SAE.load_from_disk reads) or "
+                                "neuronpedia (feature batches in Neuronpedia's upload schema)", shown="off")
+    out: str | None = option(None, help="with --export: the folder to write, which must not exist",
+                             shown="<checkpoint-dir>/<study-id>/exports/<format>/, a folder per arm")
 
     @property
     def label(self) -> str:

@@ -7,7 +7,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-PHASES = ("model", "harvest", "training", "eval", "umap", "logging", "checkpoints", "report")
+PHASES = ("model", "harvest", "training", "eval", "umap", "features", "logging", "checkpoints", "report")
 
 
 class PhaseClock:
@@ -28,6 +28,8 @@ class PhaseClock:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if name not in PHASES:  # its seconds would be in the total but in no part of the split
+            raise ValueError(f"unknown phase {name!r}; the phases are {', '.join(PHASES)}")
         self._charge()
         self._stack.append(name)
         try:

@@ -5,6 +5,7 @@ checkpoint dir that a later run would trip over. docs/bad-inputs.md lists the sa
 below keeps the two in step."""
 import errno
 import os
+import json
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -25,6 +26,14 @@ TOY = ("--source", "synthetic", "--study", "activations", "--activation", "topk"
        "12", "--no-progress")
 # Left alone by the snapshot: tinylm, and the activation caches, which repair or rebuild themselves.
 SELF_HEALING = ("models", "activations")
+
+
+def half_done(ctx: "Ctx") -> None:
+    """Study `half`: the finished study `done`, its arm recorded as interrupted."""
+    shutil.copytree(ctx.ckpt / "done", ctx.ckpt / "half")
+    record = json.loads((ctx.ckpt / "half" / "study.json").read_text())
+    record["arms"][0]["status"], record["study_id"] = "interrupted", "half"
+    (ctx.ckpt / "half" / "study.json").write_text(json.dumps(record))
 
 
 @dataclass
@@ -153,6 +162,11 @@ CASES = [
     Case("study-id-is-a-file", ("--study-id", "notes.txt"), "--study-id 'notes.txt' names a file in",
          setup=file_in_ckpt),
     Case("empty-study-id", ("--study-id", ""), "argument --study-id: must not be empty"),
+    Case("search-without-study-id", ("--search", "cat"), "--search needs --study-id"),
+    Case("export-without-study-id", ("--export", "saelens"), "--export needs --study-id"),
+    Case("unknown-export-format", ("--export", "csv", "--study-id", "done"), "argument --export: invalid choice: 'csv'"),
+    Case("arm-without-search-or-export", ("--arm", "topk-k8"), "--arm works with --search WORD or --export FORMAT"),
+    Case("out-without-export", ("--out", "x"), "--out works with --export FORMAT"),
     Case("empty-report", ("--report", ""), "argument --report: must not be empty"),
     Case("empty-checkpoint-dir", ("--checkpoint-dir", ""), "argument --checkpoint-dir: must not be empty"),
     # --config files
@@ -225,6 +239,17 @@ CASES = [
     Case("study-locked", (*TINY, "--study-id", "busy"), f"study busy is being run by process {os.getpid()}",
          setup=busy_study, runs=True),
     Case("report-missing", ("--report", "ghost"), "--report: there is no study 'ghost'", runs=True),
+    Case("search-missing-study", ("--search", "cat", "--study-id", "ghost"), "--search: there is no study 'ghost'",
+         runs=True),
+    Case("search-unknown-arm", ("--search", "cat", "--study-id", "done", "--arm", "nope"),
+         "--arm 'nope' is not an arm of study done (finished: topk-k8)", runs=True),
+    Case("export-unknown-arm", ("--export", "saelens", "--study-id", "done", "--arm", "nope"),
+         "--arm 'nope' is not an arm of study done", runs=True),
+    Case("export-arm-unfinished", ("--export", "saelens", "--study-id", "half", "--arm", "topk-k8"),
+         "--arm 'topk-k8' of study half is interrupted, not finished", runs=True, setup=lambda ctx: half_done(ctx)),
+    Case("export-out-exists", ("--export", "saelens", "--study-id", "done", "--out", "{tmp}/there"),
+         "there exists; remove it, or write elsewhere with --out DIR", runs=True,
+         setup=lambda ctx: (ctx.tmp / "there").mkdir()),
     Case("synthetic-unreachable-l0", (*TOY, "--n-features", "40", "--mean-l0", "50", "--study-id", "bad"),
          "synthetic source: mean_l0 = 50.0 is unreachable", runs=True),
     Case("synthetic-groups-beyond-features", (*C, "--n-tokens", "4096", "--study-id", "bad", "--no-progress"),

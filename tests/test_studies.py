@@ -8,10 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.test_end_to_end import ckpt, run, summary, wandb_env  # noqa: F401  (fixtures)
 from run_experiments import main
+from config.schema import UsageError
+from experiments.arms import TrainedArm
 from experiments.eval.features import load_features
+from models.sae import SAE
 from experiments.provenance import code_commit
 from tests.outcomes import assert_same_outcome
 from visualization.generated import check_blocks
@@ -93,6 +97,38 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     assert main(["--search", label, "--study-id", "all", "--checkpoint-dir", str(ckpt), "--arm", topk["name"]]) == 0
     printed = capsys.readouterr().out
     assert f"latents matching {label!r}" in printed and "│ label '" in printed
+
+    # an arm's folder is named for it and says what it was trained on; the Python API reads it back
+    assert topk["arm_id"].startswith(topk["name"] + "-")
+    about = json.loads((study_dir / topk["arm_id"] / "config.json").read_text())["trained_on"]
+    assert (about["hook_name"], about["study_id"], about["arm_name"], about["commit"], about["context_size"]) == (
+        "blocks.0.hook_resid_post", "all", topk["name"], code_commit(), 33)
+    arm = TrainedArm.load("all", topk["name"], checkpoint_dir=ckpt)
+    cache = Path(json.loads((study_dir / "study.json").read_text())["cache"])
+    tokens, acts = np.load(cache / "tokens.npy"), np.load(cache / "acts.npy", mmap_mode="r")
+    harvested = arm.activations(torch.from_numpy(tokens[0]).long())  # sequence 0: the cache's first 32 rows
+    assert torch.allclose(harvested, torch.from_numpy(np.array(acts[:32])), atol=1e-5)
+    assert torch.equal(arm.encode(harvested), SAE.load(study_dir / topk["arm_id"]).encode(harvested))
+    text = "Once there was a cat."
+    assert arm.encode(text).shape == (arm.tokens(text).shape[1] - 1, 256)
+    spliced = arm.spliced_logits(text)
+    assert spliced.shape[0] == arm.tokens(text).shape[1] and torch.isfinite(spliced).all()
+    with pytest.raises(UsageError, match="not a finished arm"):
+        TrainedArm.load("all", "nope", checkpoint_dir=ckpt)
+    # --export writes each finished arm for SAELens and Neuronpedia, named by what it was trained on
+    assert main(["--export", "saelens", "--study-id", "all", "--checkpoint-dir", str(ckpt)]) == 0
+    exported = study_dir / "exports" / "saelens"
+    assert sorted(p.name for p in exported.iterdir()) == sorted(a["name"] for a in arms)
+    cfg = json.loads((exported / topk["name"] / "cfg.json").read_text())
+    assert (cfg["architecture"], cfg["k"], cfg["metadata"]["hook_name"], cfg["metadata"]["context_size"]) == (
+        "topk", 8, "blocks.0.hook_resid_post", 33)
+    out = ckpt / "np-topk"
+    assert main(["--export", "neuronpedia", "--study-id", "all", "--checkpoint-dir", str(ckpt), "--arm", topk["name"],
+                 "--out", str(out)]) == 0
+    batches = sorted(out.glob("batch-*.json"))
+    assert sum(len(json.loads(b.read_text())["features"]) for b in batches) == 256 and (out / "README.md").exists()
+    assert main(["--export", "neuronpedia", "--study-id", "all", "--checkpoint-dir", str(ckpt), "--arm", topk["name"],
+                 "--out", str(out)]) == 2  # an existing folder is never written into
 
     # the report opens with the findings and the setup, and says what to look for in each figure
     report = (study_dir / "report" / "report.md").read_text()

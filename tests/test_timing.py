@@ -30,3 +30,10 @@ def test_a_phase_left_by_an_exception_is_still_charged():
         raise RuntimeError
     t[0] = 3.0
     assert clock.split()["training"] == 2.0 and clock.split()["other"] == 1.0
+
+
+def test_an_unknown_phase_is_refused_rather_than_lost_from_the_split():
+    clock = PhaseClock(now=iter([0.0, 1.0, 2.0]).__next__)
+    with pytest.raises(ValueError, match="unknown phase 'feature'"):
+        with clock.phase("feature"):
+            pass

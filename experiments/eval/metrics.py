@@ -140,6 +140,17 @@ def _next_token_ce(logits: Tensor, tokens: Tensor) -> float:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()).item()
 
 
+def splice_hook(replace: Callable[[Tensor], Tensor], skip_bos: bool = True) -> Callable[..., Tensor]:
+    """A TransformerLens hook that replaces the activation [B, T, ...] by `replace` of it, at every
+    position but the BOS at 0 when skip_bos (BOS activations are outliers SAEs are not trained on)."""
+    def hook(act: Tensor, hook: object) -> Tensor:
+        if not skip_bos:
+            return replace(act).to(act.dtype)
+        return torch.cat([act[:, :1], replace(act[:, 1:]).to(act.dtype)], dim=1)
+
+    return hook
+
+
 def spliced_lm_metrics(
     model: torch.nn.Module,
     tokens: Tensor,
@@ -156,19 +167,12 @@ def spliced_lm_metrics(
     is averaged over the same positions.
     """
 
-    def splice(fn: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
-        def hook(act: Tensor, hook: object) -> Tensor:
-            if not skip_bos:
-                return fn(act).to(act.dtype)
-            # BOS activations are outliers SAEs are not trained on: keep position 0 clean.
-            return torch.cat([act[:, :1], fn(act[:, 1:]).to(act.dtype)], dim=1)
-
-        return hook
-
     with torch.inference_mode():
         clean = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[])
-        sae = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, splice(reconstruct))])
-        zero = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[(hook_name, splice(torch.zeros_like))])
+        sae = model.run_with_hooks(tokens, return_type="logits",
+                                   fwd_hooks=[(hook_name, splice_hook(reconstruct, skip_bos))])
+        zero = model.run_with_hooks(tokens, return_type="logits",
+                                    fwd_hooks=[(hook_name, splice_hook(torch.zeros_like, skip_bos))])
 
         ce_clean, ce_sae, ce_zero = (_next_token_ce(lg, tokens) for lg in (clean, sae, zero))
         logp_clean = clean[:, :-1].log_softmax(-1)

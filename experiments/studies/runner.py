@@ -32,6 +32,7 @@ from experiments.train.trainer import (StopFlag, StopRequested, Trainer, eval_st
 from config.files import read_json, write_json_atomic
 from config.records import ArmRecord, StudyRecord
 from models.sae import SAE
+from models.sae.base import trained_on
 from visualization.sinks import ArmSinks
 from visualization.generated import block_kinds, fill_blocks
 from visualization.report import docs_excerpt, figure_file, write_report
@@ -180,9 +181,10 @@ def plan_arms(cfg: RunConfig, data_spec: dict) -> list[PlannedArm]:
         for spec in plan.arms:
             identity = {"data": data_spec, "normalize": cfg.data.normalize, "sae": asdict(spec.sae),
                         "train": asdict(spec.train)}
-            arm_id = f"{spec.sae.architecture}-{stable_hash(identity, 8)}"
+            name = arm_name(spec.sae, spec.train, common)
+            arm_id = f"{name}-{stable_hash(identity, 8)}"  # the folder: readable, and unique to the settings
             if arm_id not in planned:
-                planned[arm_id] = PlannedArm(arm_id, arm_name(spec.sae, spec.train, common), spec, [])
+                planned[arm_id] = PlannedArm(arm_id, name, spec, [])
             if plan.name not in planned[arm_id].studies:
                 planned[arm_id].studies.append(plan.name)
     return list(planned.values())
@@ -298,7 +300,9 @@ def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planne
         probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
                            umap_steps(eval_steps(spec.train, n_steps), cfg.probes.umap_evals), spec.train.seed,
                            cache.n_eval_rows, truth=ctx.truth)
-        trainers[p.arm_id] = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, probes)
+        trained_on = {"study_id": study_dir.name, "arm_id": p.arm_id, "arm_name": p.name, **source.about,
+                      "normalize": cfg.data.normalize, "norm_scale": scale, "commit": code_commit()}
+        trainers[p.arm_id] = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, probes, trained_on)
     return trainers
 
 
@@ -457,16 +461,25 @@ def _recorded_study(cfg: RunConfig, study_id: str, flag: str) -> tuple[Path, Stu
     return study_dir, StudyRecord.read(study_dir / "study.json", flag)
 
 
+def _finished_arms(cfg: RunConfig, record: StudyRecord) -> list[ArmRecord]:
+    """The study's finished arms, or the one --arm names; UsageError when --arm names no finished arm."""
+    finished = [a for a in record.arms if a.status == "complete"]
+    if cfg.study.arm is None:
+        return finished
+    chosen = [a for a in record.arms if cfg.study.arm in (a.name, a.arm_id)]
+    if chosen and chosen[0].status != "complete":
+        raise UsageError(f"--arm {cfg.study.arm!r} of study {record.study_id} is {chosen[0].status}, not finished "
+                         f"(--resume the study to finish it)")
+    if not chosen:
+        names = ", ".join(a.name for a in finished) or "none"
+        raise UsageError(f"--arm {cfg.study.arm!r} is not an arm of study {record.study_id} (finished: {names})")
+    return chosen
+
+
 def search_study(cfg: RunConfig) -> int:
     """--search WORD --study-id ID [--arm NAME]: the matching latents of the study's arms, printed."""
     study_dir, record = _recorded_study(cfg, cfg.study.study_id, "--search")
-    arms = [a for a in record.arms if a.status == "complete"]
-    if cfg.study.arm is not None:
-        arms = [a for a in arms if cfg.study.arm in (a.name, a.arm_id)]
-        if not arms:
-            names = ", ".join(a.name for a in record.arms if a.status == "complete") or "none"
-            raise UsageError(f"--arm {cfg.study.arm!r} is not a finished arm of study {record.study_id} "
-                             f"(finished: {names})")
+    arms = _finished_arms(cfg, record)
     table = features.search(study_dir, arms, cfg.study.search)
     if table is None:
         raise UsageError(f"--search: no arm of study {record.study_id} has a feature analysis yet (it is made when "
@@ -475,6 +488,39 @@ def search_study(cfg: RunConfig) -> int:
         print(f"no latent of {len(arms)} arm(s) matches {cfg.study.search!r}")
         return 0
     print(boxed_table(table.title, table.headers, table.rows))
+    return 0
+
+
+def export_study(cfg: RunConfig) -> int:
+    """--export FORMAT --study-id ID [--arm NAME] [--out DIR]: each finished arm in another tool's format,
+    written whole or not at all."""
+    from experiments.export.neuronpedia import export_neuronpedia
+    from experiments.export.saelens import export_saelens, saelens_metadata
+
+    study_dir, record = _recorded_study(cfg, cfg.study.study_id, "--export")
+    arms = _finished_arms(cfg, record)
+    if not arms:
+        raise UsageError(f"--export: study {record.study_id} has no finished arm yet")
+    if cfg.study.out is not None and len(arms) > 1:
+        raise UsageError(f"--out names one folder, and study {record.study_id} has {len(arms)} finished arms: "
+                         f"pick one with --arm NAME")
+    targets = {a.arm_id: Path(cfg.study.out) if cfg.study.out is not None else
+               study_dir / "exports" / cfg.study.export / a.name for a in arms}
+    taken = next((t for t in targets.values() if t.exists()), None)
+    if taken is not None:
+        raise UsageError(f"--export: {taken} exists; remove it, or write elsewhere with --out DIR")
+    export = {"saelens": lambda arm_dir, out, about: export_saelens(arm_dir, out, saelens_metadata(about)),
+              "neuronpedia": export_neuronpedia}[cfg.study.export]
+    for arm in arms:
+        about = trained_on(study_dir / arm.arm_id)
+        if not about:
+            raise UsageError(f"--export: arm {arm.name} was saved without a record of what it was trained on "
+                             f"(config.json's trained_on, written since this harness exports); run the study again")
+        try:
+            out = export(study_dir / arm.arm_id, targets[arm.arm_id], about)
+        except (ValueError, FileExistsError) as err:
+            raise UsageError(f"--export {cfg.study.export}, arm {arm.name}: {err}") from None
+        print(f"{cfg.study.export}: {arm.name} -> {out}")
     return 0
 
 

@@ -46,6 +46,7 @@ class OpenedSource:
     concepts: Callable[[], ConceptData] | None  # the concepts to score latents against; None where the
     # source's own truth is the concept (a synthetic source's true features, in ctx.truth)
     features: Callable[[SAE], FeatureAnalysis]  # what each latent of a saved (folded) SAE means
+    about: dict  # what the activations are, as a saved SAE's config.json records it ("trained_on")
 
 
 class TransformerSource:
@@ -76,8 +77,11 @@ class TransformerSource:
         concepts = functools.cache(partial(_concept_data, cfg, model, cache))  # says what it left out once
         features = partial(_token_features, cache=cache, unembed=model.bridge.W_U,
                            decode=lambda token: model.tokenizer.decode([token]), concepts=concepts, bar=bars(cfg))
+        about = {"source": "transformer", "model_name": model.name, "model_fingerprint": model.fingerprint,
+                 "hook_name": hook_name, "d_in": cache.d_in, "context_size": cfg.data.seq_len, "prepend_bos": True,
+                 "dataset": cfg.data.dataset or "tinylm corpus (generated stories)", "n_samples": cfg.data.n_samples}
         return OpenedSource(cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec,
-                            concepts, features)
+                            concepts, features, about)
 
     @staticmethod
     def describe(record: StudyRecord) -> list[list[str]]:
@@ -105,7 +109,9 @@ class SyntheticSource:
             cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
         truth = SyntheticTruth.load(cache.path, cache.n_train_rows, cfg.probes.cos_threshold)
         features = partial(_synthetic_features, cache=cache, truth=truth, bar=bars(cfg))
-        return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None, features)
+        about = {"source": "synthetic", "d_in": cache.d_in, "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
+                 "cache": str(cache.path)}
+        return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None, features, about)
 
     @staticmethod
     def describe(record: StudyRecord) -> list[list[str]]:

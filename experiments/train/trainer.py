@@ -167,8 +167,9 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
 
 class Trainer:
     def __init__(self, arm_dir: Path, sae_cfg: SAEArmConfig, cfg: TrainConfig, cache: ActivationCache,
-                 scale: float, ctx: EvalContext, sinks, stop: StopFlag, probes=None):
+                 scale: float, ctx: EvalContext, sinks, stop: StopFlag, probes=None, trained_on: dict | None = None):
         self.arm_dir, self.cfg, self.cache, self.scale, self.ctx = arm_dir, cfg, cache, scale, ctx
+        self.trained_on = trained_on  # written into the final config.json: what the activations were
         self.sinks, self.stop, self.probes = sinks, stop, probes
         self.arm = sae_cfg
         self.n_steps = total_steps(cfg, cache)
@@ -360,7 +361,7 @@ class Trainer:
         """Write the final weights and close the logs (after the last step)."""
         start = time.perf_counter()
         with phase("checkpoints"):
-            self.sae.save(self.arm_dir, scale=self.scale)
+            self.sae.save(self.arm_dir, scale=self.scale, trained_on=self.trained_on)
         with phase("logging"):
             self.sinks.finish({f"final/{k}": v for k, v in self.last_eval.items()})
         self.seconds += time.perf_counter() - start

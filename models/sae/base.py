@@ -235,12 +235,15 @@ class SAE(nn.Module):
         sd["b_dec"] /= scale
         return sd
 
-    def save(self, out_dir: Path, scale: float = 1.0) -> None:
-        """Write sae.safetensors + config.json; the saved SAE acts on raw (unnormalised) inputs."""
+    def save(self, out_dir: Path, scale: float = 1.0, trained_on: dict[str, Any] | None = None) -> None:
+        """Write sae.safetensors + config.json; the saved SAE acts on raw (unnormalised) inputs.
+        `trained_on` (what the activations were: model, hook, data, study, commit) goes into
+        config.json beside the architecture, so the folder describes itself."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         weights = save({k: v.contiguous() for k, v in self.folded_state_dict(scale).items()})
-        config = json.dumps({**self.cfg.to_dict(), "folded_scale": scale}, indent=2).encode()
+        about = {"trained_on": trained_on} if trained_on is not None else {}
+        config = json.dumps({**self.cfg.to_dict(), "folded_scale": scale, **about}, indent=2).encode()
         for name, data in (("sae.safetensors", weights), ("config.json", config)):
             tmp = out_dir / f".{name}.tmp"  # a killed write never leaves a truncated file under the real name
             tmp.write_bytes(data)
@@ -253,6 +256,7 @@ class SAE(nn.Module):
         out_dir = Path(out_dir)
         d = json.loads((out_dir / "config.json").read_text())
         d.pop("folded_scale", None)  # already folded into the weights
+        d.pop("trained_on", None)  # a description, read with trained_on()
         sae = build_sae(SAEConfig.from_dict(d))
         path = out_dir / "sae.safetensors"
         try:
@@ -262,3 +266,8 @@ class SAE(nn.Module):
                              f"safetensors, never unpickled") from None
         sae.load_state_dict(state)
         return sae
+
+
+def trained_on(out_dir: Path) -> dict[str, Any]:
+    """What a saved SAE was trained on (config.json's "trained_on"; empty for an SAE saved without it)."""
+    return json.loads((Path(out_dir) / "config.json").read_text()).get("trained_on", {})

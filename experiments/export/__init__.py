@@ -1,0 +1,1 @@
+"""Writing a finished arm's SAE in other libraries' formats."""
