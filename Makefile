@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
-.PHONY: run test quick clean-venv bench-peers bench-parity check-export
+.PHONY: run test quick clean-venv bench-peers bench-parity check-export screenshots
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
@@ -54,3 +54,8 @@ bench-parity: $(PEERS_STAMP)
 # compared with ours on encode and decode (benchmarks/check_export.py), in the same venv as bench-peers.
 check-export: $(PEERS_STAMP)
 	$(PEERS_PY) benchmarks/check_export.py --study-dir checkpoints/default $(ARGS)
+
+# `make screenshots`: the explorer's pages (docs/explorer/*.png) from the default study, with headless
+# Chromium (Debian: apt-get install chromium); benchmarks/screenshots.py.
+screenshots: $(STAMP)
+	$(PY) benchmarks/screenshots.py --study-dir checkpoints/default $(ARGS)

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
             return search_study(cfg)
         if cfg.study.export:
             return export_study(cfg)
+        if cfg.study.serve:
+            from experiments.explorer.app import serve_study
+            return serve_study(cfg)
         return run_study(cfg, stop)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)

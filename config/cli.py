@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     _flag(study, StudyConfig, "arm", metavar="NAME")
     _flag(study, StudyConfig, "export")
     _flag(study, StudyConfig, "out", metavar="DIR")
+    _flag(study, StudyConfig, "serve", metavar="STUDY_ID")
+    _flag(study, StudyConfig, "port")
+    _flag(study, StudyConfig, "host")
     study.add_argument("--resume", action="store_true", default=False,
                        help="continue the most recent unfinished study run with the same settings "
                        "(or the one named by --study-id) from its last checkpoints (default: off)")
@@ -279,7 +282,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
                         lockstep=not a.sequential_arms,
                         report=a.report, docs=a.docs, search=a.search, arm=a.arm,
-                        export=a.export, out=a.out)
+                        export=a.export, out=a.out, serve=a.serve,
+                        **{k: v for k, v in (("port", a.port), ("host", a.host)) if v is not None})
     for flag, value in (("--search", a.search), ("--export", a.export)):
         if value is not None and a.study_id is None:
             raise UsageError(f"{flag} needs --study-id: the study whose arms to use")
@@ -287,6 +291,9 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         raise UsageError("--arm works with --search WORD or --export FORMAT: it picks one arm of the study")
     if a.out is not None and a.export is None:
         raise UsageError("--out works with --export FORMAT: it is the folder the export is written to")
+    for flag, value in (("--port", a.port), ("--host", a.host)):
+        if value is not None and a.serve is None:
+            raise UsageError(f"{flag} works with --serve STUDY_ID: it says where the explorer listens")
     if a.docs is not None and a.report is None:
         raise UsageError("--docs works with --report STUDY_ID: it writes that study's results into the file")
     cfg = RunConfig(data=data, synthetic=synthetic, plans=plans, train=run_wide_train(plans), probes=probes, log=log, study=study)

@@ -30,6 +30,7 @@ RULES = {
     "at_least_2": (lambda v: v >= 2, "must be >= 2"),
     "fraction": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "unit": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "port": (lambda v: 0 <= v <= 65535, "must be in [0, 65535]"),
     "any": (lambda v: True, ""),
 }
 
@@ -291,6 +292,12 @@ class StudyConfig:
                                 "neuronpedia (feature batches in Neuronpedia's upload schema)", shown="off")
     out: str | None = option(None, help="with --export: the folder to write, which must not exist",
                              shown="<checkpoint-dir>/<study-id>/exports/<format>/, a folder per arm")
+    serve: str | None = option(None, help="start the explorer, a local web app over the finished arms of this study "
+                               "under --checkpoint-dir (feature pages, prompt analyser, steering; docs/explorer.md), "
+                               "print its URL and serve until Ctrl-C", shown="off")
+    port: int = option(8000, "port", help="with --serve: the port to listen on (0: any free port)")
+    host: str = option("127.0.0.1", help="with --serve: the address to bind; anything but a loopback address lets "
+                       "whoever can reach the port run the model")
 
     @property
     def label(self) -> str:

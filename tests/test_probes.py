@@ -7,7 +7,7 @@ from scipy.stats import spearmanr
 from experiments.eval.concepts import ConceptSet
 from experiments.eval.metrics import EvalAccumulator, frequency_stats, rank_stability
 from experiments.eval.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
-from experiments.studies.emergence import _first_reach, _nanmax, median_by_kind
+from experiments.studies.emergence import _first_reach, _nanmax, _settled_reach, median_by_kind
 from config.schema import ProbeConfig
 from experiments.train.trainer import EvalOutput
 
@@ -38,6 +38,20 @@ def test_first_reach_and_nanmax():
     assert first[0] == 200 and first[1] == 100 and np.isnan(first[2]) and np.isnan(first[3])
     best = _nanmax(scores)
     assert best[0] == 0.95 and best[3] == 0.79 and np.isnan(best[2])
+
+
+def test_a_concept_emerges_when_it_reaches_the_threshold_and_stays():
+    tokens = np.array([100.0, 200.0, 300.0, 400.0])
+    scores = np.array([[0.9, 0.1, 0.9, 0.0, np.nan],
+                       [0.7, 0.9, 0.9, 0.0, 0.9],
+                       [0.9, 0.85, 0.9, 0.0, np.nan],
+                       [0.8, 0.95, 0.9, 0.9, 0.9]])
+    settled = _settled_reach(tokens, scores, 0.8)
+    # dips below at 200, back for good at 300 / crosses at 200 and stays / above throughout /
+    # only the last eval / a missing score (NaN) counts as below
+    np.testing.assert_array_equal(settled, [300.0, 200.0, 100.0, 400.0, 400.0])
+    assert np.isnan(_settled_reach(tokens, scores[:3], 0.8)[3])  # ends below: never emerged
+    np.testing.assert_array_equal(_first_reach(tokens, scores, 0.8), [100.0, 200.0, 100.0, 400.0, 200.0])
 
 
 def test_frequency_stats_and_rank_stability():

@@ -247,7 +247,9 @@ def test_emergence_on_a_small_toy_logs_features_and_recovers_them(tmp_path, wand
     assert len(features) == 32 and {"probability", "emerged_tokens", "best_cos", "role"} <= features[0].keys()
     emerged = [f for f in features if f["emerged_tokens"] is not None]
     assert len(emerged) == arm["emerged"] >= round(32 * topk["final"]["frac_recovered"])
-    assert all(f["best_cos"] >= 0.9 for f in emerged) and all(f["best_cos"] < 0.9 for f in features if f not in emerged)
+    # emerged: at the threshold from some eval to the end, so at the end too; the others end below it
+    assert all(f["final_best_cos"] >= 0.9 for f in emerged)
+    assert all(f["final_best_cos"] < 0.9 for f in features if f not in emerged)
     report = ckpt / "syn" / "report"
     assert (report / "emergence" / "emergence_vs_frequency.png").exists()
     assert (report / "emergence" / "features.csv").read_text().count("\n") == 32 + 1

@@ -429,7 +429,7 @@ def emergence_steps(arms: dict[str, dict], concepts: list[str], threshold: float
     ax.set_yticks(np.arange(n_c), concepts)
     ax.set_ylim(n_c - 0.5, -0.5)
     ax.set_xlim(-0.03 * (x_max or 1.0), (x_max or 1.0) * 1.04)
-    _token_axis(ax, "training tokens at first eval reaching the threshold")
+    _token_axis(ax, "training tokens from which the score stays at or above the threshold")
     ax.set_ylabel("concept")
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Emerged")
@@ -451,7 +451,7 @@ def emergence_steps(arms: dict[str, dict], concepts: list[str], threshold: float
                            markeredgecolor="0.2")]
         names = [*names, "", "one latent", "k-sparse probe"]
     _legend_right(fig, handles, names, title="arm")
-    fig.suptitle(f"First eval where each concept reaches {score_label} ≥ {threshold:g}")
+    fig.suptitle(f"When each concept reaches {score_label} ≥ {threshold:g} and stays there")
     return fig
 
 

@@ -39,6 +39,17 @@ def _first_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> np
     return np.where(reached.any(0), tokens[first], np.nan)
 
 
+def _settled_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """[C] tokens at the first eval from which the score stays at or above threshold to the end of
+    training (NaN: it ends below). This is when a concept has emerged: a threshold crossed at one
+    eval and lost at the next is not an emergence step. scores [E, C]."""
+    below = np.nan_to_num(scores, nan=-1.0) < threshold
+    # index of the last eval below, +1; E means it ended below (never settled)
+    last_below = np.where(below.any(0), below.shape[0] - 1 - below[::-1].argmax(0), -1)
+    settled = last_below + 1
+    return np.where(settled < below.shape[0], tokens[np.minimum(settled, below.shape[0] - 1)], np.nan)
+
+
 def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
     """Emergence on a transformer source: when a concept's best single latent (and k-sparse probe)
     reaches the F1 threshold on held-out tokens."""
@@ -64,7 +75,8 @@ def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
                           "counts": {kind: kinds.count(kind) for kind in single_medians},
                           "medians": {kind: {"single": single_medians[kind], "probe": probe_medians[kind]}
                                       for kind in single_medians}}
-        first_single, first_probe = _first_reach(tokens, single, threshold), _first_reach(tokens, probe, threshold)
+        first_single, first_probe = _settled_reach(tokens, single, threshold), _settled_reach(tokens, probe, threshold)
+        crossed_single, crossed_probe = _first_reach(tokens, single, threshold), _first_reach(tokens, probe, threshold)
         best_single, best_probe = _nanmax(single), _nanmax(probe)
         per_arm[a.name] = (first_single, first_probe, best_single, best_probe)
         n = lambda first, idx: int(np.sum(~np.isnan(first[idx])))  # noqa: E731
@@ -75,35 +87,41 @@ def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         concepts_out = []
         for i in range(len(names)):
             entry = {"concept": names[i], "emerged_single_tokens": rounded(first_single[i], 0),
-                     "emerged_probe_tokens": rounded(first_probe[i], 0), "best_single_f1": rounded(best_single[i]),
+                     "emerged_probe_tokens": rounded(first_probe[i], 0),
+                     "first_crossed_single_tokens": rounded(crossed_single[i], 0),
+                     "first_crossed_probe_tokens": rounded(crossed_probe[i], 0), "best_single_f1": rounded(best_single[i]),
                      "best_probe_f1": rounded(best_probe[i]), "final_single_latent": int(last["single_latent"][i]),
                      "final_probe_latents": [int(x) for x in last["probe_latents"][i] if x >= 0]}
             concepts_out.append(entry)
             if kinds[i] == "category":
-                detail.append([a.name, label[i], tokens_text(first_single[i]), beside(best_single[i], threshold),
-                               tokens_text(first_probe[i]), beside(best_probe[i], threshold),
+                detail.append([a.name, label[i], tokens_text(first_single[i]), tokens_text(crossed_single[i]),
+                               beside(best_single[i], threshold), tokens_text(first_probe[i]),
+                               tokens_text(crossed_probe[i]), beside(best_probe[i], threshold),
                                len(entry["final_probe_latents"])])
         summary_arms.append({"name": a.name, "arm_id": a.record.arm_id, "concepts": concepts_out})
     k = probes["probe_k"]
     res.tables["counts"] = Table(
-        f"Concepts emerged (held-out F1 >= {threshold}): best single latent / {k}-sparse probe",
+        f"Concepts emerged (held-out F1 >= {threshold} from some eval to the end of training): best single "
+        f"latent / {k}-sparse probe",
         ["arm", "categories (one latent)", "categories (probe)", "words (one latent)", "words (probe)",
          "median best cat. F1 (one latent)", "median best cat. F1 (probe)"], rows)
     res.tables["categories"] = Table(
-        "Category concepts: when each emerged (training tokens) and the best held-out F1 reached",
-        ["arm", "category", "emerged (single)", "best F1 (single)", "emerged (probe)", "best F1 (probe)",
-         "probe latents"], detail)
+        "Category concepts: when each emerged (reached the threshold and stayed; training tokens), when it "
+        "first crossed it, and the best held-out F1 reached",
+        ["arm", "category", "emerged (single)", "first crossed (single)", "best F1 (single)", "emerged (probe)",
+         "first crossed (probe)", "best F1 (probe)", "probe latents"], detail)
     res.figure("curves", partial(study_plots.emergence_curves, curves, threshold),
                f"Median over concepts of the best held-out F1 as training goes on (solid: one latent, dashed: "
-               f"the {k}-sparse probe); a concept has emerged once its score reaches the dotted {threshold:g}.")
+               f"the {k}-sparse probe); a concept has emerged once its score reaches the dotted {threshold:g} and "
+               f"stays there.")
     cat_names = [label[i] for i in cat]
     res.figure("steps", partial(study_plots.emergence_steps, {a.name: {
         "architecture": a.architecture, "tokens": curves[a.name]["tokens"],
         "emerged_tokens": per_arm[a.name][0][cat], "best": per_arm[a.name][2][cat],
         "probe_emerged_tokens": per_arm[a.name][1][cat], "probe_best": per_arm[a.name][3][cat]} for a in scored},
         cat_names, threshold),
-        "When each category first reached the threshold (filled: one latent, hollow: the probe); on the right, "
-        "the best F1 of the arms where it never did.")
+        "When each category reached the threshold for good (filled: one latent, hollow: the probe); on the right, "
+        "the best F1 of the arms where it did not stay above it.")
     for kind in ("single", "probe"):
         final = np.stack([final_scores[a.name][kind][cat] for a in scored])
         what = "best single latent" if kind == "single" else f"{k}-sparse probe"
@@ -116,7 +134,7 @@ def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
     words = {a.name: int(np.sum(~np.isnan(per_arm[a.name][0][word]))) for a in scored}
     lead, lead_probe = max(single, key=single.get), max(probe, key=probe.get)
     res.findings.append(
-        f"Most categories isolated in one latent (held-out F1 >= {threshold:g}): **{lead}**, {single[lead]} of "
+        f"Most categories isolated in one latent (held-out F1 >= {threshold:g} to the end): **{lead}**, {single[lead]} of "
         f"{len(cat)}; with the {k}-sparse probe **{lead_probe}**, {probe[lead_probe]} of {len(cat)}.")
     if word:
         res.findings.append(f"Words isolated in one latent: at most {max(words.values())} of {len(word)} "
@@ -124,7 +142,7 @@ def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
     never = [i for i in cat if all(np.isnan(per_arm[a.name][1][i]) for a in scored)]
     if never:
         best = {i: max(float(np.nan_to_num(per_arm[a.name][3][i], nan=0.0)) for a in scored) for i in never}
-        res.findings.append("No arm reached the threshold even with the probe for: " + ", ".join(
+        res.findings.append("No arm ended at the threshold even with the probe for: " + ", ".join(
             f"{label[i]} (best {format_beside(best[i], threshold)})" for i in never) + ".")
     res.summary = {"threshold": threshold, "probe_k": k, "skipped_words": scored[0].concepts.get("skipped", []),
                    "arms": summary_arms}
@@ -154,7 +172,7 @@ FREQUENCY_BINS = 4
 
 def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
     """Emergence on a synthetic source: the concepts are the true features, and a feature has
-    emerged at the first eval where some decoder row reaches |cos| >= threshold with it."""
+    emerged at the first eval from which some decoder row keeps |cos| >= threshold with it."""
     threshold = probes["cos_threshold"]
     res = StudyResult("emergence", "When does each true feature get a latent of its own, and do frequent features "
                                    "come first?")
@@ -169,7 +187,7 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
     for a in scored:
         tokens = np.array([float(e["tokens"]) for e in a.evals])
         best_cos = np.stack([e["best_cos"] for e in a.evals])
-        emerged = _first_reach(tokens, best_cos, threshold)
+        emerged = _settled_reach(tokens, best_cos, threshold)
         best = _nanmax(best_cos)
         done = ~np.isnan(emerged)
         # Negative: frequent features emerge first (the sign the scatter's titles show too).
@@ -193,7 +211,7 @@ def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         summary_arms.append({"name": a.name, "arm_id": a.record.arm_id, "emerged": int(done.sum()),
                              "spearman_probability_vs_emergence_tokens": rounded(rho), "features": features})
     res.tables["counts"] = Table(
-        f"True features emerged (some decoder row with |cos| >= {threshold:g})",
+        f"True features emerged (some decoder row with |cos| >= {threshold:g} from some eval to the end)",
         ["arm", "emerged", "first at", "median emergence", "Spearman(probability, emergence)", "frac_recovered (final)",
          "mcc (final)"], rows)
     res.tables["by_frequency"] = Table(
