@@ -1,8 +1,9 @@
-"""Crash-safe files, for every layer: JSON records and CSVs written whole or not at all."""
+"""Crash-safe files, for every layer: JSON records, CSVs and new folders written whole or not at all."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,35 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     with atomic_writer(path) as f:
         json.dump(obj, f, indent=2, default=_json_default)
         f.write("\n")
+
+
+def write_new_folder(out: Path, files: dict[str, bytes]) -> Path:
+    """Create the folder `out` holding `files` (name -> contents), whole or not at all: they are
+    written and fsynced in a hidden sibling that is renamed to `out` at the end, and removed if
+    anything fails. An existing `out` is never written into (FileExistsError, also when it appears
+    meanwhile: os.rename would replace an empty folder). Returns `out`."""
+    out = Path(out)
+
+    def refused() -> FileExistsError:
+        return FileExistsError(f"{out} already exists; a new folder is written, never into an existing one")
+
+    if out.exists() or out.is_symlink():
+        raise refused()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        for name, data in files.items():
+            with open(tmp / name, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+        if out.exists() or out.is_symlink():
+            raise refused()
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
+    return out
 
 
 def read_json(path: Path) -> Any:

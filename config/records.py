@@ -59,6 +59,14 @@ class StudyRecord:
     def arm(self, arm_id: str) -> ArmRecord:
         return next(a for a in self.arms if a.arm_id == arm_id)
 
+    def named(self, key: str) -> ArmRecord | None:
+        """The arm whose name (as the report gives it) or folder is exactly `key`; None if none is."""
+        return next((a for a in self.arms if key in (a.name, a.arm_id)), None)
+
+    @property
+    def finished(self) -> list[ArmRecord]:
+        return [a for a in self.arms if a.status == "complete"]
+
     @classmethod
     def from_dict(cls, data: Any) -> StudyRecord:
         """ValueError when `data` is not a study record (missing keys, wrong shapes)."""

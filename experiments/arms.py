@@ -45,10 +45,9 @@ class TrainedArm:
         if not study_json.exists():
             raise UsageError(f"there is no study {study!r} in {root}")
         record = StudyRecord.read(study_json, "study.json")
-        finished = [a for a in record.arms if a.status == "complete"]
-        found = next((a for a in finished if arm in (a.name, a.arm_id)), None)
-        if found is None:
-            names = ", ".join(a.name for a in finished) or "none"
+        found = record.named(arm)
+        if found is None or found.status != "complete":
+            names = ", ".join(a.name for a in record.finished) or "none"
             raise UsageError(f"{arm!r} is not a finished arm of study {study} (finished: {names})")
         arm_dir = root / study / found.arm_id
         return cls(arm_dir, found.name, SAE.load(arm_dir), trained_on(arm_dir), root / "models")

@@ -13,7 +13,7 @@ import torch
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file
 
-from experiments.export import saelens
+import config.files as files
 from experiments.export.saelens import export_saelens, saelens_metadata
 from models.sae import SAE, SAEConfig, build_sae
 
@@ -187,7 +187,7 @@ def test_refusals_leave_nothing_behind(tmp_path, monkeypatch):
     def rename_fails(*_):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(saelens.os, "rename", rename_fails)
+    monkeypatch.setattr(files.os, "rename", rename_fails)  # the export's folder write (write_new_folder)
     with pytest.raises(OSError, match="disk gone"):
         export_saelens(arm_dir, tmp_path / "out", META)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["jumprelu-arm", "negative"]

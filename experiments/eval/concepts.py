@@ -191,7 +191,7 @@ def _column_counts(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return acc
 
 
-def _f1(tp: Any, n_fired: Any, n_pos: Any) -> np.ndarray:
+def f1_score(tp: Any, n_fired: Any, n_pos: Any) -> np.ndarray:
     """F1 = 2TP / (2TP + FP + FN) = 2TP / (fired + positives), 0 where that is 0.
 
     Counts are exact integers, so equal ratios give bit-identical floats (ties are real ties)."""
@@ -238,12 +238,12 @@ def _greedy_probe(fired: np.ndarray, columns: _Columns, pos: np.ndarray, neg: np
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
     chosen, cov = [first], columns[first].copy()
     TP, FP = int(tp[first]), int(fp[first])
-    best = float(_f1(TP, TP + FP, n_pos))
+    best = float(f1_score(TP, TP + FP, n_pos))
     while len(chosen) < probe_k and TP < n_pos:  # with every positive covered, F1 cannot rise
         # Cheap stop: TP gains at most min(tp_j, uncovered positives), FP ends at least at
         # max(FP, fp_j). If no latent's bound beats `best`, no exact count is needed.
         room = TP + np.minimum(tp, n_pos - TP)
-        bound = _f1(room, room + np.maximum(fp, FP), n_pos)
+        bound = f1_score(room, room + np.maximum(fp, FP), n_pos)
         bound[chosen] = -1.0
         if bound.max() <= best:
             break
@@ -253,7 +253,7 @@ def _greedy_probe(fired: np.ndarray, columns: _Columns, pos: np.ndarray, neg: np
         gain = _counts_on(fired, pos & ~cov, pos & cov, n_pos - TP, TP, tp)
         overlap = _counts_on(fired, neg & cov, neg & ~cov, FP, n_neg - FP, fp)
         new_tp, new_fp = TP + gain, FP + fp - overlap
-        f1 = _f1(new_tp, new_tp + new_fp, n_pos)
+        f1 = f1_score(new_tp, new_tp + new_fp, n_pos)
         f1[chosen] = -1.0
         j = int(np.argmax(f1))  # first maximum: lowest index among ties
         if f1[j] <= best:
@@ -303,7 +303,7 @@ def score_concepts(fired: torch.Tensor, labels: torch.Tensor, fit_mask: torch.Te
         if n_pos == 0 or n_pos_held == 0:
             continue
         tp = _column_counts(fired_np, np.flatnonzero(pos))
-        first = int(np.argmax(_f1(tp, n_fit, n_pos))) if d else -1
+        first = int(np.argmax(f1_score(tp, n_fit, n_pos))) if d else -1
         if first < 0 or tp[first] == 0:  # no latent fires on any fit positive
             out["single_f1"][c] = out["probe_f1"][c] = 0.0
             continue
@@ -313,7 +313,7 @@ def score_concepts(fired: torch.Tensor, labels: torch.Tensor, fit_mask: torch.Te
         single = columns[first] & held
         union &= held
         out["single_latent"][c] = first
-        out["single_f1"][c] = _f1(np.count_nonzero(single & pos_held), np.count_nonzero(single), n_pos_held)
+        out["single_f1"][c] = f1_score(np.count_nonzero(single & pos_held), np.count_nonzero(single), n_pos_held)
         out["probe_latents"][c, :len(chosen)] = chosen
-        out["probe_f1"][c] = _f1(np.count_nonzero(union & pos_held), np.count_nonzero(union), n_pos_held)
+        out["probe_f1"][c] = f1_score(np.count_nonzero(union & pos_held), np.count_nonzero(union), n_pos_held)
     return out

@@ -39,7 +39,7 @@ from torch import Tensor
 from config.files import read_json, write_json_atomic
 from experiments.data.activation_cache import ActivationCache
 from experiments.data.synthetic import SyntheticTruth
-from experiments.eval.concepts import ConceptSet
+from experiments.eval.concepts import ConceptSet, f1_score
 from experiments.eval.recovery import abs_cosine
 from experiments.progress import BarFactory, silent_bar
 from models.sae.base import SAE
@@ -340,10 +340,11 @@ def analyse_features(sae: SAE, cache: ActivationCache, scale: float, *, top_n: i
 
 
 def _best_concepts(tp: Tensor, n_fired: Tensor, n_pos: Tensor) -> dict[str, Tensor]:
-    """F1 = 2TP / (fired + positives) for every (latent, concept); the first best concept per latent."""
-    denom = n_fired[:, None] + n_pos[None, :]
-    best, idx = torch.where(denom > 0, 2 * tp / denom.clamp_min(1), 0.0).max(1)
-    return {"concept_index": torch.where(best > 0, idx, -1), "concept_f1": best}
+    """F1 for every (latent, concept) as concept scoring computes it; the first best concept per latent."""
+    f1 = f1_score(tp.cpu().numpy(), n_fired.cpu().numpy()[:, None], n_pos.cpu().numpy()[None, :])
+    idx = f1.argmax(1)
+    best = f1[np.arange(len(f1)), idx]
+    return {"concept_index": torch.from_numpy(np.where(best > 0, idx, -1)), "concept_f1": torch.from_numpy(best)}
 
 
 def analyse_synthetic_features(sae: SAE, cache: ActivationCache, scale: float, truth: SyntheticTruth, *,

@@ -439,7 +439,7 @@ def serve_study(cfg: RunConfig) -> int:
     # (a tinylm forward took 85 ms on 2 threads of a busy machine, 2 ms on one).
     torch.set_num_threads(1)
     record = explorer.record
-    runs = [a for a in record.arms if a.status == "complete" and explorer.source(a) == "transformer"]
+    runs = [a for a in record.finished if explorer.source(a) == "transformer"]
     if runs:
         print(f"loading the subject model of {runs[0].name} ...", flush=True)
         try:

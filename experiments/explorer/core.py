@@ -34,8 +34,8 @@ import torch
 
 from config.records import ArmRecord, StudyRecord
 from config.schema import UsageError
-from experiments.eval.features import (FeatureAnalysis, features_done, load_features, render_context,
-                                       search_features, top_tokens)
+from experiments.eval.features import FeatureAnalysis, features_done, load_features, search_features, top_tokens
+from experiments.studies.features import ranked, strongest_context
 
 MAX_NEW_TOKENS = 40  # generated tokens per steering request
 MAX_LATENTS = 8  # latents steered at once
@@ -204,7 +204,7 @@ class Explorer:
         """The finished arm named `name` (its name or folder, exactly); ExplorerError otherwise."""
         if not isinstance(name, str):
             raise ExplorerError("an arm is named by its name or folder, a string", 400)
-        found = next((a for a in self.record.arms if name in (a.name, a.arm_id)), None)
+        found = self.record.named(name)
         if found is None:
             names = ", ".join(a.name for a in self.record.arms) or "none"
             raise ExplorerError(f"study {self.record.study_id} has no arm {name[:80]!r} (its arms: {names})", 404)
@@ -412,18 +412,14 @@ class Explorer:
             raise ExplorerError("type a word to search for")
         if len(word) > MAX_QUERY_CHARS:
             raise ExplorerError(f"the search word is {len(word)} characters; at most {MAX_QUERY_CHARS}")
-        arms = [self.arm(arm)] if arm else [a for a in self.record.arms if a.status == "complete"]
+        arms = [self.arm(arm)] if arm else self.record.finished
         loaded = [(a, self._features(a)) for a in arms if features_done(self.study_dir / a.arm_id)]
         if not loaded:
             raise ExplorerError(f"no arm of study {self.record.study_id} has a feature analysis yet", 409)
-        hits = [(a, fa, m) for a, fa in loaded for m in self._matches(a, fa, word)]
-        hits.sort(key=lambda h: (-h[2].tier, -h[2].score))  # stable: arms in study order within a tie
+        hits = ranked([(a, fa, m) for a, fa in loaded for m in self._matches(a, fa, word)])
         rows = []
         for a, fa, m in hits[:limit]:
-            t = fa.arrays.get("top_context_tokens")
-            context = "" if t is None or fa.arrays["top_acts"][m.latent, 0] <= 0 else render_context(
-                t[m.latent, 0], fa.arrays["top_context_acts"][m.latent, 0], t.shape[2] // 2,
-                lambda token: fa.token_text.get(token, "")).replace("**", "")
+            context = strongest_context(fa, m.latent).replace("**", "")
             rows.append({"arm": a.name, "latent": m.latent, "label": fa.labels[m.latent],
                          "density": float(fa.arrays["density"][m.latent]), "why": m.why, "context": context})
         return {"word": word, "total": len(hits), "rows": rows,

@@ -36,15 +36,13 @@ meta["layer"] or the hook name "blocks.<layer>.…", the source set from meta["n
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from config.files import write_new_folder
 from experiments.eval.features import FeatureAnalysis, features_done, load_features
 
 SCHEMA = {"package": "neuronpedia", "version": "1.2.1",
@@ -61,9 +59,7 @@ def export_neuronpedia(arm_dir: Path, out: Path, meta: dict[str, Any], batch_siz
     """Write out/batch-0.json, batch-1.json, ... (the arm's latents in order, batch_size a file),
     out/README.md and out/meta.json; returns out. Written into a temporary sibling folder that is
     renamed to out at the end. `meta` needs REQUIRED_META; see the module docstring for the rest."""
-    arm_dir, out = Path(arm_dir), Path(out)
-    if out.exists():
-        raise FileExistsError(f"{out} exists: the export writes a new folder, choose another path")
+    arm_dir = Path(arm_dir)
     if not 1 <= batch_size <= MAX_BATCH:
         raise ValueError(f"batch_size {batch_size}: Neuronpedia takes 1 to {MAX_BATCH} features a batch")
     missing = [k for k in REQUIRED_META if k not in meta]
@@ -83,21 +79,11 @@ def export_neuronpedia(arm_dir: Path, out: Path, meta: dict[str, Any], batch_siz
               "d_sae": len(features), "n_batches": len(batches), "batch_size": batch_size, "neuronpedia": names,
               "explanation_method": explanation_method, "schema": SCHEMA, "analysis_settings": analysis.settings}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
-        for n, batch in enumerate(batches):
-            body = {"modelId": names["model_id"], "source": names["source"], "features": batch}
-            _write_json(tmp / f"batch-{n}.json", body)
-        _write_json(tmp / "meta.json", record, indent=2)
-        (tmp / "README.md").write_text(readme(record))
-        if out.exists():  # appeared while writing: never replace it
-            raise FileExistsError(f"{out} exists: the export writes a new folder, choose another path")
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only still there if something failed
-    return out
+    files = {f"batch-{n}.json": _json_bytes({"modelId": names["model_id"], "source": names["source"],
+                                             "features": batch}) for n, batch in enumerate(batches)}
+    files["meta.json"] = _json_bytes(record, indent=2)
+    files["README.md"] = readme(record).encode()
+    return write_new_folder(out, files)
 
 
 def _names(meta: dict[str, Any]) -> dict[str, Any]:
@@ -160,12 +146,10 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
-def _write_json(path: Path, obj: Any, indent: int | None = None) -> None:
+def _json_bytes(obj: Any, indent: int | None = None) -> bytes:
     """Strict JSON (a NaN raises): compact for the batches, indented for meta.json."""
-    with open(path, "w") as f:
-        json.dump(obj, f, allow_nan=False, ensure_ascii=False, indent=indent, default=_plain,
-                  separators=None if indent else (",", ":"))
-        f.write("\n")
+    return (json.dumps(obj, allow_nan=False, ensure_ascii=False, indent=indent, default=_plain,
+                       separators=None if indent else (",", ":")) + "\n").encode()
 
 
 UPLOAD_CODE = '''\

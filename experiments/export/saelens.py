@@ -42,9 +42,6 @@ so it runs in the peers venv (.venv-peers, SAELens's) as well as in ours.
 from __future__ import annotations
 
 import json
-import os
-import secrets
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +50,7 @@ import torch
 from safetensors.numpy import load_file as load_numpy_file
 from safetensors.torch import save as save_tensors
 
-from config.files import read_json
+from config.files import read_json, write_new_folder
 from models.sae.base import SAE
 
 CFG_FILENAME = "cfg.json"
@@ -75,12 +72,10 @@ def export_saelens(arm_dir: Path, out: Path, metadata: dict) -> Path:
     `metadata` goes under cfg.json's "metadata" and must name model_name, hook_name, context_size,
     prepend_bos and dataset_path (see `saelens_metadata`); its other keys are kept, and override the
     defaults written here. Refuses an existing `out` (FileExistsError) and a model SAELens cannot
-    reproduce exactly (ValueError). Everything is written into a hidden folder beside `out` that is
-    renamed to `out` once complete, so `out` is either absent or whole. Returns `out`.
+    reproduce exactly (ValueError). `out` is written whole or not at all (config/files.py:
+    write_new_folder). Returns `out`.
     """
-    arm_dir, out = Path(arm_dir), Path(out)
-    if out.exists() or out.is_symlink():
-        raise FileExistsError(f"{out} already exists; the export writes a new folder and never overwrites one")
+    arm_dir = Path(arm_dir)
     if not isinstance(metadata, dict):
         raise ValueError(f"metadata must be a dict, got {type(metadata).__name__}")
     missing = [k for k in REQUIRED_METADATA if k not in metadata]
@@ -125,24 +120,7 @@ def export_saelens(arm_dir: Path, out: Path, metadata: dict) -> Path:
     sparsity = _log_sparsity(arm_dir, sae.cfg.d_sae)
     if sparsity is not None:
         files[SPARSITY_FILENAME] = save_tensors({SPARSITY_KEY: sparsity})
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
-        for name, data in files.items():
-            with open(tmp / name, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-        # Checked again just before the rename: os.rename would replace an empty folder made meanwhile.
-        if out.exists() or out.is_symlink():
-            raise FileExistsError(f"{out} already exists; the export writes a new folder and never overwrites one")
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return write_new_folder(out, files)
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,13 @@ from the feature analysis each arm's folder holds (experiments/eval/features.py)
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from config.records import ArmRecord
-from experiments.eval.features import (FeatureAnalysis, features_done, load_features, render_context, search_features,
-                                      top_tokens)
+from experiments.eval.features import (FeatureAnalysis, Match, features_done, load_features, render_context,
+                                      search_features, top_tokens)
 from experiments.studies.results import StudyResult, Table, rounded
 
 SHOWN = 5  # latents in each "most / least frequent" table
@@ -28,7 +29,7 @@ def _decode(fa: FeatureAnalysis):
     return lambda token: fa.token_text.get(token, "")
 
 
-def _context(fa: FeatureAnalysis, latent: int) -> str:
+def strongest_context(fa: FeatureAnalysis, latent: int) -> str:
     """The latent's strongest context, the firing token marked; "" without contexts."""
     a = fa.arrays
     if "top_context_tokens" not in a or a["top_acts"][latent, 0] <= 0:
@@ -64,7 +65,7 @@ def latent_rows(fa: FeatureAnalysis, latents: np.ndarray) -> tuple[list[str], li
     headers = ["latent", "label", "density", "mean act (firing)", "top tokens", "top context", "promotes",
                "suppresses", "concept", "F1"]
     rows = [[int(i), fa.labels[i], rounded(a["density"][i], 6), rounded(a["mean_firing_act"][i], 4),
-             " / ".join(top_tokens(fa, i)), _context(fa, i), _logits(fa, i, "top"), _logits(fa, i, "bottom"),
+             " / ".join(top_tokens(fa, i)), strongest_context(fa, i), _logits(fa, i, "top"), _logits(fa, i, "bottom"),
              *_concept(fa, i)] for i in latents]
     return headers, rows
 
@@ -78,7 +79,7 @@ def _best_per_concept(fa: FeatureAnalysis) -> list[list]:
         mine = np.flatnonzero(index == c)
         if mine.size:
             i = int(mine[np.argmax(f1[mine])])
-            rows.append([name, i, rounded(float(f1[i]), 3), fa.labels[i], _context(fa, i)])
+            rows.append([name, i, rounded(float(f1[i]), 3), fa.labels[i], strongest_context(fa, i)])
     rows.sort(key=lambda r: -r[2])
     return rows[:CONCEPTS_SHOWN]
 
@@ -128,15 +129,20 @@ def analyse(study_dir: Path, arms: list[ArmRecord]) -> StudyResult | None:
 SEARCH_ROWS = 30  # matches printed per search, best first
 
 
+def ranked(hits: list[tuple[Any, FeatureAnalysis, Match]]) -> list[tuple[Any, FeatureAnalysis, Match]]:
+    """(arm, its analysis, a match) of several arms, best first: by the search's tier, then its score;
+    arms keep their study order within a tie (the sort is stable)."""
+    return sorted(hits, key=lambda h: (-h[2].tier, -h[2].score))
+
+
 def search(study_dir: Path, arms: list[ArmRecord], word: str) -> Table | None:
     """The latents of `arms` that match `word` (experiments/eval/features.py: search_features), best
     first across arms; None when no arm has a feature analysis."""
     loaded = load_arm_features(study_dir, arms)
     if not loaded:
         return None
-    hits = [(name, fa, match) for name, fa in loaded.items() for match in search_features(fa, word)]
-    hits.sort(key=lambda h: (-h[2].tier, -h[2].score))  # stable: arms in study order within a tie
+    hits = ranked([(name, fa, match) for name, fa in loaded.items() for match in search_features(fa, word)])
     rows = [[name, m.latent, fa.labels[m.latent], rounded(fa.arrays["density"][m.latent], 6), m.why,
-             _context(fa, m.latent).replace("**", "")] for name, fa, m in hits[:SEARCH_ROWS]]
+             strongest_context(fa, m.latent).replace("**", "")] for name, fa, m in hits[:SEARCH_ROWS]]
     return Table(f"latents matching {word!r} ({len(hits):,}; the first {len(rows)})",
                  ["arm", "latent", "label", "density", "why", "top context"], rows)

@@ -346,7 +346,7 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
 def _describe_latents(study_dir: Path, record: StudyRecord, source: OpenedSource, stop: StopFlag) -> None:
     """What each latent of every finished arm means (experiments/eval/features.py), saved in the
     arm's folder; an arm already described is skipped, so a resumed study redoes at most one."""
-    todo = [a for a in record.arms if a.status == "complete" and not features_done(study_dir / a.arm_id)]
+    todo = [a for a in record.finished if not features_done(study_dir / a.arm_id)]
     for n, arm in enumerate(todo, 1):
         if stop.requested:
             raise StopRequested(0, where=f"between the feature analyses of the arms, {n - 1} of {len(todo)} done")
@@ -416,7 +416,7 @@ def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
                 loaded[r.arm_id] = load_arm(study_dir, r)
             arms.append(loaded[r.arm_id])
         results.append(source_of(record).analyses[name](arms, probes))
-    described = features.analyse(study_dir, [a for a in record.arms if a.status == "complete"])
+    described = features.analyse(study_dir, record.finished)
     results += [described] if described is not None else []
     return results
 
@@ -463,17 +463,16 @@ def _recorded_study(cfg: RunConfig, study_id: str, flag: str) -> tuple[Path, Stu
 
 def _finished_arms(cfg: RunConfig, record: StudyRecord) -> list[ArmRecord]:
     """The study's finished arms, or the one --arm names; UsageError when --arm names no finished arm."""
-    finished = [a for a in record.arms if a.status == "complete"]
     if cfg.study.arm is None:
-        return finished
-    chosen = [a for a in record.arms if cfg.study.arm in (a.name, a.arm_id)]
-    if chosen and chosen[0].status != "complete":
-        raise UsageError(f"--arm {cfg.study.arm!r} of study {record.study_id} is {chosen[0].status}, not finished "
-                         f"(--resume the study to finish it)")
-    if not chosen:
-        names = ", ".join(a.name for a in finished) or "none"
+        return record.finished
+    chosen = record.named(cfg.study.arm)
+    if chosen is None:
+        names = ", ".join(a.name for a in record.finished) or "none"
         raise UsageError(f"--arm {cfg.study.arm!r} is not an arm of study {record.study_id} (finished: {names})")
-    return chosen
+    if chosen.status != "complete":
+        raise UsageError(f"--arm {cfg.study.arm!r} of study {record.study_id} is {chosen.status}, not finished "
+                         f"(--resume the study to finish it)")
+    return [chosen]
 
 
 def search_study(cfg: RunConfig) -> int:
