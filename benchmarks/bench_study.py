@@ -30,9 +30,11 @@ from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noq
 LABELS = {
     "model": "load the subject model",
     "harvest": "harvest activations",
+    "baselines": "concept baselines (dense probe, raw neurons)",
     "training": "training steps",
     "eval": "evaluation (metrics, CE/KL, probes)",
     "umap": "UMAP embeddings",
+    "features": "feature analysis (contexts, logit effects, labels)",
     "logging": "logging (metrics.csv, W&B)",
     "checkpoints": "checkpoints and weights",
     "report": "analysis and report figures",

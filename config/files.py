@@ -47,6 +47,14 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         f.write("\n")
 
 
+def write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez, so readers see either the old file or the complete new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
 def write_new_folder(out: Path, files: dict[str, bytes]) -> Path:
     """Create the folder `out` holding `files` (name -> contents), whole or not at all: they are
     written and fsynced in a hidden sibling that is renamed to `out` at the end, and removed if

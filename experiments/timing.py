@@ -7,7 +7,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
-PHASES = ("model", "harvest", "training", "eval", "umap", "features", "logging", "checkpoints", "report")
+PHASES = ("model", "harvest", "baselines", "training", "eval", "umap", "features", "logging", "checkpoints", "report")
 
 
 class PhaseClock:

@@ -204,6 +204,23 @@ def test_dataset_file_is_harvested(ckpt, base, tmp_path):
     assert any(piece in docs for piece in pieces)  # and whole documents where a row holds one
 
 
+def test_concepts_the_text_lacks_are_left_out_with_a_warning(ckpt, tmp_path, capsys):
+    text = tmp_path / "docs.jsonl"
+    text.write_text("\n".join(json.dumps({"text": f"Bob saw {i} red cats in the park."}) for i in range(200)))
+    r = go(ckpt, "dsc", "--dataset", str(text), "--study", "emergence", "--n-samples", "80")
+    out = capsys.readouterr().out
+    emergence = r.summary["studies"]["emergence"]
+    scored = {c["concept"] for c in emergence["arms"][0]["concepts"]}
+    absent = emergence["absent_concepts"]
+    assert scored and "category:colours" in scored and "word:red" in scored  # what the text holds is scored
+    assert "category:animals" in absent and not scored & set(absent)  # the rest is left out, and listed
+    assert f"{len(absent)} concepts do not occur in both halves of the eval text" in " ".join(out.split())
+    assert "pass --concepts FILE" in " ".join(out.split())  # most of tinylm's concepts cannot be scored on this text
+    report = (r.dir / "report" / "report.md").read_text()
+    assert "nan" not in report.lower().replace("nanmedian", "")
+    assert {c["concept"] for c in emergence["baselines"]} == scored
+
+
 def test_a_failing_arm_is_recorded_and_the_others_still_run(ckpt, monkeypatch, capsys):
     monkeypatch.setenv("SAE_FAULT", "error:step:5")
     code = main([*BASE, "--activation", "topk,relu", "--checkpoint-dir", str(ckpt), "--study-id", "f"])
@@ -241,11 +258,14 @@ def test_concepts_probe_k_and_f1_threshold_shape_the_emergence_study(ckpt, tmp_p
 
     study, npz = emergence("c1", "--probe-k", "2", "--f1-threshold", "0.05")
     names = [c["concept"] for c in study["arms"][0]["concepts"]]
-    assert names == ["category:animals", "category:function", "word:cat", "word:dog", "word:bird", "word:the",
-                     "word:a", "word:and", "word:was"]
+    listed = ["category:animals", "category:function", "word:cat", "word:dog", "word:bird", "word:the", "word:a",
+              "word:and", "word:was"]
+    # the file's concepts, in its order, but those the small eval text lacks (listed apart)
+    assert names == [n for n in listed if n not in study["absent_concepts"]] and "word:the" in names
+    assert set(names) | set(study["absent_concepts"]) == set(listed)
     assert study["probe_k"] == 2 and study["threshold"] == 0.05
     with np.load(npz, allow_pickle=False) as data:
-        assert data["probe_latents"].shape == (9, 2)
+        assert data["probe_latents"].shape == (len(names), 2)
     strict, _ = emergence("c2", "--probe-k", "2", "--f1-threshold", "1.0")
     emerged = lambda s: sum(c["emerged_single_tokens"] is not None for c in s["arms"][0]["concepts"])  # noqa: E731
     assert emerged(study) > emerged(strict) == 0  # at F1 >= 0.05 something emerges; at 1.0 nothing does

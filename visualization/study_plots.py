@@ -319,10 +319,13 @@ def _kind_panels(arms: dict[str, dict]) -> list[str]:
     return sorted(kinds, key=lambda k: (order.get(k, 2), kinds.index(k)))
 
 
-def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str = "F1") -> Figure:
+def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str = "F1",
+                     baselines: dict[str, dict[str, float]] | None = None) -> Figure:
     """Median score over the concepts of each kind vs training tokens, one panel per kind (category,
     word); one colour per arm, solid = best single latent, dashed = k-sparse probe; the threshold
-    dotted. Medians show progress even where no concept reaches the threshold.
+    dotted. Medians show progress even where no concept reaches the threshold. baselines: kind ->
+    {"dense": median dense-probe score, "neuron": median best-raw-neuron score}, drawn as grey
+    bands across the panel (what the raw activations give, without an SAE).
 
     arms: name -> {"architecture", "tokens": [E], "counts": {kind: concepts}, "medians": {kind:
     {"single": [E], "probe": [E]}}} (the analysis computes the medians; NaN points are not drawn).
@@ -351,6 +354,7 @@ def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str =
                                           markersize=5, linewidth=1.6))
                     labels.append(name)
         ax.axhline(threshold, color="0.3", linestyle=":", linewidth=1.2)
+        _baseline_bands(ax, (baselines or {}).get(kind, {}))
         _token_axis(ax)
         ax.set_ylim(-0.03, 1.03)
         ax.grid(alpha=0.3)
@@ -367,6 +371,23 @@ def emergence_curves(arms: dict[str, dict], threshold: float, score_label: str =
     fig.suptitle(f"Concept emergence: median {score_label} over training")
     _legend_right(fig, handles, labels, title="arm")
     return fig
+
+
+def _baseline_bands(ax, levels: dict[str, float]) -> None:
+    """Grey bands at the dense-probe and best-raw-neuron levels, labelled at the right edge (one
+    label for both where they nearly coincide)."""
+    texts = {"dense": "dense probe", "neuron": "best raw neuron"}
+    shown = {key: levels[key] for key in texts if levels.get(key) is not None}
+    for level in shown.values():
+        ax.axhline(level, color="0.55", linewidth=5, alpha=0.3, zorder=0)
+    if len(shown) == 2 and abs(shown["dense"] - shown["neuron"]) < 0.06:
+        labels = [(shown["dense"], f"dense probe {shown['dense']:.2f} · best raw neuron {shown['neuron']:.2f}")]
+    else:
+        labels = [(level, f"{texts[key]} {level:.2f}") for key, level in shown.items()]
+    for level, text in labels:
+        below = level > 0.93  # keep the label inside the axes
+        ax.annotate(text, (0.99, level), xycoords=("axes fraction", "data"), xytext=(0, -9 if below else 4),
+                    textcoords="offset points", ha="right", fontsize=8, color="0.3")
 
 
 def emergence_steps(arms: dict[str, dict], concepts: list[str], threshold: float, score_label: str = "F1") -> Figure:

@@ -43,6 +43,7 @@ import torch
 from scipy.special import ndtri
 from scipy.stats import multivariate_normal
 
+from config.files import write_npz_atomic
 from config.schema import SyntheticConfig, UsageError
 
 _BLOCK_ELEMENTS = 1 << 22  # rows x features drawn at once in `sample`, to bound temporaries
@@ -262,11 +263,8 @@ class SyntheticWriter:
         acts[start:stop] = rows
         r, c = np.nonzero(codes)
         target = path / "codes" / f"chunk-{chunk:05d}.npz"
-        tmp = target.with_name(f".{target.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.savez(f, counts=np.bincount(r, minlength=stop - start).astype(np.int64),
-                     indices=c.astype(np.int32), values=codes[r, c])
-        tmp.replace(target)
+        write_npz_atomic(target, {"counts": np.bincount(r, minlength=stop - start).astype(np.int64),
+                                  "indices": c.astype(np.int32), "values": codes[r, c]})
 
     def finish(self, path: Path) -> list[str]:
         counts, indices, values = [], [], []

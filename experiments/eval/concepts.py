@@ -43,10 +43,18 @@ class ConceptSet:
     kinds: list[str]  # "category" or "word", parallel to names
     token_ids: list[list[int]]  # ids of the tokens that belong to each concept
     skipped: list[str] = field(default_factory=list)  # words with no single-token form
+    absent: list[str] = field(default_factory=list)  # concepts left out because the scored text lacks them
     _table: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def without(self, absent: Sequence[bool]) -> "ConceptSet":
+        """The set without the concepts marked absent (recorded in `absent` by name)."""
+        keep = [i for i, gone in enumerate(absent) if not gone]
+        return ConceptSet([self.names[i] for i in keep], [self.kinds[i] for i in keep],
+                          [self.token_ids[i] for i in keep], list(self.skipped),
+                          self.absent + [n for n, gone in zip(self.names, absent) if gone])
 
     def labels(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [N] int -> [N, n_concepts] bool: token n belongs to concept c.

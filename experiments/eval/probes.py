@@ -25,7 +25,7 @@ from experiments.eval.metrics import frequency_stats, rank_stability
 from experiments.eval.recovery import abs_cosine
 from experiments.data.synthetic import SyntheticTruth
 from experiments.timing import phase
-from config.files import read_json, write_json_atomic
+from config.files import read_json, write_json_atomic, write_npz_atomic
 
 PROBE_KINDS = {"activations": set(), "emergence": {"concepts", "umap"}, "frequency": {"frequency"},
                "resampling": set()}
@@ -42,8 +42,16 @@ class ConceptData:
 
     @classmethod
     def build(cls, concepts: ConceptSet, row_tokens: torch.Tensor, row_sequence: torch.Tensor) -> "ConceptData":
+        """Labels the eval tokens. A concept with no token among the fit or the held-out tokens
+        cannot be scored (no latent can be chosen, or no F1 measured), so it is left out and named
+        in `concepts.absent`: the tables then hold a number for every concept they list."""
         # Split by sequence, not by token: a story repeats its names, so tokens of one sequence are not independent.
-        return cls(concepts, concepts.labels(row_tokens), row_sequence % 2 == 0)
+        fit = row_sequence % 2 == 0
+        labels = concepts.labels(row_tokens)
+        absent = ~(labels[fit].any(0) & labels[~fit].any(0))
+        if absent.any():
+            concepts, labels = concepts.without(absent.tolist()), labels[:, ~absent]
+        return cls(concepts, labels, fit)
 
 
 def eval_file(arm_dir: Path, step: int) -> Path:
@@ -91,7 +99,7 @@ class ArmProbes:
         if self.concepts is not None:
             c = self.concepts.concepts
             write_json_atomic(arm_dir / "probes" / "concepts.json",
-                              {"names": c.names, "kinds": c.kinds, "skipped": c.skipped})
+                              {"names": c.names, "kinds": c.kinds, "skipped": c.skipped, "absent": c.absent})
         elif self.truth is not None:  # UMAP colours: the roles of true features
             roles = self.role_names
             write_json_atomic(arm_dir / "probes" / "concepts.json",
@@ -155,10 +163,7 @@ class ArmProbes:
                          "concept": [names[i].split(":", 1)[1] if i >= 0 else None for i in matched]}
         path = eval_file(self.arm_dir, step)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
-            np.savez(f, **arrays)
-        tmp.replace(path)
+        write_npz_atomic(path, arrays)
         return metrics, embedding
 
     @property

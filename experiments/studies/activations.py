@@ -4,11 +4,12 @@ from __future__ import annotations
 from functools import partial
 
 
-from experiments.studies.results import FINAL_METRICS, RECOVERY_BREAKDOWN, ArmData, StudyResult, Table, rounded
+from experiments.studies.results import (FINAL_METRICS, RECOVERY_BREAKDOWN, ArmData, StudyInputs, StudyResult, Table,
+                                        rounded)
 from visualization import study_plots
 
 
-def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
+def analyse(arms: list[ArmData], study: StudyInputs) -> StudyResult:
     res = StudyResult("activations", "How do the sparsity mechanisms trade reconstruction against sparsity?")
     # CE/KL exist for transformer sources, mcc/frac_recovered for synthetic ones.
     metrics = [m for m in FINAL_METRICS if any(rounded(a.final.get(m)) is not None for a in arms)] or list(FINAL_METRICS[:6])

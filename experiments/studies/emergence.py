@@ -7,7 +7,7 @@ from functools import partial
 import numpy as np
 
 from experiments.eval.metrics import rank_stability
-from experiments.studies.results import ArmData, StudyResult, Table, beside, rounded, tokens_text
+from experiments.studies.results import ArmData, StudyInputs, StudyResult, Table, beside, rounded, tokens_text
 from visualization import study_plots
 from visualization.plots import density_floor, log10_density
 from visualization.terminal import format_beside
@@ -50,21 +50,31 @@ def _settled_reach(tokens: np.ndarray, scores: np.ndarray, threshold: float) -> 
     return np.where(settled < below.shape[0], tokens[np.minimum(settled, below.shape[0] - 1)], np.nan)
 
 
-def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
+CEILING_SHARE = 0.8  # a concept has also emerged once its score reaches this share of the dense probe's
+
+
+def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
     """Emergence on a transformer source: when a concept's best single latent (and k-sparse probe)
-    reaches the F1 threshold on held-out tokens."""
-    threshold = probes["f1_threshold"]
+    reaches the F1 threshold on held-out tokens, and CEILING_SHARE of the dense probe's F1 on the
+    raw activations; the dense probe and the best raw neuron are shown beside the latents."""
+    threshold, k = study.probes["f1_threshold"], study.probes["probe_k"]
     res = StudyResult("emergence", "When do latents come to represent known concepts, and in what order?")
     scored = [a for a in arms if a.concepts and a.evals and "single_f1" in a.evals[0]]
     if not scored:
         res.findings.append("No arm has concept scores (the subject model has no concept vocabulary here).")
         return res
-    curves, final_scores, per_arm, summary_arms = {}, {}, {}, []
     names, kinds = scored[0].concepts["names"], scored[0].concepts["kinds"]
-    cat = [i for i, k in enumerate(kinds) if k == "category"]
-    word = [i for i, k in enumerate(kinds) if k == "word"]
+    absent = scored[0].concepts.get("absent", [])
+    if not names:
+        res.findings.append(f"No concept of the set occurs in both halves of the eval text ({len(absent)} left out); "
+                            f"pass --concepts with words the text uses.")
+        return res
+    base = _aligned(study.baselines, names)
+    curves, final_scores, per_arm, summary_arms = {}, {}, {}, []
+    cat = [i for i, kind in enumerate(kinds) if kind == "category"]
+    word = [i for i, kind in enumerate(kinds) if kind == "word"]
     label = [n.split(":", 1)[1] for n in names]
-    rows, detail = [], []
+    rows, detail, per_concept = [], [], []
     for a in scored:
         tokens = np.array([float(e["tokens"]) for e in a.evals])
         single = np.stack([e["single_f1"] for e in a.evals])
@@ -78,42 +88,72 @@ def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
         first_single, first_probe = _settled_reach(tokens, single, threshold), _settled_reach(tokens, probe, threshold)
         crossed_single, crossed_probe = _first_reach(tokens, single, threshold), _first_reach(tokens, probe, threshold)
         best_single, best_probe = _nanmax(single), _nanmax(probe)
-        per_arm[a.name] = (first_single, first_probe, best_single, best_probe)
+        share = CEILING_SHARE * base["dense_f1"] if base else None
+        near_single = _settled_reach(tokens, single, share) if base else None
+        near_probe = _settled_reach(tokens, probe, share) if base else None
+        per_arm[a.name] = (first_single, first_probe, best_single, best_probe, near_single, near_probe)
         n = lambda first, idx: int(np.sum(~np.isnan(first[idx])))  # noqa: E731
         rows.append([a.name, f"{n(first_single, cat)}/{len(cat)}", f"{n(first_probe, cat)}/{len(cat)}",
                      f"{n(first_single, word)}/{len(word)}", f"{n(first_probe, word)}/{len(word)}",
-                     rounded(np.nanmedian(best_single[cat]), 3), rounded(np.nanmedian(best_probe[cat]), 3)])
+                     rounded(np.median(best_single[cat]), 3) if cat else None,
+                     rounded(np.median(best_probe[cat]), 3) if cat else None])
         last = a.evals[-1]
         concepts_out = []
         for i in range(len(names)):
             entry = {"concept": names[i], "emerged_single_tokens": rounded(first_single[i], 0),
                      "emerged_probe_tokens": rounded(first_probe[i], 0),
                      "first_crossed_single_tokens": rounded(crossed_single[i], 0),
-                     "first_crossed_probe_tokens": rounded(crossed_probe[i], 0), "best_single_f1": rounded(best_single[i]),
-                     "best_probe_f1": rounded(best_probe[i]), "final_single_latent": int(last["single_latent"][i]),
+                     "first_crossed_probe_tokens": rounded(crossed_probe[i], 0),
+                     "best_single_f1": rounded(best_single[i]), "best_probe_f1": rounded(best_probe[i]),
+                     "final_single_f1": rounded(single[-1, i]), "final_probe_f1": rounded(probe[-1, i]),
+                     "final_single_latent": int(last["single_latent"][i]),
                      "final_probe_latents": [int(x) for x in last["probe_latents"][i] if x >= 0]}
+            if base:
+                entry.update(near_ceiling_single_tokens=rounded(near_single[i], 0),
+                             near_ceiling_probe_tokens=rounded(near_probe[i], 0))
             concepts_out.append(entry)
+            per_concept.append([a.name, names[i]] + ([rounded(base["dense_f1"][i]), rounded(base["neuron_f1"][i])]
+                                                     if base else [])
+                               + [entry[key] for key in ("final_single_f1", "best_single_f1", "final_probe_f1",
+                                                         "best_probe_f1", "emerged_single_tokens",
+                                                         "first_crossed_single_tokens", "emerged_probe_tokens")]
+                               + ([entry["near_ceiling_single_tokens"]] if base else []))
             if kinds[i] == "category":
                 detail.append([a.name, label[i], tokens_text(first_single[i]), tokens_text(crossed_single[i]),
                                beside(best_single[i], threshold), tokens_text(first_probe[i]),
                                tokens_text(crossed_probe[i]), beside(best_probe[i], threshold),
-                               len(entry["final_probe_latents"])])
+                               len(entry["final_probe_latents"])]
+                              + ([tokens_text(near_single[i])] if base else []))
         summary_arms.append({"name": a.name, "arm_id": a.record.arm_id, "concepts": concepts_out})
-    k = probes["probe_k"]
     res.tables["counts"] = Table(
         f"Concepts emerged (held-out F1 >= {threshold} from some eval to the end of training): best single "
         f"latent / {k}-sparse probe",
         ["arm", "categories (one latent)", "categories (probe)", "words (one latent)", "words (probe)",
          "median best cat. F1 (one latent)", "median best cat. F1 (probe)"], rows)
+    if base:
+        res.tables["ceiling"] = _ceiling_table(scored, final_scores, base, kinds, label, k)
     res.tables["categories"] = Table(
         "Category concepts: when each emerged (reached the threshold and stayed; training tokens), when it "
-        "first crossed it, and the best held-out F1 reached",
+        "first crossed it, and the best held-out F1 reached"
+        + (f"; last column: when the best single latent reached {CEILING_SHARE:.0%} of the dense probe's F1 and "
+           f"stayed" if base else ""),
         ["arm", "category", "emerged (single)", "first crossed (single)", "best F1 (single)", "emerged (probe)",
-         "first crossed (probe)", "best F1 (probe)", "probe latents"], detail)
-    res.figure("curves", partial(study_plots.emergence_curves, curves, threshold),
+         "first crossed (probe)", "best F1 (probe)", "probe latents"]
+        + ([f"at {CEILING_SHARE:.0%} of dense (single)"] if base else []), detail)
+    res.data["concepts"] = Table(
+        "Every concept and arm: the baselines, the final and best held-out F1 and when it emerged (tokens)",
+        ["arm", "concept"] + (["dense_probe_f1", "best_neuron_f1"] if base else [])
+        + ["final_single_f1", "best_single_f1", "final_probe_f1", "best_probe_f1", "emerged_single_tokens",
+           "first_crossed_single_tokens", "emerged_probe_tokens"]
+        + (["near_ceiling_single_tokens"] if base else []), per_concept)
+    lines = ({kind: {"dense": float(np.median(base["dense_f1"][np.array(kinds) == kind])),
+                     "neuron": float(np.median(base["neuron_f1"][np.array(kinds) == kind]))}
+              for kind in dict.fromkeys(kinds)} if base else None)
+    res.figure("curves", partial(study_plots.emergence_curves, curves, threshold, baselines=lines),
                f"Median over concepts of the best held-out F1 as training goes on (solid: one latent, dashed: "
                f"the {k}-sparse probe); a concept has emerged once its score reaches the dotted {threshold:g} and "
-               f"stays there.")
+               f"stays there." + (" Grey bands: the dense probe on the raw activations (top, the ceiling) and the "
+                                  "best raw neuron (bottom)." if base else ""))
     cat_names = [label[i] for i in cat]
     res.figure("steps", partial(study_plots.emergence_steps, {a.name: {
         "architecture": a.architecture, "tokens": curves[a.name]["tokens"],
@@ -129,24 +169,93 @@ def concept_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
                                                f"Final held-out F1 per category, {what}", threshold),
                    f"Final held-out F1 of the {what} for each category and arm; bold cells reach {threshold:g}.")
     _umap_figures(res, scored)
+    if base:
+        res.findings.append(_baseline_finding(scored, final_scores, base, kinds))
+        if cat:
+            near = {a.name: (int(np.sum(~np.isnan(per_arm[a.name][4][cat]))),
+                             int(np.sum(~np.isnan(per_arm[a.name][5][cat])))) for a in scored}
+            res.findings.append(
+                f"Categories whose score reached {CEILING_SHARE:.0%} of the dense probe's F1 and stayed there (one "
+                f"latent · probe, of {len(cat)}): " + ", ".join(f"{name} {one} · {probe}"
+                                                                for name, (one, probe) in near.items()) + ".")
     single = {a.name: int(np.sum(~np.isnan(per_arm[a.name][0][cat]))) for a in scored}
     probe = {a.name: int(np.sum(~np.isnan(per_arm[a.name][1][cat]))) for a in scored}
     words = {a.name: int(np.sum(~np.isnan(per_arm[a.name][0][word]))) for a in scored}
-    lead, lead_probe = max(single, key=single.get), max(probe, key=probe.get)
-    res.findings.append(
-        f"Most categories isolated in one latent (held-out F1 >= {threshold:g} to the end): **{lead}**, {single[lead]} of "
-        f"{len(cat)}; with the {k}-sparse probe **{lead_probe}**, {probe[lead_probe]} of {len(cat)}.")
+    if cat:
+        lead, lead_probe = max(single, key=single.get), max(probe, key=probe.get)
+        res.findings.append(
+            f"Most categories isolated in one latent (held-out F1 >= {threshold:g} to the end): **{lead}**, "
+            f"{single[lead]} of {len(cat)}; with the {k}-sparse probe **{lead_probe}**, {probe[lead_probe]} of "
+            f"{len(cat)}.")
     if word:
         res.findings.append(f"Words isolated in one latent: at most {max(words.values())} of {len(word)} "
                             f"(**{max(words, key=words.get)}**).")
     never = [i for i in cat if all(np.isnan(per_arm[a.name][1][i]) for a in scored)]
     if never:
-        best = {i: max(float(np.nan_to_num(per_arm[a.name][3][i], nan=0.0)) for a in scored) for i in never}
+        best = {i: max(float(per_arm[a.name][3][i]) for a in scored) for i in never}
         res.findings.append("No arm ended at the threshold even with the probe for: " + ", ".join(
             f"{label[i]} (best {format_beside(best[i], threshold)})" for i in never) + ".")
+    if absent:
+        shown = ", ".join(n.split(":", 1)[1] for n in absent[:8]) + (" ..." if len(absent) > 8 else "")
+        res.findings.append(f"Left out, as they do not occur in both halves of the eval text: {len(absent)} concepts "
+                            f"({shown}).")
     res.summary = {"threshold": threshold, "probe_k": k, "skipped_words": scored[0].concepts.get("skipped", []),
-                   "arms": summary_arms}
+                   "absent_concepts": absent, "arms": summary_arms}
+    if base:
+        res.summary["ceiling_share"] = CEILING_SHARE
+        res.summary["baselines"] = [{"concept": names[i], "dense_probe_f1": rounded(base["dense_f1"][i]),
+                                     "best_neuron_f1": rounded(base["neuron_f1"][i]),
+                                     "best_neuron": int(base["neuron"][i]),
+                                     "best_neuron_sign": int(base["neuron_sign"][i])} for i in range(len(names))]
     return res
+
+
+def _aligned(baselines: dict | None, names: list[str]) -> dict[str, np.ndarray] | None:
+    """The study's baselines in the order of the scored concepts; None where the study has none
+    (measured since issue 21) or they do not cover every concept."""
+    if baselines is None:
+        return None
+    where = {str(n): i for i, n in enumerate(baselines["names"])}
+    if any(n not in where for n in names):
+        return None
+    order = np.array([where[n] for n in names])
+    return {key: baselines[key][order] for key in ("dense_f1", "neuron_f1", "neuron", "neuron_sign")}
+
+
+def _ceiling_table(scored: list[ArmData], final_scores: dict, base: dict, kinds: list[str], label: list[str],
+                   k: int) -> Table:
+    """Per category (and the median over the words): the dense probe, the best raw neuron and each
+    arm's final best single latent · k-sparse probe, side by side."""
+    def pair(a: ArmData, idx) -> str:
+        one, probe = (float(np.median(final_scores[a.name][kind][idx])) for kind in ("single", "probe"))
+        return f"{one:.3f} · {probe:.3f}"
+
+    rows = [[label[i], f"{base['dense_f1'][i]:.3f}", f"{base['neuron_f1'][i]:.3f} (#{base['neuron'][i]})",
+             *(pair(a, [i]) for a in scored)] for i, kind in enumerate(kinds) if kind == "category"]
+    word = [i for i, kind in enumerate(kinds) if kind == "word"]
+    if word:
+        rows.append([f"words (median of {len(word)})", f"{np.median(base['dense_f1'][word]):.3f}",
+                     f"{np.median(base['neuron_f1'][word]):.3f}", *(pair(a, word) for a in scored)])
+    return Table(f"Held-out F1 at the end of training beside what the raw activations give: the dense probe (a "
+                 f"logistic regression on all dimensions, the ceiling), the best raw neuron (the floor), and per arm "
+                 f"its best single latent · {k}-sparse probe",
+                 ["category", "dense probe", "best raw neuron", *(a.name for a in scored)], rows)
+
+
+def _baseline_finding(scored: list[ArmData], final_scores: dict, base: dict, kinds: list[str]) -> str:
+    """One sentence: the ceiling, the floor, and how far the best arm's single latents get."""
+    parts = []
+    for kind in ("category", "word"):
+        idx = np.array(kinds) == kind
+        if not idx.any():
+            continue
+        dense, neuron = np.median(base["dense_f1"][idx]), np.median(base["neuron_f1"][idx])
+        best = max(scored, key=lambda a: np.median(final_scores[a.name]["single"][idx]))
+        sae = np.median(final_scores[best.name]["single"][idx])
+        parts.append(f"{kind} concepts: dense probe {dense:.3f}, best raw neuron {neuron:.3f}, best single latent "
+                     f"{sae:.3f} (**{best.name}**)")
+    return ("Median held-out F1 on the raw activations against the SAEs at the end of training: "
+            + "; ".join(parts) + ".")
 
 
 def _umap_figures(res: StudyResult, arms: list[ArmData]) -> None:
@@ -170,10 +279,10 @@ def _umap_figures(res: StudyResult, arms: list[ArmData]) -> None:
 FREQUENCY_BINS = 4
 
 
-def feature_emergence(arms: list[ArmData], probes: dict) -> StudyResult:
+def feature_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
     """Emergence on a synthetic source: the concepts are the true features, and a feature has
     emerged at the first eval from which some decoder row keeps |cos| >= threshold with it."""
-    threshold = probes["cos_threshold"]
+    threshold = study.probes["cos_threshold"]
     res = StudyResult("emergence", "When does each true feature get a latent of its own, and do frequent features "
                                    "come first?")
     scored = [a for a in arms if a.concepts and a.evals and "best_cos" in a.evals[0]]

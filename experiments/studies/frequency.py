@@ -5,12 +5,13 @@ from functools import partial
 
 import numpy as np
 
-from experiments.studies.results import ArmData, StudyResult, Table, percent, rounded
+from experiments.studies.results import ArmData, StudyInputs, StudyResult, Table, percent, rounded
 from visualization import study_plots
 from visualization.plots import density_floor, log10_density
 
 
-def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
+def analyse(arms: list[ArmData], study: StudyInputs) -> StudyResult:
+    probes = study.probes
     res = StudyResult("frequency", "How are firing frequencies distributed, and how do they move in training?")
     with_evals = [a for a in arms if a.evals]
     rows, over_time, stability, magnitude = [], {}, {}, {}

@@ -5,11 +5,11 @@ from functools import partial
 
 import numpy as np
 
-from experiments.studies.results import ArmData, StudyResult, Table, percent, rounded
+from experiments.studies.results import ArmData, StudyInputs, StudyResult, Table, percent, rounded
 from visualization import study_plots
 
 
-def analyse(arms: list[ArmData], probes: dict) -> StudyResult:
+def analyse(arms: list[ArmData], study: StudyInputs) -> StudyResult:
     res = StudyResult("resampling", "What does dead-latent handling do to dead latents and reconstruction?")
     rows, curves = [], {}
     for a in arms:

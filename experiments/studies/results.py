@@ -75,6 +75,14 @@ class ArmData:
         return self.series.get(metric, (np.zeros(0), np.zeros(0)))
 
 
+@dataclass
+class StudyInputs:
+    """What an analysis reads besides its arms: the run's probe settings and, where the study
+    measured them, the concept baselines on the raw activations (experiments/eval/baselines.py)."""
+    probes: dict
+    baselines: dict[str, np.ndarray] | None = None  # names, dense_f1, neuron_f1, neuron, neuron_sign
+
+
 def load_arm(study_dir: Path, record: ArmRecord) -> ArmData:
     arm_dir = study_dir / record.arm_id
     series: dict[str, tuple[list, list]] = {}

@@ -16,13 +16,16 @@ from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from config.schema import ArmSpec, RunConfig, SAEArmConfig, TrainConfig, UsageError, flatten, stable_hash
 from experiments import faults
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES
+from experiments.eval.baselines import BASELINES_FILE, concept_baselines, read_baselines, write_baselines
 from experiments.eval.features import features_done, save_features
 from experiments.eval.probes import PROBE_KINDS, ArmProbes, umap_steps
 from experiments.studies import features
-from experiments.studies.results import ArmData, StudyResult, load_arm
+from experiments.studies.results import ArmData, StudyInputs, StudyResult, load_arm
 from experiments.studies.sources import SOURCES, OpenedSource, bars, source_of
 from experiments.data.activation_cache import BuildInterrupted
 from experiments.provenance import code_commit
@@ -232,6 +235,8 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     planned = plan_arms(cfg, source.data_spec)
     _record_plan(record, planned, source, scale)
     record.write(study_json)
+    if "emergence" in record.spec["study"]["names"] and source.concepts is not None:
+        _measure_baselines(study_dir, source)
 
     wandb = None
     if cfg.log.use_wandb:
@@ -263,6 +268,23 @@ def _open_source(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> tuple[Opene
         stopped.study_id = study_dir.name
         raise stopped from None
     return source, source.cache.norm_scale(cfg.data.normalize)
+
+
+def _measure_baselines(study_dir: Path, source: OpenedSource) -> None:
+    """The concept baselines on the raw activations that the emergence study reads the latents'
+    scores against; measured once per study (a resumed study reads them back)."""
+    if (study_dir / BASELINES_FILE).exists():
+        return
+    data = source.concepts()
+    if not len(data.concepts):
+        return
+    cache = source.cache
+    with phase("baselines"):
+        print(f"baselines: a dense probe and the best raw neuron per concept ({len(data.concepts)} concepts, "
+              f"{cache.n_eval_rows:,} eval tokens)")
+        measured = concept_baselines(np.asarray(cache.acts[cache.n_train_rows:]), data.labels.numpy(),
+                                     data.fit_mask.numpy())
+        write_baselines(study_dir, data.concepts.names, measured)
 
 
 def _record_plan(record: StudyRecord, planned: list[PlannedArm], source: OpenedSource, scale: float) -> None:
@@ -406,7 +428,7 @@ def _write_outputs(study_dir: Path, record: StudyRecord, failed: bool, wandb, sh
 
 def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
     """Every study of the run, from its files."""
-    probes = record.spec["probes"]
+    inputs = StudyInputs(record.spec["probes"], read_baselines(study_dir))
     loaded: dict[str, ArmData] = {}
     results = []
     for name in record.spec["study"]["names"]:
@@ -415,7 +437,7 @@ def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
             if r.arm_id not in loaded:
                 loaded[r.arm_id] = load_arm(study_dir, r)
             arms.append(loaded[r.arm_id])
-        results.append(source_of(record).analyses[name](arms, probes))
+        results.append(source_of(record).analyses[name](arms, inputs))
     described = features.analyse(study_dir, record.finished)
     results += [described] if described is not None else []
     return results

@@ -5,6 +5,7 @@ it has. `SOURCES` maps the name `--source` takes (and study.json records) to the
 from __future__ import annotations
 
 import functools
+import textwrap
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -134,10 +135,28 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
         concepts = tinylm_concepts(model.tokenizer)
     else:
         concepts = yaml_concepts(cfg.probes.concepts or DEFAULT_CONCEPTS, model.tokenizer)
+    listed = len(concepts) + len(concepts.skipped)
     if concepts.skipped:
-        shown = ", ".join(concepts.skipped[:8]) + (" ..." if len(concepts.skipped) > 8 else "")
-        print(f"concepts: {len(concepts.skipped)} words are not single tokens here and are left out: {shown}")
-    return ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
+        _say(f"concepts: {len(concepts.skipped)} words are not single tokens here and are left out: "
+             f"{_few(concepts.skipped)}")
+    data = ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
+    if data.concepts.absent:
+        _say(f"concepts: {len(data.concepts.absent)} concepts do not occur in both halves of the eval text and are "
+             f"left out: {_few([n.split(':', 1)[1] for n in data.concepts.absent])}")
+    scored = len(data.concepts)
+    if scored < listed / 2:
+        _say(f"warning: only {scored} of the {listed} concepts can be scored on this eval text ("
+             f"{cache.n_eval_rows:,} tokens); use a larger one (--n-samples) or pass --concepts FILE with words "
+             f"your text uses (a YAML of {{category: [words]}})")
+    return data
+
+
+def _say(line: str) -> None:
+    print(textwrap.fill(line, 100, subsequent_indent="  "))
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
 
 
 def _token_features(sae: SAE, *, cache: ActivationCache, unembed, decode, concepts, bar) -> FeatureAnalysis:
