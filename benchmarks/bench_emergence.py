@@ -114,9 +114,10 @@ def main() -> None:
                       f"{word['emerged']} / {word['emerged_probe']} of {word['n']}", near, ev, f"{seconds:.0f}")
     parts = [table.markdown()]
     if a.part == "layers":
-        best = max(results, key=lambda h: (results[h]["category"]["single"], results[h]["word"]["single"]))
-        parts.append(f"Highest median best-latent F1 on the categories: `{best}` "
-                     f"({results[best]['category']['single']:.3f}; words {results[best]['word']['single']:.3f}).")
+        ranked = sorted(results, key=lambda h: -results[h]["category"]["single"])
+        parts.append("Median best-latent F1 on the categories, highest first: " + ", ".join(
+            f"`{h}` {results[h]['category']['single']:.3f} (words {results[h]['word']['single']:.3f})"
+            for h in ranked[:3]) + ".")
     else:
         first, last = results[runs[0][0]], results[runs[-1][0]]
         parts.append(f"From {runs[0][0]} to {runs[-1][0]} epochs at `{a.hook_point}` the median best-latent F1 moves "
