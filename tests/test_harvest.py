@@ -89,3 +89,14 @@ def test_hugging_face_models_take_the_same_path(tmp_path):
     for hook in ("blocks.0.hook_resid_post", "blocks.1.hook_resid_post", "blocks.0.hook_mlp_out"):
         with torch.inference_mode():
             assert torch.equal(harvester(hf, hook, "cpu")(sequences), run_with_cache(hf, hook, sequences)), hook
+
+
+def test_a_tokens_text_shows_control_characters_as_pictures():
+    """tinylm's byte-level vocabulary holds tokens such as NUL; a report or web page must not get
+    the raw byte (newline and tab stay: the renderers show them as ↵ and ⇥)."""
+    class Tokenizer:
+        def decode(self, ids):
+            return {0: "\x00", 1: " a\nb\t", 2: "\x1b[1m", 3: "\x7f"}[ids[0]]
+
+    model = SubjectModel("stub", None, Tokenizer(), 0, 8, 1, "stub")
+    assert [model.token_text(t) for t in range(4)] == ["␀", " a\nb\t", "␛[1m", "␡"]

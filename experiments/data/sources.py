@@ -32,6 +32,15 @@ class SubjectModel:
     n_layers: int
     fingerprint: str  # changes whenever the weights would give other activations
 
+    def token_text(self, token: int) -> str:
+        """One token's text for a reader: control characters other than newline and tab (tinylm's
+        byte-level vocabulary holds them) as their Unicode pictures, e.g. NUL as ␀, so that no
+        Markdown table or web page receives a raw control byte."""
+        return self.tokenizer.decode([int(token)]).translate(CONTROL_PICTURES)
+
+
+CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"}, 0x7F: 0x2421}
+
 
 def _hf_reachable(timeout: float = 3.0) -> bool:
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"

@@ -77,7 +77,7 @@ class TransformerSource:
             cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
         concepts = functools.cache(partial(_concept_data, cfg, model, cache))  # says what it left out once
         features = partial(_token_features, cache=cache, unembed=model.bridge.W_U,
-                           decode=lambda token: model.tokenizer.decode([token]), concepts=concepts, bar=bars(cfg))
+                           decode=model.token_text, concepts=concepts, bar=bars(cfg))
         about = {"source": "transformer", "model_name": model.name, "model_fingerprint": model.fingerprint,
                  "hook_name": hook_name, "d_in": cache.d_in, "context_size": cfg.data.seq_len, "prepend_bos": True,
                  "dataset": cfg.data.dataset or "tinylm corpus (generated stories)", "n_samples": cfg.data.n_samples}
