@@ -217,9 +217,9 @@ class _Ranked:
         best = _Cut(0, 1, -np.inf, float(f1_score(n_pos, n, n_pos)))  # everything predicted
         if 1 in directions:  # the top values down to the run of the m-th positive
             end = self.run_end[ranks, columns]
-            whole_run = np.ones_like(end, bool)
-            whole_run[:-1] = ranks[1:] > end[:-1]  # the next positive lies past this run
-            f1 = np.where(whole_run, f1_score(m, end + 1, n_pos), -1.0)
+            # m undercounts the positives where the run holds more after the m-th; that candidate
+            # scores below the run's last positive, which counts them all, and is never chosen.
+            f1 = f1_score(m, end + 1, n_pos)
             i, j = np.unravel_index(np.argmax(f1), f1.shape)
             e = end[i, j]
             if f1[i, j] > best.fit_f1:
@@ -227,9 +227,7 @@ class _Ranked:
         if -1 in directions:  # the bottom values up to the run of the m-th positive from the bottom
             low = ranks[::-1]
             start = self.run_start[low, columns]
-            whole_run = np.ones_like(start, bool)
-            whole_run[:-1] = low[1:] < start[:-1]
-            f1 = np.where(whole_run, f1_score(m, n - start, n_pos), -1.0)
+            f1 = f1_score(m, n - start, n_pos)
             i, j = np.unravel_index(np.argmax(f1), f1.shape)
             s = start[i, j]
             if f1[i, j] > best.fit_f1:
