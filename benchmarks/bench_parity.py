@@ -75,7 +75,7 @@ class NullSinks:
     def log(self, *args) -> None:
         pass
 
-    log_density = log_embedding = finish = log
+    log_density = log_embedding = log_checkpoint = log_model = finish = log
 
 
 def toy_layers(toy: str) -> list[dict]:

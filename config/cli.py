@@ -209,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     log.add_argument("--use-wandb", action="store_true", default=False, help="log every arm to Weights & Biases (default: off)")
     _flag(log, LogConfig, "wandb_project")
     _flag(log, LogConfig, "wandb_mode")
+    log.add_argument("--wandb-checkpoints", action="store_true", default=False,
+                     help="with --use-wandb: log every checkpoint of every arm as a W&B artifact of type model "
+                          "(checkpoint-<arm folder>, alias step-N), besides the final SAE that every W&B run logs "
+                          "(sae-<arm folder>, alias final) (default: off)")
     log.add_argument("--no-progress", dest="progress", action="store_false", default=True,
                      help="hide progress bars (default: shown)")
     return p
@@ -277,6 +281,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         wandb_mode=a.wandb_mode or lg.wandb_mode,
         checkpoint_dir=a.checkpoint_dir or lg.checkpoint_dir,
         progress=a.progress and lg.progress,
+        wandb_checkpoints=a.wandb_checkpoints or lg.wandb_checkpoints,
     )
     probes = ProbeConfig(**{**source_preset.get("probes", {}), **config.get("probes", {}), **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,

@@ -245,6 +245,7 @@ class LogConfig:
                                     shown="WANDB_MODE if set, else online when logged in, offline otherwise")
     checkpoint_dir: str = option("checkpoints", help="where studies, activation caches and tinylm live")
     progress: bool = True
+    wandb_checkpoints: bool = False  # also log every checkpoint as a W&B artifact (the final SAE always is)
 
     def __post_init__(self) -> None:
         validate_fields(self)

@@ -69,8 +69,8 @@ def raw_topk_eval(cache: Path, arm_dir: Path) -> tuple[float, float, float]:
 
 def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     start = time.time()
-    out = run(["--study", "activations", "--activation", "topk", "--use-wandb", "--quick", "--checkpoint-dir", str(ckpt), "--study-id", "q"],
-              env=wandb_env)
+    out = run(["--study", "activations", "--activation", "topk", "--use-wandb", "--wandb-checkpoints", "--quick",
+               "--checkpoint-dir", str(ckpt), "--study-id", "q"], env=wandb_env)
     seconds = time.time() - start
     assert out.returncode == 0, out.stderr[-3000:]
     s = summary(ckpt / "q")
@@ -105,6 +105,22 @@ def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     assert len(hist) == 2 and hist[0]["_type"] == "histogram" and sum(hist[-1]["values"]) == 32 * 8 * 4
     assert wb.summary["final/explained_variance"] == pytest.approx(final["explained_variance"])
     assert wb.summary["final/ce_loss_recovered"] == pytest.approx(final["ce_loss_recovered"])
+    # the final SAE as a model artifact, with its config and final metrics; with --wandb-checkpoints
+    # every checkpoint too (--quick: every 40 steps and at the end)
+    arm_dir = Path(arm["weights"]).parent
+    (sae,) = [a for a in wb.artifacts if a["name"] == f"sae-{arm['arm_id']}"]
+    assert sae["type"] == "model" and "final" in sae["aliases"] and "step-120" in sae["aliases"]
+    assert sae["metadata"]["config"] == json.loads((arm_dir / "config.json").read_text())
+    assert sae["metadata"]["final"]["explained_variance"] == pytest.approx(final["explained_variance"])
+    assert sae["metadata"]["tokens"] == arm["tokens"] and sae["metadata"]["study"] == "q"
+    weights = sae["files"]["sae.safetensors"]
+    assert weights["size"] == (arm_dir / "sae.safetensors").stat().st_size
+    assert Path(weights["local_path"]).read_bytes() == (arm_dir / "sae.safetensors").read_bytes()  # staged offline
+    checkpoints = [a for a in wb.artifacts if a["name"] == f"checkpoint-{arm['arm_id']}"]
+    assert [[x for x in a["aliases"] if x.startswith("step-")] for a in checkpoints] == [
+        ["step-40"], ["step-80"], ["step-120"]]
+    saved = sorted(p.name for p in (arm_dir / "checkpoints" / "step-00000120").iterdir())
+    assert sorted(checkpoints[-1]["files"]) == saved and checkpoints[-1]["type"] == "model"
 
 
 def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(ckpt):

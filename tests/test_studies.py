@@ -70,6 +70,8 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     assert wb.steps("freq/ultra_low_frac") == [40]
     (table,) = wb.values("umap/table")
     assert table["_type"] == "table-file" and table["nrows"] == 256
+    # each arm's run holds its final SAE as a model artifact, and no checkpoint without --wandb-checkpoints
+    assert [a["name"] for a in wb.artifacts if a["type"] == "model"] == [f"sae-{topk['arm_id']}"]
     resampling = next(a for a in arms if a["studies"] == ["resampling"])
     assert read_offline_runs(wb_root, resampling["wandb_run_id"]).job_type == "resampling"
     for name in (*STUDIES, "features"):

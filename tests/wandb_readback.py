@@ -45,6 +45,9 @@ class OfflineRun:
     history: list[dict[str, Any]] = field(default_factory=list)  # every logged row, each with its "_step"
     summary: dict[str, Any] = field(default_factory=dict)
     run_dirs: list[Path] = field(default_factory=list)  # one per segment, in order
+    # logged artifacts: {"name", "type", "aliases", "metadata" (parsed), "files": {path: {"size", "digest",
+    # "local_path"}}} (offline, local_path is the staged copy in WANDB_DATA_DIR)
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
 
     def keys(self) -> list[str]:
         """Metric keys seen in history (wandb's "_step", "_runtime", ... left out)."""
@@ -100,6 +103,12 @@ def read_offline_run(run_dir: Path) -> OfflineRun:
             run.summary.update(_nest_media(body.get("update", {})))
             for removed in body.get("remove", []):
                 run.summary.pop(removed.get("key", ""), None)
+        elif kind == "artifact":
+            run.artifacts.append({
+                "name": body.get("name", ""), "type": body.get("type", ""), "aliases": body.get("aliases", []),
+                "metadata": json.loads(body.get("metadata") or "{}"),
+                "files": {c["path"]: {"size": int(c["size"]), "digest": c["digest"], "local_path": c.get("local_path")}
+                          for c in body.get("manifest", {}).get("contents", [])}})
     run.config.pop("_wandb", None)  # wandb's own bookkeeping
     return run
 
@@ -122,6 +131,7 @@ def merge_segments(segments: list[OfflineRun]) -> OfflineRun:
         merged.config.update(seg.config)
         merged.summary.update(seg.summary)
         merged.run_dirs.extend(seg.run_dirs)
+        merged.artifacts.extend(seg.artifacts)
     return merged
 
 

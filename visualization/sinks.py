@@ -1,6 +1,7 @@
 """Where one arm's numbers go: its `metrics.csv` always, and W&B when enabled."""
 from __future__ import annotations
 
+import json
 from itertools import groupby
 from pathlib import Path
 
@@ -11,10 +12,12 @@ from visualization.plots import log10_density
 
 
 class ArmSinks:
-    def __init__(self, arm_dir: Path, wandb, run_name: str, group: str, job_type: str, config: dict):
+    def __init__(self, arm_dir: Path, wandb, run_name: str, group: str, job_type: str, config: dict,
+                 checkpoints: bool = False):
         self.csv = MetricsCSV(arm_dir / "metrics.csv")
         self.wandb = wandb  # a WandbSink, or None
         self.run_name, self.group, self.job_type, self.config = run_name, group, job_type, config
+        self.checkpoints = checkpoints  # --wandb-checkpoints: log each checkpoint as an artifact too
 
     def start(self, run_id: str | None, resumed_at: int | None) -> str | None:
         """Open the arm's logs. On resume, rows past the checkpoint are dropped so the files
@@ -49,6 +52,22 @@ class ArmSinks:
         if self.wandb is not None:
             log_freq = log10_density(embedding["density"], n_tokens)
             self.wandb.log_embedding(step, tokens, embedding["xy"], log_freq, embedding["concept"])
+
+    def log_model(self, arm_dir: Path, step: int, tokens: int, final: dict[str, float]) -> None:
+        """The arm's final SAE (weights and config.json, as written in arm_dir) as the W&B artifact
+        sae-<arm folder>, with its config and final metrics as metadata."""
+        if self.wandb is not None:
+            config = json.loads((arm_dir / "config.json").read_text())
+            self.wandb.log_model(f"sae-{arm_dir.name}", [arm_dir / "sae.safetensors", arm_dir / "config.json"],
+                                 {"arm": self.run_name, "study": self.group, "step": step, "tokens": tokens,
+                                  "config": config, "final": final}, ["final", f"step-{step}"])
+
+    def log_checkpoint(self, path: Path, step: int, tokens: int) -> None:
+        """A checkpoint folder as the W&B artifact checkpoint-<arm folder> (with --wandb-checkpoints)."""
+        if self.wandb is not None and self.checkpoints:
+            self.wandb.log_model(f"checkpoint-{path.parent.parent.name}", sorted(p for p in path.iterdir() if p.is_file()),
+                                 {"arm": self.run_name, "study": self.group, "step": step, "tokens": tokens},
+                                 [f"step-{step}"])
 
     def finish(self, summary: dict[str, float]) -> None:
         if self.wandb is not None:

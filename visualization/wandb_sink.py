@@ -220,6 +220,21 @@ class WandbSink:
         finally:
             plt.close(fig)
 
+    def log_model(self, name: str, files: list[Path], metadata: dict, aliases: list[str]) -> None:
+        """Files as a version of the W&B artifact `name`, of type "model" (W&B makes no new version
+        when the content is unchanged, so a resumed arm that logs the same files again adds none).
+        Offline, the run's file records the artifact and its files wait in WANDB_DATA_DIR's staging
+        folder for `wandb sync`."""
+        if self._run is None or self._failed:
+            return
+        try:
+            artifact = wandb.Artifact(name, type="model", metadata=metadata)
+            for path in files:
+                artifact.add_file(str(path))
+            self._run.log_artifact(artifact, aliases=aliases)
+        except Exception as exc:
+            self._fail("log_model", exc)
+
     def log_summary_run(self, *, name: str, group: str, config: dict, tables: dict[str, tuple[list[str], list[list]]],
                         figures: dict, run_id: str | None = None) -> str | None:
         """One run (job type `summary`) holding a study's comparison tables and plots; given the

@@ -317,7 +317,8 @@ def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planne
                       "arm_id": p.arm_id, "studies": p.studies, "study_id": study_dir.name, "d_in": cache.d_in,
                       "d_sae": spec.sae.d_sae(cache.d_in), "hook_name": ctx.hook_name, "norm_scale": scale}
         sinks = ArmSinks(arm_dir, wandb.for_another_run() if wandb is not None else None, p.name,
-                         group=study_dir.name, job_type="+".join(p.studies), config=run_config)
+                         group=study_dir.name, job_type="+".join(p.studies), config=run_config,
+                         checkpoints=cfg.log.wandb_checkpoints)
         n_steps = total_steps(spec.train, cache)
         probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
                            umap_steps(eval_steps(spec.train, n_steps), cfg.probes.umap_evals), spec.train.seed,

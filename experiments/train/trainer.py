@@ -215,7 +215,8 @@ class Trainer:
 
     def save(self) -> None:
         tensors, state = self._state()
-        save_checkpoint(self.arm_dir / "checkpoints", self.step, tensors, self.opt.state_dict(), state)
+        path = save_checkpoint(self.arm_dir / "checkpoints", self.step, tensors, self.opt.state_dict(), state)
+        self.sinks.log_checkpoint(path, self.step, self.tokens)
 
     def restore(self) -> bool:
         ckpt = load_latest(self.arm_dir / "checkpoints")
@@ -363,6 +364,7 @@ class Trainer:
         with phase("checkpoints"):
             self.sae.save(self.arm_dir, scale=self.scale, trained_on=self.trained_on)
         with phase("logging"):
+            self.sinks.log_model(self.arm_dir, self.step, self.tokens, dict(self.last_eval))
             self.sinks.finish({f"final/{k}": v for k, v in self.last_eval.items()})
         self.seconds += time.perf_counter() - start
         return ArmResult(self.step, self.tokens, dict(self.last_eval), self.wandb_run_id, self.seconds)
