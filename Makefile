@@ -1,6 +1,9 @@
 # `make run` runs the default study, `make test` the test suite. Both create .venv/ and install
 # everything on first use (torch first, pinned to its CPU build, then the rest).
 PYTHON_SYSTEM ?= python3
+# The index torch comes from: PyPI's CPU build by default; for a GPU, PyTorch's CUDA index, e.g.
+# `make clean-venv && make run TORCH_INDEX=https://download.pytorch.org/whl/cu128`.
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
@@ -9,7 +12,7 @@ STAMP := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON_SYSTEM) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	@echo "compiling umap-learn's numba functions into their on-disk cache (about 20 s, once per install)"

@@ -55,10 +55,25 @@ class Case:
     resumable: bool = False  # may leave its study folder, which --resume must then complete
 
 
-def no_cuda(ctx: Ctx) -> None:
+def cpu_torch(ctx: Ctx) -> None:
     import torch
 
+    ctx.monkeypatch.setattr(torch.version, "cuda", None)
+
+
+def no_gpu(ctx: Ctx) -> None:
+    import torch
+
+    ctx.monkeypatch.setattr(torch.version, "cuda", "12.8")
     ctx.monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def one_gpu(ctx: Ctx) -> None:
+    import torch
+
+    ctx.monkeypatch.setattr(torch.version, "cuda", "12.8")
+    ctx.monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    ctx.monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
 
 
 def offline_hub(ctx: Ctx) -> None:
@@ -190,8 +205,12 @@ CASES = [
     Case("negative-noise-std", ("--source", "synthetic", "--noise-std", "-1"),
          "argument --noise-std: must be >= 0, got -1.0"),
     # the machine, the model and the data
-    Case("no-cuda", (*TINY, "--device", "cuda", "--study-id", "bad"), "--device cuda: no CUDA device is available",
-         setup=no_cuda, runs=True),
+    Case("torch-without-cuda", (*TINY, "--device", "cuda", "--study-id", "bad"),
+         "--device cuda: this torch (", setup=cpu_torch, runs=True),
+    Case("no-gpu", (*TINY, "--device", "cuda", "--study-id", "bad"),
+         "--device cuda: torch has CUDA 12.8 but sees no GPU here", setup=no_gpu, runs=True),
+    Case("gpu-index-out-of-range", (*TINY, "--device", "cuda:1", "--study-id", "bad"),
+         "--device cuda:1: this machine has cuda:0 to cuda:0", setup=one_gpu, runs=True),
     Case("checkpoint-dir-under-a-file", (*TINY, "--checkpoint-dir", "{tmp}/file/ckpt"),
          "/file/ckpt is not writable: Not a directory", {"file": "x"}, runs=True),
     Case("checkpoint-dir-is-a-file", (*TINY, "--checkpoint-dir", "{tmp}/file"), "/file is not writable: File exists",

@@ -193,11 +193,26 @@ def plan_arms(cfg: RunConfig, data_spec: dict) -> list[PlannedArm]:
     return list(planned.values())
 
 
-def run_study(cfg: RunConfig, stop: StopFlag) -> int:
+def check_device(device: str) -> None:
+    """--device cuda[:N] where it cannot work: one line saying whether torch or the machine lacks it."""
     import torch
 
-    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {cfg.train.device}: no CUDA device is available here; use --device cpu")
+    if not device.startswith("cuda"):
+        return
+    if torch.version.cuda is None:
+        raise UsageError(f"--device {device}: this torch ({torch.__version__}) is built without CUDA; reinstall it "
+                         f"from PyTorch's CUDA index (make clean-venv, then make run TORCH_INDEX="
+                         f"https://download.pytorch.org/whl/cu128) or use --device cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch has CUDA {torch.version.cuda} but sees no GPU here (driver, "
+                         f"CUDA_VISIBLE_DEVICES); use --device cpu")
+    index, count = device.partition(":")[2], torch.cuda.device_count()
+    if index and (not index.isdigit() or int(index) >= count):
+        raise UsageError(f"--device {device}: this machine has cuda:0 to cuda:{count - 1}")
+
+
+def run_study(cfg: RunConfig, stop: StopFlag) -> int:
+    check_device(cfg.train.device)
     root = Path(cfg.log.checkpoint_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
