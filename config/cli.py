@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from typing import Any, Sequence
 
@@ -333,7 +334,7 @@ def validate_static(cfg: RunConfig) -> None:
     if cfg.study.study_id is not None and (Path(cfg.log.checkpoint_dir) / cfg.study.study_id).is_file():
         raise UsageError(f"--study-id {cfg.study.study_id!r} names a file in {cfg.log.checkpoint_dir}, "
                          f"not a study folder")
-    if cfg.train.device != "cpu" and not cfg.train.device.startswith(("cuda", "mps")):
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.train.device):
         raise UsageError(f"unknown --device {cfg.train.device!r}; use cpu, cuda or cuda:N")
     if cfg.probes.concepts is not None and not Path(cfg.probes.concepts).is_file():
         raise UsageError(f"--concepts {cfg.probes.concepts}: no such file")

@@ -171,6 +171,7 @@ CASES = [
     Case("f1-threshold-above-1", ("--f1-threshold", "1.5"), "argument --f1-threshold: must be in (0, 1]"),
     Case("missing-concepts-file", ("--concepts", "{tmp}/none.yaml"), "/none.yaml: no such file"),
     Case("unknown-device", ("--device", "tpu"), "unknown --device 'tpu'"),
+    Case("malformed-gpu-index", ("--device", "cuda:"), "unknown --device 'cuda:'; use cpu, cuda or cuda:N"),
     Case("unknown-flag", ("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
     Case("study-id-escapes", ("--study-id", "../escape"), "--study-id '../escape' is not a usable folder name"),
     Case("study-id-reserved", ("--study-id", "models"), "--study-id 'models' is not a usable folder name"),

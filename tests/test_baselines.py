@@ -137,3 +137,43 @@ def test_emergence_is_read_where_it_was_planted(planted):
     assert table.rows[1][3] == f"{b['final_single_f1']:.3f} · 1.000"
     for row in itertools.chain(*(t.rows for t in res.tables.values())):
         assert not any(isinstance(x, float) and np.isnan(x) for x in row) and "nan" not in " ".join(map(str, row))
+
+
+def _arm(evals, names, kinds):
+    return ArmData(ArmRecord("relu-x", "relu-x", "relu", "none", status="complete"), {}, evals,
+                   {"names": names, "kinds": kinds, "skipped": []})
+
+
+def _evals(scores):
+    """Evals whose single-latent and probe F1 are the given [E, C] scores."""
+    return [{"tokens": np.array(1000 * (e + 1)), "n_tokens": np.array(100), "single_f1": np.array(row, float),
+             "probe_f1": np.array(row, float), "single_latent": np.zeros(len(row), np.int64),
+             "probe_latents": np.zeros((len(row), 2), np.int64)} for e, row in enumerate(scores)]
+
+
+def test_a_study_from_before_the_baselines_is_still_reported_without_nan():
+    """Made before absent concepts were left out: a concept without scores (NaN), and no baselines."""
+    arm = _arm(_evals([[0.5, np.nan], [0.6, np.nan]]), ["category:A", "category:B"], ["category", "category"])
+    res = concept_emergence([arm], StudyInputs({"f1_threshold": 0.8, "probe_k": 2}))
+    assert "ceiling" not in res.tables and "baselines" not in res.summary
+    assert res.tables["counts"].rows[0][5:] == [0.6, 0.6]
+    assert "nan" not in " ".join(res.findings) and "B (best 0.00)" in res.findings[-1]
+
+
+def test_evals_of_another_concept_set_are_left_out_and_said():
+    """A study resumed across the change scored 3 concepts before the resume and 2 after."""
+    evals = _evals([[0.1, 0.2, 0.3]]) + _evals([[0.85, 0.9], [0.9, 0.95]])[0:2]
+    arm = _arm(evals, ["category:A", "category:B"], ["category", "category"])
+    res = concept_emergence([arm], StudyInputs({"f1_threshold": 0.8, "probe_k": 2}))
+    assert res.tables["counts"].rows[0][1] == "2/2"
+    assert any(f.startswith("1 evals scored another concept set") for f in res.findings)
+
+
+def test_no_ceiling_is_reached_where_the_dense_probe_scores_zero():
+    names = ["category:A", "word:rare"]
+    base = {"names": np.array(names), "dense_f1": np.array([1.0, 0.0]), "neuron_f1": np.array([0.5, 0.0]),
+            "neuron": np.array([3, 0]), "neuron_sign": np.array([1, 1])}
+    arm = _arm(_evals([[0.9, 0.0], [0.95, 0.0]]), names, ["category", "word"])
+    res = concept_emergence([arm], StudyInputs({"f1_threshold": 0.8, "probe_k": 2}, base))
+    a, rare = res.summary["arms"][0]["concepts"]
+    assert a["near_ceiling_single_tokens"] == 1000 and rare["near_ceiling_single_tokens"] is None

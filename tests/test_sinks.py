@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
+from visualization.sinks import ArmSinks
 from tests.wandb_readback import OfflineRun, merge_segments, read_offline_run, read_offline_runs
 from visualization import wandb_sink
 from config.files import read_json, write_json_atomic
@@ -436,3 +437,22 @@ def test_density_histogram_marks_and_counts_the_given_dense_threshold() -> None:
 def test_format_timing_leaves_out_phases_under_half_a_second() -> None:
     timing = {"model": 3.2, "harvest": 0.4, "training": 219.75, "report": 0.6, "total": 310.17}
     assert format_timing(timing) == "310 s (model 3 s, training 220 s, report 1 s)"
+
+
+def test_the_final_sae_artifact_has_its_config_and_no_nan(tmp_path):
+    """W&B refuses NaN in an artifact's metadata (and would then drop the run's final summary); a
+    metric that is NaN, e.g. cos of an SAE whose latents are all dead, goes as None."""
+    class RecordingSink:
+        def log_model(self, name, files, metadata, aliases):
+            self.logged = (name, files, metadata, aliases)
+
+    arm_dir = tmp_path / "topk-x-1234abcd"
+    arm_dir.mkdir()
+    (arm_dir / "config.json").write_text('{"architecture": "topk", "k": 8}')
+    wandb = RecordingSink()
+    ArmSinks(arm_dir, wandb, "topk-x", "study", "activations", {}).log_model(
+        arm_dir, 40, 5120, {"cos": float("nan"), "l0": 8.0})
+    name, files, metadata, aliases = wandb.logged
+    assert name == "sae-topk-x-1234abcd" and aliases == ["final", "step-40"]
+    assert [f.name for f in files] == ["sae.safetensors", "config.json"]
+    assert metadata["final"] == {"cos": None, "l0": 8.0} and metadata["config"] == {"architecture": "topk", "k": 8}

@@ -58,14 +58,16 @@ class ArmSinks:
         sae-<arm folder>, with its config and final metrics as metadata."""
         if self.wandb is not None:
             config = json.loads((arm_dir / "config.json").read_text())
+            finite = {k: v if np.isfinite(v) else None for k, v in final.items()}  # W&B refuses NaN in metadata
             self.wandb.log_model(f"sae-{arm_dir.name}", [arm_dir / "sae.safetensors", arm_dir / "config.json"],
                                  {"arm": self.run_name, "study": self.group, "step": step, "tokens": tokens,
-                                  "config": config, "final": final}, ["final", f"step-{step}"])
+                                  "config": config, "final": finite}, ["final", f"step-{step}"])
 
     def log_checkpoint(self, path: Path, step: int, tokens: int) -> None:
         """A checkpoint folder as the W&B artifact checkpoint-<arm folder> (with --wandb-checkpoints)."""
         if self.wandb is not None and self.checkpoints:
-            self.wandb.log_model(f"checkpoint-{path.parent.parent.name}", sorted(p for p in path.iterdir() if p.is_file()),
+            files = sorted(p for p in path.iterdir() if p.is_file())
+            self.wandb.log_model(f"checkpoint-{path.parent.parent.name}", files,
                                  {"arm": self.run_name, "study": self.group, "step": step, "tokens": tokens},
                                  [f"step-{step}"])
 

@@ -46,6 +46,11 @@ def format_value(v: object) -> str:
     return str(v)
 
 
+def shortlist(names: list[str], limit: int = 8) -> str:
+    """The first `limit` names, comma-separated, with " ..." when there are more."""
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def format_timing(timing: dict[str, float]) -> str:
     """summary.json's "timing" as "310 s (model 3 s, training 220 s, ...)": phases under half a second left out."""
     shown = ", ".join(f"{name} {sec:.0f} s" for name, sec in timing.items() if name != "total" and sec >= 0.5)

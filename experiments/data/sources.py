@@ -32,11 +32,14 @@ class SubjectModel:
     n_layers: int
     fingerprint: str  # changes whenever the weights would give other activations
 
-    def token_text(self, token: int) -> str:
-        """One token's text for a reader: control characters other than newline and tab (tinylm's
+    def text(self, tokens) -> str:
+        """Tokens' text for a reader: control characters other than newline and tab (tinylm's
         byte-level vocabulary holds them) as their Unicode pictures, e.g. NUL as ␀, so that no
         Markdown table or web page receives a raw control byte."""
-        return self.tokenizer.decode([int(token)]).translate(CONTROL_PICTURES)
+        return self.tokenizer.decode([int(t) for t in tokens]).translate(CONTROL_PICTURES)
+
+    def token_text(self, token: int) -> str:
+        return self.text([token])
 
 
 CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(32) if chr(c) not in "\n\t"}, 0x7F: 0x2421}

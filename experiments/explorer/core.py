@@ -34,7 +34,6 @@ import torch
 
 from config.records import ArmRecord, StudyRecord
 from config.schema import UsageError
-from experiments.data.sources import CONTROL_PICTURES
 from experiments.eval.features import FeatureAnalysis, features_done, load_features, search_features, top_tokens
 from experiments.studies.features import ranked, strongest_context
 
@@ -610,15 +609,14 @@ class Explorer:
         labels = self._labels(rec)
         shown = torch.unique(torch.cat([p_plain.topk(5).indices, p_steered.topk(5).indices]))
         shown = shown[torch.argsort(p_steered[shown], descending=True, stable=True)]
-        text = lambda ids: ta.model.tokenizer.decode(ids).translate(CONTROL_PICTURES)  # noqa: E731
         return {"arm": rec.name, "arm_id": rec.arm_id, "prompt": prompt, "hook": ta.hook_name,
                 "latents": [{"latent": j, "label": labels[j] if labels else "",
                              "direction_norm": float(ta.sae.W_dec[j].norm())} for j in latents],
                 "activation_norm": x_norm,
                 "alpha": alpha, "mode": mode, "max_new_tokens": n, "seed": seed, "temperature": temperature,
                 "applies_to": APPLIES_TO,
-                "steered": {"text": text(steered), "tokens": self._decode(ta, steered)},
-                "unsteered": {"text": text(plain), "tokens": self._decode(ta, plain)},
+                "steered": {"text": ta.model.text(steered), "tokens": self._decode(ta, steered)},
+                "unsteered": {"text": ta.model.text(plain), "tokens": self._decode(ta, plain)},
                 "next_token": [{"token": ta.model.token_text(t), "p_steered": float(p_steered[t]),
                                 "p_unsteered": float(p_plain[t])} for t in shown]}
 

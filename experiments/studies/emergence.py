@@ -2,6 +2,7 @@
 the true features), and in what order."""
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -10,7 +11,7 @@ from experiments.eval.metrics import rank_stability
 from experiments.studies.results import ArmData, StudyInputs, StudyResult, Table, beside, rounded, tokens_text
 from visualization import study_plots
 from visualization.plots import density_floor, log10_density
-from visualization.terminal import format_beside
+from visualization.terminal import format_beside, shortlist
 
 
 def _nanmax(scores: np.ndarray) -> np.ndarray:
@@ -69,6 +70,11 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
         res.findings.append(f"No concept of the set occurs in both halves of the eval text ({len(absent)} left out); "
                             f"pass --concepts with words the text uses.")
         return res
+    # A study resumed across the change that leaves absent concepts out scored fewer concepts after
+    # the resume; its earlier evals' arrays do not line up with the names and are left out.
+    kept = [replace(a, evals=[e for e in a.evals if len(e["single_f1"]) == len(names)]) for a in scored]
+    dropped = sum(len(a.evals) for a in scored) - sum(len(a.evals) for a in kept)
+    scored = [a for a in kept if a.evals]
     base = _aligned(study.baselines, names)
     curves, final_scores, per_arm, summary_arms = {}, {}, {}, []
     cat = [i for i, kind in enumerate(kinds) if kind == "category"]
@@ -88,15 +94,16 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
         first_single, first_probe = _settled_reach(tokens, single, threshold), _settled_reach(tokens, probe, threshold)
         crossed_single, crossed_probe = _first_reach(tokens, single, threshold), _first_reach(tokens, probe, threshold)
         best_single, best_probe = _nanmax(single), _nanmax(probe)
-        share = CEILING_SHARE * base["dense_f1"] if base else None
+        # Where the dense probe itself scores 0 (a concept too rare to fit), there is no ceiling to reach.
+        share = np.where(base["dense_f1"] > 0, CEILING_SHARE * base["dense_f1"], np.inf) if base else None
         near_single = _settled_reach(tokens, single, share) if base else None
         near_probe = _settled_reach(tokens, probe, share) if base else None
         per_arm[a.name] = (first_single, first_probe, best_single, best_probe, near_single, near_probe)
         n = lambda first, idx: int(np.sum(~np.isnan(first[idx])))  # noqa: E731
         rows.append([a.name, f"{n(first_single, cat)}/{len(cat)}", f"{n(first_probe, cat)}/{len(cat)}",
                      f"{n(first_single, word)}/{len(word)}", f"{n(first_probe, word)}/{len(word)}",
-                     rounded(np.median(best_single[cat]), 3) if cat else None,
-                     rounded(np.median(best_probe[cat]), 3) if cat else None])
+                     rounded(np.nanmedian(best_single[cat]), 3) if cat else None,
+                     rounded(np.nanmedian(best_probe[cat]), 3) if cat else None])
         last = a.evals[-1]
         concepts_out = []
         for i in range(len(names)):
@@ -192,13 +199,16 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
                             f"(**{max(words, key=words.get)}**).")
     never = [i for i in cat if all(np.isnan(per_arm[a.name][1][i]) for a in scored)]
     if never:
-        best = {i: max(float(per_arm[a.name][3][i]) for a in scored) for i in never}
+        # NaN only in studies made before absent concepts were left out
+        best = {i: max(float(np.nan_to_num(per_arm[a.name][3][i], nan=0.0)) for a in scored) for i in never}
         res.findings.append("No arm ended at the threshold even with the probe for: " + ", ".join(
             f"{label[i]} (best {format_beside(best[i], threshold)})" for i in never) + ".")
+    if dropped:
+        res.findings.append(f"{dropped} evals scored another concept set (before the study was resumed by a newer "
+                            f"version) and are left out.")
     if absent:
-        shown = ", ".join(n.split(":", 1)[1] for n in absent[:8]) + (" ..." if len(absent) > 8 else "")
         res.findings.append(f"Left out, as they do not occur in both halves of the eval text: {len(absent)} concepts "
-                            f"({shown}).")
+                            f"({shortlist([n.split(':', 1)[1] for n in absent])}).")
     res.summary = {"threshold": threshold, "probe_k": k, "skipped_words": scored[0].concepts.get("skipped", []),
                    "absent_concepts": absent, "arms": summary_arms}
     if base:

@@ -206,9 +206,9 @@ def check_device(device: str) -> None:
     if not torch.cuda.is_available():
         raise UsageError(f"--device {device}: torch has CUDA {torch.version.cuda} but sees no GPU here (driver, "
                          f"CUDA_VISIBLE_DEVICES); use --device cpu")
-    index, count = device.partition(":")[2], torch.cuda.device_count()
-    if index and (not index.isdigit() or int(index) >= count):
-        raise UsageError(f"--device {device}: this machine has cuda:0 to cuda:{count - 1}")
+    index = device.partition(":")[2]  # the form cuda[:N] is checked while parsing
+    if index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def run_study(cfg: RunConfig, stop: StopFlag) -> int:

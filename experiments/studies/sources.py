@@ -24,7 +24,7 @@ from experiments.studies import activations, emergence, frequency, resampling
 from experiments.timing import phase
 from experiments.train.trainer import EvalContext, StopFlag
 from models.sae import SAE
-from visualization.terminal import progress_bar
+from visualization.terminal import progress_bar, shortlist
 
 DEFAULT_CONCEPTS = Path(__file__).resolve().parents[2] / "config" / "concepts" / "english.yaml"
 
@@ -138,25 +138,23 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
     listed = len(concepts) + len(concepts.skipped)
     if concepts.skipped:
         _say(f"concepts: {len(concepts.skipped)} words are not single tokens here and are left out: "
-             f"{_few(concepts.skipped)}")
+             f"{shortlist(concepts.skipped)}")
     data = ConceptData.build(concepts, cache.eval_row_tokens(), cache.eval_row_sequence())
-    if data.concepts.absent:
-        _say(f"concepts: {len(data.concepts.absent)} concepts do not occur in both halves of the eval text and are "
-             f"left out: {_few([n.split(':', 1)[1] for n in data.concepts.absent])}")
+    absent = data.concepts.absent
+    if absent:
+        _say(f"concepts: {len(absent)} concepts do not occur in both halves of the eval text and are left out: "
+             f"{shortlist([n.split(':', 1)[1] for n in absent])}")
     scored = len(data.concepts)
     if scored < listed / 2:
-        _say(f"warning: only {scored} of the {listed} concepts can be scored on this eval text ("
-             f"{cache.n_eval_rows:,} tokens); use a larger one (--n-samples) or pass --concepts FILE with words "
-             f"your text uses (a YAML of {{category: [words]}})")
+        _say(f"warning: only {scored} of the {listed} concepts can be scored ({len(concepts.skipped)} not single "
+             f"tokens for this tokenizer, {len(absent)} not in both halves of the {cache.n_eval_rows:,} eval tokens); "
+             f"pass --concepts FILE with words your text and tokenizer use (a YAML of {{category: [words]}}), or "
+             f"harvest more text (--n-samples)")
     return data
 
 
 def _say(line: str) -> None:
     print(textwrap.fill(line, 100, subsequent_indent="  "))
-
-
-def _few(names: list[str]) -> str:
-    return ", ".join(names[:8]) + (" ..." if len(names) > 8 else "")
 
 
 def _token_features(sae: SAE, *, cache: ActivationCache, unembed, decode, concepts, bar) -> FeatureAnalysis:
