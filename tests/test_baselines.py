@@ -135,6 +135,8 @@ def test_emergence_is_read_where_it_was_planted(planted):
     table = res.tables["ceiling"]
     assert [row[0] for row in table.rows] == ["A", "B", "C"]
     assert table.rows[1][3] == f"{b['final_single_f1']:.3f} · 1.000"
+    side = "high" if base.neuron_sign[1] > 0 else "low"
+    assert table.rows[1][2] == f"{base.neuron_f1[1]:.3f} (#{base.neuron[1]} {side})"
     for row in itertools.chain(*(t.rows for t in res.tables.values())):
         assert not any(isinstance(x, float) and np.isnan(x) for x in row) and "nan" not in " ".join(map(str, row))
 

@@ -240,14 +240,17 @@ def _ceiling_table(scored: list[ArmData], final_scores: dict, base: dict, kinds:
         one, probe = (float(np.median(final_scores[a.name][kind][idx])) for kind in ("single", "probe"))
         return f"{one:.3f} · {probe:.3f}"
 
-    rows = [[label[i], f"{base['dense_f1'][i]:.3f}", f"{base['neuron_f1'][i]:.3f} (#{base['neuron'][i]})",
+    side = {1: "high", -1: "low"}  # where the neuron's values mark the concept
+    rows = [[label[i], f"{base['dense_f1'][i]:.3f}",
+             f"{base['neuron_f1'][i]:.3f} (#{base['neuron'][i]} {side[int(base['neuron_sign'][i])]})",
              *(pair(a, [i]) for a in scored)] for i, kind in enumerate(kinds) if kind == "category"]
     word = [i for i, kind in enumerate(kinds) if kind == "word"]
     if word:
         rows.append([f"words (median of {len(word)})", f"{np.median(base['dense_f1'][word]):.3f}",
                      f"{np.median(base['neuron_f1'][word]):.3f}", *(pair(a, word) for a in scored)])
     return Table(f"Held-out F1 at the end of training beside what the raw activations give: the dense probe (a "
-                 f"logistic regression on all dimensions, the ceiling), the best raw neuron (the floor), and per arm "
+                 f"logistic regression on all dimensions, the ceiling), the best raw neuron (the floor: its index, and "
+                 f"whether high or low values mark the concept), and per arm "
                  f"its best single latent · {k}-sparse probe",
                  ["category", "dense probe", "best raw neuron", *(a.name for a in scored)], rows)
 
