@@ -64,7 +64,7 @@ def main() -> None:
     timing = json.loads((tmp / "bench" / "summary.json").read_text())["timing"]
     total = timing["total"]
     print()
-    table = Table(["phase", "seconds", "share"], [40, 8, 7])
+    table = Table(["phase", "seconds", "share"], [50, 8, 7])
     for name, label in LABELS.items():
         table.add(label, f"{timing[name]:.1f}", f"{timing[name] / total:.1%}")
     table.add("total", f"{total:.1f}", "")
