@@ -137,8 +137,9 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
         f"latent / {k}-sparse probe",
         ["arm", "categories (one latent)", "categories (probe)", "words (one latent)", "words (probe)",
          "median best cat. F1 (one latent)", "median best cat. F1 (probe)"], rows)
+    levels = _baseline_levels(base, kinds) if base else None
     if base:
-        res.tables["ceiling"] = _ceiling_table(scored, final_scores, base, kinds, label, k)
+        res.tables["ceiling"] = _ceiling_table(scored, final_scores, base, levels, kinds, label, k)
     res.tables["categories"] = Table(
         "Category concepts: when each emerged (reached the threshold and stayed; training tokens), when it "
         "first crossed it, and the best held-out F1 reached"
@@ -153,10 +154,7 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
         + ["final_single_f1", "best_single_f1", "final_probe_f1", "best_probe_f1", "emerged_single_tokens",
            "first_crossed_single_tokens", "emerged_probe_tokens"]
         + (["near_ceiling_single_tokens"] if base else []), per_concept)
-    lines = ({kind: {"dense": float(np.median(base["dense_f1"][np.array(kinds) == kind])),
-                     "neuron": float(np.median(base["neuron_f1"][np.array(kinds) == kind]))}
-              for kind in dict.fromkeys(kinds)} if base else None)
-    res.figure("curves", partial(study_plots.emergence_curves, curves, threshold, baselines=lines),
+    res.figure("curves", partial(study_plots.emergence_curves, curves, threshold, baselines=levels),
                f"Median over concepts of the best held-out F1 as training goes on (solid: one latent, dashed: "
                f"the {k}-sparse probe); a concept has emerged once its score reaches the dotted {threshold:g} and "
                f"stays there." + (" Grey bands: the dense probe on the raw activations (top, the ceiling) and the "
@@ -177,7 +175,7 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
                    f"Final held-out F1 of the {what} for each category and arm; bold cells reach {threshold:g}.")
     _umap_figures(res, scored)
     if base:
-        res.findings.append(_baseline_finding(scored, final_scores, base, kinds))
+        res.findings.append(_baseline_finding(scored, final_scores, levels, kinds))
         if cat:
             near = {a.name: (int(np.sum(~np.isnan(per_arm[a.name][4][cat]))),
                              int(np.sum(~np.isnan(per_arm[a.name][5][cat])))) for a in scored}
@@ -232,8 +230,14 @@ def _aligned(baselines: dict | None, names: list[str]) -> dict[str, np.ndarray] 
     return {key: baselines[key][order] for key in ("dense_f1", "neuron_f1", "neuron", "neuron_sign")}
 
 
-def _ceiling_table(scored: list[ArmData], final_scores: dict, base: dict, kinds: list[str], label: list[str],
-                   k: int) -> Table:
+def _baseline_levels(base: dict[str, np.ndarray], kinds: list[str]) -> dict[str, dict[str, float]]:
+    """kind -> the median dense-probe and best-raw-neuron F1 over the concepts of that kind."""
+    dense, neuron = median_by_kind(kinds, base["dense_f1"][None]), median_by_kind(kinds, base["neuron_f1"][None])
+    return {kind: {"dense": float(dense[kind][0]), "neuron": float(neuron[kind][0])} for kind in dense}
+
+
+def _ceiling_table(scored: list[ArmData], final_scores: dict, base: dict, levels: dict, kinds: list[str],
+                   label: list[str], k: int) -> Table:
     """Per category (and the median over the words): the dense probe, the best raw neuron and each
     arm's final best single latent · k-sparse probe, side by side."""
     def pair(a: ArmData, idx) -> str:
@@ -246,8 +250,8 @@ def _ceiling_table(scored: list[ArmData], final_scores: dict, base: dict, kinds:
              *(pair(a, [i]) for a in scored)] for i, kind in enumerate(kinds) if kind == "category"]
     word = [i for i, kind in enumerate(kinds) if kind == "word"]
     if word:
-        rows.append([f"words (median of {len(word)})", f"{np.median(base['dense_f1'][word]):.3f}",
-                     f"{np.median(base['neuron_f1'][word]):.3f}", *(pair(a, word) for a in scored)])
+        rows.append([f"words (median of {len(word)})", f"{levels['word']['dense']:.3f}",
+                     f"{levels['word']['neuron']:.3f}", *(pair(a, word) for a in scored)])
     return Table(f"Held-out F1 at the end of training beside what the raw activations give: the dense probe (a "
                  f"logistic regression on all dimensions, the ceiling), the best raw neuron (the floor: its index, and "
                  f"whether high or low values mark the concept), and per arm "
@@ -255,14 +259,14 @@ def _ceiling_table(scored: list[ArmData], final_scores: dict, base: dict, kinds:
                  ["category", "dense probe", "best raw neuron", *(a.name for a in scored)], rows)
 
 
-def _baseline_finding(scored: list[ArmData], final_scores: dict, base: dict, kinds: list[str]) -> str:
+def _baseline_finding(scored: list[ArmData], final_scores: dict, levels: dict, kinds: list[str]) -> str:
     """One sentence: the ceiling, the floor, and how far the best arm's single latents get."""
     parts = []
     for kind in ("category", "word"):
         idx = np.array(kinds) == kind
         if not idx.any():
             continue
-        dense, neuron = np.median(base["dense_f1"][idx]), np.median(base["neuron_f1"][idx])
+        dense, neuron = levels[kind]["dense"], levels[kind]["neuron"]
         best = max(scored, key=lambda a: np.median(final_scores[a.name]["single"][idx]))
         sae = np.median(final_scores[best.name]["single"][idx])
         parts.append(f"{kind} concepts: dense probe {dense:.3f}, best raw neuron {neuron:.3f}, best single latent "
