@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config.schema import DataConfig  # noqa: E402
 from experiments.data.sources import (CHUNK_SEQUENCES, HarvestWriter, harvester, load_subject_model,  # noqa: E402
-                                 resolve_hook, token_sequences)
+                                 resolve_hooks, token_sequences)
 from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 
 BARE_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
@@ -98,7 +98,8 @@ def measure(model, hook_name: str, sequences: torch.Tensor, batches: list[int], 
             writer = HarvestWriter(sequences, d_in, harvest, batch, eval_fraction=0.1)
 
             def run_harvest(chunk):
-                writer.fill(chunk, acts, Path(tmp))
+                for _ in writer.fill(chunk, acts, Path(tmp)):
+                    pass
 
             def run_bare(chunk):
                 for b in range(chunk * CHUNK_SEQUENCES, (chunk + 1) * CHUNK_SEQUENCES, batch):
@@ -148,7 +149,7 @@ def main() -> None:
           f"against the harvest first")
     table = Table(["hook", "batch", "harvest tokens/s", "bare tokens/s", "harvest ÷ bare"], [24])
     for cfg in data:
-        measure(model, resolve_hook(model, cfg), sequences, [int(b) for b in a.batch_size.split(",")], a.chunks,
+        measure(model, resolve_hooks(model, cfg)[0], sequences, [int(b) for b in a.batch_size.split(",")], a.chunks,
                 a.repeats, table)
     write_docs(a, "bench_harvest", [table.markdown(), f"{model.name}, {a.seq_len} tokens per sequence, median of "
                                     f"{a.repeats} passes over {n_seq} sequences."])

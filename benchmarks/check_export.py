@@ -89,21 +89,21 @@ def main() -> int:
             print(f"error: --out: {clash[0]} already exists (the export never overwrites)", file=sys.stderr)
             return 2
 
-    cache = resolve_cache(study_dir, record.cache)
-    x = eval_rows(cache, a.rows)
+    rows_at = {hook: eval_rows(resolve_cache(study_dir, info.get("cache")), a.rows)
+               for hook, info in record.hooks.items()}
 
     import sae_lens
     from sae_lens import SAE as SAELensSAE
 
-    print(f"study {record.study_id}: {len(arms)} complete arms, {len(x)} eval rows of {cache} "
-          f"(hook {record.setup.get('hook')}); sae-lens {sae_lens.__version__}, torch {torch.__version__}; "
+    print(f"study {record.study_id}: {len(arms)} complete arms, {a.rows} eval rows of the activation cache of "
+          f"{', '.join(rows_at)}; sae-lens {sae_lens.__version__}, torch {torch.__version__}; "
           f"PASS = max |diff| <= {TOL:g} on encode and decode", flush=True)
     header = ("arm", "architecture", "SAELens class", "encode |diff|", "decode |diff|", "rel", "sparsity", "verdict")
     rows, failed = [], 0
     with tempfile.TemporaryDirectory(prefix="saelens-export-") as tmp:
         out_root = a.out if a.out is not None else Path(tmp)
         for arm in arms:
-            arm_dir = study_dir / arm.arm_id
+            arm_dir, x = study_dir / arm.arm_id, rows_at[record.hook_of(arm)]
             try:
                 metadata = saelens_metadata(trained_on(arm_dir))
                 path = export_saelens(arm_dir, out_root / arm.arm_id, metadata)

@@ -59,10 +59,12 @@ def _int(text: str) -> int:
 
 
 def _setting(s: Setting):
-    """An argparse type for a numeric setting, checked by the same check_setting as the YAML keys and
-    the dataclasses: 'argument --lr: must be positive, got -1.0'."""
+    """An argparse type for a numeric or list setting, checked by the same check_setting as the YAML keys
+    and the dataclasses: 'argument --lr: must be positive, got -1.0'."""
     def parse(text: str):
-        if s.kind == "int":
+        if s.parse:
+            value = text
+        elif s.kind == "int":
             value = _int(text)
         else:
             try:
@@ -88,7 +90,9 @@ def _flag(group, cls: type, name: str, *, default: Any = None, quick: Any = None
     preset changes it; `quick` is the --quick default."""
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     s = setting_of(cls, name)
-    kind = {"choices": s.choices} if s.choices else {"type": _setting(s) if s.kind in ("int", "float") else _text}
+    kind = {"choices": s.choices} if s.choices else {
+        "type": _setting(s) if s.kind in ("int", "float") or s.parse else _text}
+    metavar = metavar or ("LIST" if s.parse else None)
     shown = f.metadata["shown"] or _shown(f.default if default is None else default)
     if quick is not None:
         shown += f"; --quick: {_shown(quick)}"

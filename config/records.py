@@ -6,6 +6,7 @@ studies' analyses and the report read it back, and summary.json lists each arm's
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +35,21 @@ class ArmRecord:
     wandb_run_id: str | None = None
     seconds: float | None = None
     reason: str | None = None  # why it failed
+    hook: str | None = None  # the hook point it read (None in studies recorded before studies had several)
 
     def summary(self) -> dict[str, Any]:
         """The arm as summary.json lists it."""
         return {name: getattr(self, name) for name in SUMMARY_FIELDS}
 
 
-SUMMARY_FIELDS = ("arm_id", "name", "architecture", "dead_handling", "studies", "status", "steps", "tokens", "final",
-                  "weights", "wandb_run_id", "seconds", "reason")
+SUMMARY_FIELDS = ("arm_id", "name", "architecture", "dead_handling", "hook", "studies", "status", "steps", "tokens",
+                  "final", "weights", "wandb_run_id", "seconds", "reason")
+
+
+def hook_label(hook: str) -> str:
+    """blocks.1.hook_mlp_out -> L1.mlp_out: how arm names and report sections name a hook point."""
+    block = re.fullmatch(r"blocks\.(\d+)\.hook_(.+)", hook)
+    return f"L{block[1]}.{block[2]}" if block else hook.removeprefix("hook_")
 
 
 @dataclass
@@ -52,8 +60,7 @@ class StudyRecord:
     status: str  # running | interrupted | complete | failed
     spec: dict  # RunConfig.result_spec(): what a resume must match
     arms: list[ArmRecord] = field(default_factory=list)
-    cache: str | None = None  # the activation cache's folder
-    setup: dict = field(default_factory=dict)  # hook, d_in, token counts, scale, the commits that ran it
+    setup: dict = field(default_factory=dict)  # per hook point its cache (d_in, token counts, scale); the commits
     summary_runs: dict[str, str] = field(default_factory=dict)  # study -> W&B summary run id
 
     def arm(self, arm_id: str) -> ArmRecord:
@@ -62,6 +69,19 @@ class StudyRecord:
     def named(self, key: str) -> ArmRecord | None:
         """The arm whose name (as the report gives it) or folder is exactly `key`; None if none is."""
         return next((a for a in self.arms if key in (a.name, a.arm_id)), None)
+
+    @property
+    def hooks(self) -> dict[str, dict]:
+        """Hook point -> its activation cache (folder, d_in, train_tokens, eval_tokens, norm_scale), in the
+        study's order; the one hook of a study recorded before studies had several."""
+        if "hooks" in self.setup:
+            return self.setup["hooks"]
+        if "hook" in self.setup:
+            return {self.setup["hook"]: {k: v for k, v in self.setup.items() if k not in ("hook", "commits")}}
+        return {}
+
+    def hook_of(self, arm: ArmRecord) -> str | None:
+        return arm.hook or next(iter(self.hooks), None)
 
     @property
     def finished(self) -> list[ArmRecord]:
@@ -75,6 +95,8 @@ class StudyRecord:
         known = {f.name for f in dataclasses.fields(ArmRecord)}
         try:
             arms = [ArmRecord(**{k: v for k, v in arm.items() if k in known}) for arm in data["arms"]]
+            if "cache" in data and "hooks" not in data.get("setup", {}):  # recorded before several hook points
+                data = {**data, "setup": {**data.get("setup", {}), "cache": data["cache"]}}
             return cls(**{**{k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}},
                           "arms": arms, "summary_runs": data.get("summary_runs") or {},
                           "studies": data["studies"] if "studies" in data else data["spec"]["study"]["names"],

@@ -9,7 +9,7 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, DEAD_HANDLING_MODES, OPTION_ARCHITECTURES
 
@@ -36,10 +36,12 @@ RULES = {
 
 
 def option(default: Any, rule: str | None = None, *, choices: tuple[str, ...] | None = None, help: str | None = None,
-           shown: str | None = None) -> Any:
-    """A dataclass field with its range (`rule` from RULES, or `choices` for a string) and, when a
-    flag sets it, the flag's help and the default as --help shows it (`shown`; the value otherwise)."""
-    return field(default=default, metadata={"rule": rule, "choices": choices, "help": help, "shown": shown})
+           shown: str | None = None, parse: Callable[[Any, str], Any] | None = None) -> Any:
+    """A dataclass field with its range (`rule` from RULES, `choices` for a string, or for a field
+    that takes a list its own `parse(value, where)`) and, when a flag sets it, the flag's help and
+    the default as --help shows it (`shown`; the value otherwise)."""
+    return field(default=default, metadata={"rule": rule, "choices": choices, "help": help, "shown": shown,
+                                            "parse": parse})
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class Setting:
     optional: bool = False  # None allowed
     rule: str | None = None  # RULES key; None: the kind's default
     choices: tuple[str, ...] | None = None
+    parse: Callable[[Any, str], Any] | None = None  # a list field's parser: value (list or text), where -> value
 
 
 def setting_of(cls: type, name: str) -> Setting:
@@ -55,7 +58,7 @@ def setting_of(cls: type, name: str) -> Setting:
     f = {f.name: f for f in dataclasses.fields(cls)}[name]
     annotation = str(f.type)
     return Setting(annotation.split("|")[0].strip(), "None" in annotation, f.metadata.get("rule"),
-                   f.metadata.get("choices"))
+                   f.metadata.get("choices"), f.metadata.get("parse"))
 
 
 def check_setting(s: Setting, value: Any, where: str) -> Any:
@@ -68,6 +71,8 @@ def check_setting(s: Setting, value: Any, where: str) -> Any:
         if s.optional:
             return None
         raise UsageError(f"{where} must not be empty".lstrip())
+    if s.parse is not None:
+        return s.parse(value, where)
     if s.kind == "bool":
         if not isinstance(value, bool):
             raise bad("must be true or false")
@@ -107,6 +112,49 @@ MAGNITUDE_LAWS = ("constant", "uniform", "exponential", "lognormal")
 HOOKS = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
 
 
+def _as_list(value) -> list:
+    return value if isinstance(value, list) else [value]
+
+
+def _one_or_list(items: list):
+    return items[0] if len(items) == 1 else items
+
+
+def _items(value, where: str) -> list:
+    """A list, or comma-separated text, as a list of distinct non-empty items in their order."""
+    raw = value if isinstance(value, list) else str(value).split(",") if isinstance(value, str) else [value]
+    items = [item.strip() if isinstance(item, str) else item for item in raw]
+    if not items or any(item == "" or item is None for item in items):
+        raise UsageError(f"{where} must not have an empty entry, got {value!r}".lstrip())
+    return list(dict.fromkeys(items))
+
+
+def parse_layers(value, where: str) -> list[int] | int | str:
+    """A layer, a list of layers, or "all"; entries are integers >= 0."""
+    if value == "all":
+        return value
+    layers = []
+    for item in _items(value, where):
+        if isinstance(item, (bool, float)) or not str(item).isdigit():
+            raise UsageError(f"{where} takes layers (integers >= 0, comma-separated) or all, "
+                             f"got {str(item)!r}".lstrip())
+        layers.append(int(item))
+    return _one_or_list(list(dict.fromkeys(layers)))
+
+
+def parse_hook_points(value, where: str) -> list[str] | str:
+    return _one_or_list(_items(value, where))
+
+
+def parse_hooks(value, where: str) -> list[str] | str:
+    hooks = _items(value, where)
+    for hook in hooks:
+        if hook not in HOOKS:
+            raise UsageError(f"{where} must be one of {', '.join(HOOKS)} (or a comma-separated list), "
+                             f"got {hook!r}".lstrip())
+    return _one_or_list(hooks)
+
+
 @dataclass
 class DataConfig:
     source: str = option("transformer", choices=SOURCES, help="where activations come from: a transformer's hook, or a "
@@ -114,10 +162,17 @@ class DataConfig:
                          "config/studies/synthetic.yaml, then the --n-features ... flags)")
     model_name: str = option("tinylm", help="subject model: 'tinylm' (bundled, trained on first use) or a Hugging Face "
                              "name or local path such as gpt2")
-    layer: int = option(0, "non_negative", help="transformer block whose activations are read")
-    hook: str = option("resid_post", choices=HOOKS, help="hook within the block; with --layer builds blocks.L.hook_<hook>")
-    hook_point: str | None = option(None, help="full TransformerLens hook name, e.g. blocks.1.hook_mlp_out; overrides "
-                                    "--layer/--hook")
+    # layer, hook and hook_point each take one value or several (a list, or comma-separated text):
+    # several hook points make a study over all of them, an arm per architecture and hook point.
+    # One value stays a scalar, so the stored settings of a one-hook study keep their form.
+    layer: list[int] | int | str = option(0, parse=parse_layers, help="transformer block(s) whose activations are "
+                                          "read: N, a list such as 0,1, or all")
+    hook: list[str] | str = option("resid_post", parse=parse_hooks, help=f"hook(s) within each block: "
+                                   f"{', '.join(HOOKS)}, or a list such as resid_post,mlp_out; with --layer builds "
+                                   f"blocks.L.hook_<hook>")
+    hook_point: list[str] | str | None = option(None, parse=parse_hook_points, help="full TransformerLens hook "
+                                                "name(s), comma-separated, e.g. blocks.1.hook_mlp_out; overrides "
+                                                "--layer/--hook")
     n_samples: int = option(8192, help="sequences to harvest")
     seq_len: int = option(64, "at_least_2", help="tokens per sequence, BOS included; the BOS position is not used for "
                           "training")
@@ -130,9 +185,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
 
-    @property
-    def hook_name(self) -> str:
-        return self.hook_point or f"blocks.{self.layer}.hook_{self.hook}"
+    def hook_names(self, n_layers: int) -> list[str]:
+        """The hook points to read, in order: --hook-point's, or every --hook of every --layer."""
+        if self.hook_point is not None:
+            return _as_list(self.hook_point)
+        layers = range(n_layers) if self.layer == "all" else _as_list(self.layer)
+        return [f"blocks.{layer}.hook_{hook}" for layer in layers for hook in _as_list(self.hook)]
 
 
 @dataclass

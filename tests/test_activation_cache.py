@@ -122,3 +122,34 @@ def test_open_rejects_a_different_spec(tmp_path, seqs):
     cache = build(tmp_path, seqs, [])
     with pytest.raises(ac.CacheCorrupt):
         ac.open_cache(cache.path, {"name": "different"})
+
+
+def test_caches_built_side_by_side_resume_each_from_its_own_last_chunk(tmp_path, seqs):
+    """Two caches filled chunk by chunk together; one already has a chunk more than the other when
+    the build stops (as after a kill between the two writes). The resumed build fills only what
+    each lacks and gives what two separate builds give."""
+    class Flag:
+        requested = False
+
+    first, second = [], []
+    jobs = lambda: [({"name": "a"}, HarvestWriter(seqs, 3, fake_harvest(first), 4, 0.25)),  # noqa: E731
+                    ({"name": "b"}, HarvestWriter(seqs * 2, 3, fake_harvest(second), 4, 0.25))]
+    with pytest.raises(ac.BuildInterrupted):  # cache a: chunk 1 of 3 done
+        ac.build_or_open(tmp_path, {"name": "a"}, HarvestWriter(seqs, 3, fake_harvest(first), 4, 0.25),
+                         stop=type("Now", (), {"requested": True}))
+    first.clear()
+
+    def stop_after_chunk_1(tokens):
+        Flag.requested = True
+        return fake_harvest(second)(tokens)
+
+    with pytest.raises(ac.BuildInterrupted, match="after chunk 1 of 3"):
+        ac.build_or_open_all(tmp_path, [jobs()[0], ({"name": "b"}, HarvestWriter(seqs * 2, 3, stop_after_chunk_1, 4,
+                                                                                 0.25))], stop=Flag)
+    assert first == [] and sum(second) == 256  # a had chunk 1 already; b wrote its chunk 1 only
+    Flag.requested = False
+    a, b = ac.build_or_open_all(tmp_path, jobs())
+    assert sum(first) == 600 - 256 and sum(second) == 256 + 600 - 256
+    assert np.array_equal(np.asarray(a.acts), np.asarray(build(tmp_path / "ref", seqs, []).acts))
+    b_alone = ac.build_or_open(tmp_path / "ref", {"name": "b"}, HarvestWriter(seqs * 2, 3, fake_harvest([]), 4, 0.25))
+    assert np.array_equal(np.asarray(b.acts), np.asarray(b_alone.acts))

@@ -7,13 +7,46 @@ from pathlib import Path
 import pytest
 
 from config.cli import QUICK_DEFAULTS, parse_args
+from config.schema import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.parametrize("argv, hooks", [
+    ([], ["blocks.0.hook_resid_post"]),
+    (["--layer", "1"], ["blocks.1.hook_resid_post"]),
+    (["--hook", "mlp_out"], ["blocks.0.hook_mlp_out"]),
+    (["--hook-point", "blocks.1.hook_resid_mid", "--layer", "0"], ["blocks.1.hook_resid_mid"]),
+    (["--layer", "1,0,1"], ["blocks.1.hook_resid_post", "blocks.0.hook_resid_post"]),
+    (["--layer", "all", "--hook", "resid_mid,mlp_out"],
+     ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out"]),
+    (["--hook-point", "blocks.0.hook_resid_mid, blocks.1.hook_mlp_out"], ["blocks.0.hook_resid_mid",
+                                                                          "blocks.1.hook_mlp_out"]),
+])
+def test_hook_points_of_a_model_with_two_layers(argv, hooks):
+    assert parse_args(argv).data.hook_names(2) == hooks
+
+
+def test_one_hook_point_keeps_the_stored_form_of_its_settings():
+    """A study of one hook point records layer and hook as single values, as before several were
+    possible, so that its settings (and --resume's match against them) read the same."""
+    data = parse_args(["--layer", "1", "--hook", "mlp_out"]).result_spec()["data"]
+    assert (data["layer"], data["hook"], data["hook_point"]) == (1, "mlp_out", None)
+
+
+def test_a_config_file_lists_layers_and_hooks_as_yaml_lists(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("data:\n  layer: [0, 2]\n  hook: [resid_mid]\n")
+    assert parse_args(["--config", str(config)]).data.hook_names(3) == ["blocks.0.hook_resid_mid",
+                                                                         "blocks.2.hook_resid_mid"]
+    config.write_text("data:\n  layer: [0, two]\n")
+    with pytest.raises(UsageError, match="takes layers .* got 'two'"):
+        parse_args(["--config", str(config)])
+
+
 def test_defaults():
     cfg = parse_args([])
-    assert cfg.data.model_name == "tinylm" and cfg.data.hook_name == "blocks.0.hook_resid_post"
+    assert cfg.data.model_name == "tinylm" and cfg.data.hook_names(2) == ["blocks.0.hook_resid_post"]
     assert cfg.study.names == ["activations", "emergence", "frequency", "resampling"] and cfg.study.label == "all"
     sae = cfg.arms[0].sae
     assert sae.architecture == "topk" and sae.dead_handling == "auxk" and sae.k == 32
@@ -29,9 +62,11 @@ def test_defaults():
     (["--steps", "77"], "train.steps", 77),
     (["--batch-size", "256"], "train.batch_size", 256),
     (["--seed", "5"], "train.seed", 5),
-    (["--layer", "1"], "data.hook_name", "blocks.1.hook_resid_post"),
-    (["--hook", "mlp_out"], "data.hook_name", "blocks.0.hook_mlp_out"),
-    (["--hook-point", "blocks.1.hook_resid_mid", "--layer", "0"], "data.hook_name", "blocks.1.hook_resid_mid"),
+    (["--layer", "1"], "data.layer", 1),
+    (["--layer", "all"], "data.layer", "all"),
+    (["--layer", "1,0,1"], "data.layer", [1, 0]),
+    (["--hook", "mlp_out"], "data.hook", "mlp_out"),
+    (["--hook", "mlp_out,resid_mid"], "data.hook", ["mlp_out", "resid_mid"]),
     (["--n-samples", "100"], "data.n_samples", 100),
     (["--seq-len", "20"], "data.seq_len", 20),
     (["--model-name", "gpt2"], "data.model_name", "gpt2"),

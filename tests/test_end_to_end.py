@@ -86,7 +86,8 @@ def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     # the saved SAE (normalisation folded in) applied to the raw eval activations by an independent
     # numpy TopK gives the reported explained variance and L0
     study = json.loads((ckpt / "q" / "study.json").read_text())
-    assert raw_topk_eval(Path(study["cache"]), Path(arm["weights"]).parent) == pytest.approx(
+    (cache,) = [info["cache"] for info in study["setup"]["hooks"].values()]
+    assert raw_topk_eval(Path(cache), Path(arm["weights"]).parent) == pytest.approx(
         (final["explained_variance"], final["l0"], final["mse"]), rel=1e-5)
     assert "╔" in out.stdout and "explained_variance" in out.stdout  # the boxed table
     timing = s["timing"]  # where this run's wall time went

@@ -35,7 +35,9 @@ class Run:
         self.arm_dir = self.dir / self.arm["arm_id"]
         self.weights = load_file(str(self.arm_dir / "sae.safetensors"))
         self.sae_config = json.loads((self.arm_dir / "config.json").read_text())
-        self.cache = json.loads((Path(self.study["cache"]) / "manifest.json").read_text())
+        (cache,) = [info["cache"] for info in self.study["setup"]["hooks"].values()]
+        self.cache_dir = Path(cache)
+        self.cache = json.loads((self.cache_dir / "manifest.json").read_text())
         self.metrics = MetricsCSV.read(self.arm_dir / "metrics.csv")
 
     def series(self, name):
@@ -86,7 +88,7 @@ def test_lr_steps_epochs_batch_size(ckpt, base):
 def test_layer_hook_and_hook_point_pick_the_activations(ckpt, base):
     assert base.cache["spec"]["hook_name"] == "blocks.0.hook_resid_post"
     l1 = go(ckpt, "l1", "--layer", "1")
-    assert l1.cache["spec"]["hook_name"] == "blocks.1.hook_resid_post" and l1.study["cache"] != base.study["cache"]
+    assert l1.cache["spec"]["hook_name"] == "blocks.1.hook_resid_post" and l1.cache_dir != base.cache_dir
     assert go(ckpt, "mlp", "--hook", "mlp_out").cache["spec"]["hook_name"] == "blocks.0.hook_mlp_out"
     hp = go(ckpt, "hp", "--hook-point", "blocks.1.hook_resid_mid")
     assert hp.cache["spec"]["hook_name"] == "blocks.1.hook_resid_mid"
@@ -102,11 +104,11 @@ def test_normalisation_on_and_off(ckpt, base):
     scale = base.cache["normalization"]["scale"]
     assert scale != pytest.approx(1.0) and base.sae_config["folded_scale"] == pytest.approx(scale)
     raw = go(ckpt, "raw", "--no-normalize")
-    assert raw.sae_config["folded_scale"] == 1.0 and raw.study["cache"] == base.study["cache"]
+    assert raw.sae_config["folded_scale"] == 1.0 and raw.cache_dir == base.cache_dir
     assert base.arm["final"]["explained_variance"] != raw.arm["final"]["explained_variance"]
     # trained on normalised inputs, reported in the activations' own scale: the saved (folded) SAE
     # on the raw eval rows gives the reported MSE, not the normalised one (scale^2 times it)
-    _, _, mse = raw_topk_eval(Path(base.study["cache"]), base.arm_dir)
+    _, _, mse = raw_topk_eval(base.cache_dir, base.arm_dir)
     assert base.arm["final"]["mse"] == pytest.approx(mse, rel=1e-5)
     assert abs(scale ** 2 - 1) > 0.01
 
@@ -192,12 +194,12 @@ def test_dataset_file_is_harvested(ckpt, base, tmp_path):
     text = tmp_path / "docs.jsonl"
     text.write_text("\n".join(json.dumps({"text": f"Bob saw {i} red cats in the park."}) for i in range(200)))
     r = go(ckpt, "ds", "--dataset", str(text))
-    assert r.cache["spec"]["dataset"].startswith("sha256:") and r.study["cache"] != base.study["cache"]
+    assert r.cache["spec"]["dataset"].startswith("sha256:") and r.cache_dir != base.cache_dir
     # the cached tokens are the file's text: every piece between BOS tokens decodes to part of a document
     from transformers import PreTrainedTokenizerFast
     tok = PreTrainedTokenizerFast.from_pretrained(str(next((ckpt / "models").glob("tinylm*/tokenizer"))))
     docs = [f"Bob saw {i} red cats in the park." for i in range(200)]
-    tokens = np.load(Path(r.study["cache"]) / "tokens.npy")
+    tokens = np.load(r.cache_dir / "tokens.npy")
     pieces = [tok.decode(list(group)).strip() for row in tokens.tolist()
               for is_bos, group in itertools.groupby(row, key=lambda t: t == tok.bos_token_id) if not is_bos]
     assert pieces and all(any(piece in doc for doc in docs) for piece in pieces)

@@ -5,7 +5,8 @@ import torch
 
 from config.schema import DataConfig, UsageError
 from experiments.data import activation_cache as ac
-from experiments.data.sources import HarvestWriter, SubjectModel, harvester, load_subject_model, token_sequences
+from experiments.data.sources import (HarvestWriter, SharedForward, SubjectModel, harvester, hook_harvester,
+                                      load_subject_model, token_sequences)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +43,38 @@ def test_harvester_is_bit_identical_to_run_with_cache(model, sequences, hook):
     assert got.dtype == want.dtype and torch.equal(got, want)
     assert torch.equal(harvest(sequences[:1]), want[:1])  # outside inference mode too (the study's shape probe)
     assert n_hooks(model) == before  # its hook is gone after each call
+
+
+@pytest.mark.parametrize("hooks", [["blocks.1.hook_resid_post", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"],
+                                   ["blocks.0.hook_resid_mid", "blocks.0.hook_resid_pre"]])
+def test_one_forward_gives_every_hook_point_what_run_with_cache_gives(model, sequences, hooks):
+    """Several hook points, listed in any order, from one forward pass: each bit-identical to the
+    one-hook harvest, and the forward ends once the last of them has fired."""
+    harvest = hook_harvester(model, hooks, "cpu")
+    before = n_hooks(model)
+    with torch.inference_mode():
+        got = harvest(sequences)
+        assert list(got) == hooks
+        for hook in hooks:
+            assert torch.equal(got[hook], run_with_cache(model, hook, sequences)), hook
+    assert n_hooks(model) == before
+
+
+def test_the_caches_of_several_hook_points_share_one_forward_per_batch(model, sequences, tmp_path):
+    """Two caches built side by side from a SharedForward: the model runs once per batch, and each
+    cache holds what a cache of its hook point alone holds."""
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    run = hook_harvester(model, hooks, "cpu")
+    calls = []
+    forward = SharedForward(lambda tokens: calls.append(len(tokens)) or run(tokens))
+    jobs = [({"name": hook}, HarvestWriter(sequences, 128, forward.at(hook), 10, 0.25)) for hook in hooks]
+    caches = ac.build_or_open_all(tmp_path, jobs)
+    assert calls == [10, 10, 4]  # 24 sequences in batches of 10, each run once for both caches
+    for hook, cache in zip(hooks, caches):
+        alone = ac.build_or_open(tmp_path / "alone", {"name": hook},
+                                 HarvestWriter(sequences, 128, harvester(model, hook, "cpu"), 10, 0.25))
+        assert np.array_equal(np.asarray(cache.acts), np.asarray(alone.acts)), hook
+        assert cache.manifest["normalization"] == alone.manifest["normalization"]
 
 
 def test_harvester_removes_its_hook_when_the_forward_fails(model):

@@ -113,7 +113,7 @@ def test_bad_config_files_raise_one_line(tmp_path, text, fragment):
 @pytest.mark.parametrize("flag, group, cls, name, value, requirement", [
     ("--lr", "train", TrainConfig, "lr", -1, "must be positive, got -1.0"),
     ("--seq-len", "data", DataConfig, "seq_len", 1, "must be >= 2, got 1"),
-    ("--layer", "data", DataConfig, "layer", -2, "must be >= 0, got -2"),
+    ("--layer", "data", DataConfig, "layer", -2, "takes layers (integers >= 0, comma-separated) or all, got '-2'"),
     ("--f1-threshold", "probes", ProbeConfig, "f1_threshold", 1.5, "must be in (0, 1], got 1.5"),
     ("--noise-std", "synthetic", SyntheticConfig, "noise_std", -1, "must be >= 0, got -1.0"),
     ("--k", "sae", SAEArmConfig, "k", 0, "must be positive, got 0"),

@@ -17,6 +17,7 @@ from experiments.arms import TrainedArm
 from experiments.eval.features import load_features
 from models.sae import SAE
 from experiments.provenance import code_commit
+from safetensors.torch import load_file
 from tests.outcomes import assert_same_outcome
 from visualization.generated import check_blocks
 from tests.wandb_readback import read_offline_run, read_offline_runs
@@ -107,7 +108,8 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     assert (about["hook_name"], about["study_id"], about["arm_name"], about["commit"], about["context_size"]) == (
         "blocks.0.hook_resid_post", "all", topk["name"], code_commit(), 33)
     arm = TrainedArm.load("all", topk["name"], checkpoint_dir=ckpt)
-    cache = Path(json.loads((study_dir / "study.json").read_text())["cache"])
+    (cache,) = [Path(info["cache"]) for info in
+                json.loads((study_dir / "study.json").read_text())["setup"]["hooks"].values()]
     tokens, acts = np.load(cache / "tokens.npy"), np.load(cache / "acts.npy", mmap_mode="r")
     harvested = arm.activations(torch.from_numpy(tokens[0]).long())  # sequence 0: the cache's first 32 rows
     assert torch.allclose(harvested, torch.from_numpy(np.array(acts[:32])), atol=1e-5)
@@ -298,3 +300,55 @@ def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(tmp_path, tiny
     assert b["summary_runs"]["activations"] == json.loads((study / "study.json").read_text())["summary_runs"]["activations"]
     first = read_offline_runs(wb_root, b["summary_runs"]["activations"])
     assert len(first.run_dirs) == 2 and first.job_type == "summary"
+
+
+def test_a_study_over_every_layer_trains_each_arm_at_each_hook_point_and_compares_them(ckpt, capsys):  # noqa: F811
+    """--layer all on tinylm's two blocks: one cache per hook point (the same as a one-hook study's),
+    an arm per architecture and hook point, each bit-identical to the arm of a study of its hook
+    point alone; each study analysed per hook point, and a comparison whose table holds the arms'
+    own final metrics."""
+    args = [*SMALL, "--checkpoint-dir", str(ckpt), "--study", "activations,emergence", "--activation", "topk,relu"]
+    assert main([*args, "--layer", "all", "--study-id", "layers"]) == 0
+    study_dir = ckpt / "layers"
+    s, study = summary(study_dir), json.loads((study_dir / "study.json").read_text())
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert list(study["setup"]["hooks"]) == hooks
+    assert [(a["name"], a["hook"]) for a in s["arms"]] == [
+        (f"{arch}@{label}", hook) for hook, label in zip(hooks, ["L0.resid_post", "L1.resid_post"])
+        for arch in ("topk-k8", "relu-coef0.0065")]
+    for arm in s["arms"]:
+        about = json.loads((study_dir / arm["arm_id"] / "config.json").read_text())["trained_on"]
+        assert about["hook_name"] == arm["hook"]
+    assert list(s["studies"]) == ["hook-points", "activations@L0.resid_post", "activations@L1.resid_post",
+                                  "emergence@L0.resid_post", "emergence@L1.resid_post", "features"]
+    baselines = [np.load(study_dir / "baselines" / f"{hook}.npz") for hook in hooks]
+    assert not np.array_equal(baselines[0]["dense_f1"], baselines[1]["dense_f1"])  # measured on each hook's own
+
+    compared = {(row["arm"], row["hook"]): row for row in s["studies"]["hook-points"]["arms"]}
+    assert len(compared) == 4
+    for arm in s["arms"]:
+        base, label = arm["name"].split("@")
+        row = compared[(base, label)]
+        for metric in ("l0", "explained_variance", "ce_loss_recovered", "dead_frac"):
+            assert row[metric] == pytest.approx(arm["final"][metric], abs=5e-5), (arm["name"], metric)
+        evals = np.load(sorted((study_dir / arm["arm_id"] / "probes").glob("eval-*.npz"))[-1])
+        kinds = json.loads((study_dir / arm["arm_id"] / "probes" / "concepts.json").read_text())["kinds"]
+        categories = evals["single_f1"][np.array(kinds) == "category"]
+        assert row["f1_category"] == pytest.approx(float(np.nanmedian(categories)), abs=5e-5)
+    report = (study_dir / "report" / "report.md").read_text()
+    assert "## hook-points" in report and "## emergence@L1.resid_post" in report
+    assert (study_dir / "report" / "hook-points" / "per_hook.png").exists()
+    assert "hook points `blocks.0.hook_resid_post`, `blocks.1.hook_resid_post`" in report
+
+    # The arm of layer 1 is the arm a study of layer 1 alone trains: same folder hash, same weights.
+    assert main([*args, "--layer", "1", "--study-id", "layer1"]) == 0
+    alone = summary(ckpt / "layer1")
+    assert json.loads((ckpt / "layer1" / "study.json").read_text())["setup"]["hooks"]["blocks.1.hook_resid_post"][
+        "cache"] == study["setup"]["hooks"]["blocks.1.hook_resid_post"]["cache"]
+    for arm in alone["arms"]:
+        twin = next(a for a in s["arms"] if a["name"] == f"{arm['name']}@L1.resid_post")
+        assert twin["arm_id"].rsplit("-", 1)[1] == arm["arm_id"].rsplit("-", 1)[1]
+        assert twin["final"] == arm["final"]
+        w1, w2 = (load_file(str(d / "sae.safetensors")) for d in (study_dir / twin["arm_id"],
+                                                                   ckpt / "layer1" / arm["arm_id"]))
+        assert all(torch.equal(w1[k], w2[k]) for k in w1)

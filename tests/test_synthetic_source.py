@@ -58,7 +58,7 @@ def test_interrupted_generation_resumes_to_the_same_cache(tmp_path):
         def fill(self, chunk, acts, path):
             if chunk == 2:
                 raise KeyboardInterrupt
-            super().fill(chunk, acts, path)
+            yield from super().fill(chunk, acts, path)
 
     with pytest.raises(KeyboardInterrupt):
         build(tmp_path, writer=Failing(model, 0, 0.1))

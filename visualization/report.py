@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from config.records import StudyRecord
+from config.records import StudyRecord, hook_label
 from visualization.generated import markdown_table
 from visualization.plots import save_figure
 from visualization.terminal import format_timing, format_value
@@ -91,12 +91,16 @@ def setup_section(record: StudyRecord, source_rows: list[list[str]]) -> list[str
     spec, setup = record.spec, record.setup
     data, train = spec["data"], spec["plans"][0]["arms"][0]["train"] if spec.get("plans") else {}
     rows = list(source_rows)
-    if "train_tokens" in setup:
-        scale = setup.get("norm_scale")
-        rows.append(["activation cache", f"{setup['train_tokens']:,} train and {setup['eval_tokens']:,} eval "
-                                         "activations (metrics on eval)" + (
-                                             f", scaled by {scale:.4g} to mean squared norm d_in"
-                                             if data.get("normalize") and scale else "")])
+    caches = record.hooks
+    first = next(iter(caches.values()), {})
+    if "train_tokens" in first:  # the same tokens at every hook point
+        scales = [(hook, info.get("norm_scale")) for hook, info in caches.items() if info.get("norm_scale")]
+        scaled = (f" {scales[0][1]:.4g}" if len(scales) == 1 else
+                  " " + ", ".join(f"{scale:.4g} ({hook_label(hook)})" for hook, scale in scales))
+        rows.append(["activation cache" + ("s" if len(caches) > 1 else ""),
+                     f"{first['train_tokens']:,} train and {first['eval_tokens']:,} eval activations"
+                     + (" per hook point" if len(caches) > 1 else "") + " (metrics on eval)"
+                     + (f", scaled by{scaled} to mean squared norm d_in" if data.get("normalize") and scales else "")])
     if train:
         rows.append(["training", f"{train['steps'] or str(train['epochs']) + ' epochs'}"
                                  f"{' steps' if train['steps'] else ''}, batch {train['batch_size']:,}, lr "

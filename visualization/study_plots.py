@@ -69,6 +69,7 @@ __all__ = [
     "umap_scatter",
     "emergence_vs_frequency",
     "recovery_curves",
+    "per_hook_lines",
 ]
 
 
@@ -967,4 +968,44 @@ def recovery_curves(arms: dict[str, dict], threshold: float) -> Figure:
     ], "Recovery of the true features over training", empty_text="no arms" if not arms else "no values")
     for ax in fig.axes[:2]:
         ax.set_ylim(0.0, 1.02)
+    return fig
+
+
+# -- several hook points -----------------------------------------------------------------------
+def per_hook_lines(points: list[dict], hooks: list[str], panels: list[tuple[str, str]],
+                   ceilings: dict[str, dict[str, float]]) -> Figure:
+    """One panel per metric of `panels` (key, title), the hook points along x in the study's order
+    and a line per arm setting (points: {"arm", "architecture", "hook", key: value}) in its
+    architecture's colour; ceilings: panel key -> {hook: value}, drawn as a grey dashed line (the
+    dense probe on the raw activations), on panels of scores in [0, 1] (keys f1_*)."""
+    styles = arm_styles({p["arm"]: p["architecture"] for p in points})
+    where = {hook: i for i, hook in enumerate(hooks)}
+    ncols = min(3, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axs = _fig(ncols, nrows, width=3.6 * ncols + 2.2, height=3.3 * nrows + 0.6)
+    handles, names = [], []
+    for idx, ax, _bottom, _left in _grid_panels(fig, axs, len(panels), "hook point"):
+        key, title = panels[idx]
+        for arm, style in styles.items():
+            xy = sorted((where[p["hook"]], _value(p.get(key))) for p in points if p["arm"] == arm)
+            xy = [(x, y) for x, y in xy if np.isfinite(y)]
+            if not xy:
+                continue
+            (line,) = ax.plot(*zip(*xy), color=style["color"], marker=style["marker"], markersize=6, linewidth=1.5)
+            if idx == 0:
+                handles.append(line)
+                names.append(arm)
+        ceiling = ceilings.get(key) or {}
+        if ceiling:
+            ax.plot([where[h] for h in ceiling], list(ceiling.values()), color="0.5", linestyle="--", marker="_",
+                    markersize=12, linewidth=1.5, label="dense probe (raw activations)")
+            ax.legend(loc="lower left", fontsize=8, frameon=False)
+        if key.startswith("f1_"):
+            ax.set_ylim(-0.03, 1.05)
+        ax.set_xticks(range(len(hooks)), hooks, rotation=30, ha="right", fontsize=8)
+        ax.set_xlim(-0.4, len(hooks) - 0.6)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    fig.suptitle("Final metrics by hook point (held-out split)")
+    _legend_right(fig, handles, names, title="arm")
     return fig

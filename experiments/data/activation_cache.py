@@ -12,6 +12,7 @@ time; the manifest records each finished chunk, so an interrupted build resumes 
 """
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from dataclasses import dataclass
@@ -127,8 +128,10 @@ class CacheWriter(Protocol):
     def begin(self, path: Path) -> None:
         """Write the source's fixed files (once, before chunk 0)."""
 
-    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> None:
-        """Write chunk `chunk`'s rows into `acts` (and any per-chunk files of the source)."""
+    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> Iterator[None]:
+        """Write chunk `chunk`'s rows into `acts` (and any per-chunk files of the source), yielding
+        after each batch written: caches filled side by side advance batch by batch, so writers that
+        share a forward pass see the same batch one after the other."""
 
     def finish(self, path: Path) -> list[str]:
         """Assemble the source's files after the last chunk; returns their names (checksummed)."""
@@ -144,12 +147,78 @@ def _reserve(path: Path) -> None:
             raise OSError(err.errno, err.strerror, str(path)) from None
 
 
-def build_or_open(root: Path, spec: dict, writer: CacheWriter, bar: BarFactory = silent_bar, stop=None) -> ActivationCache:
-    """Open the cache for `spec`, writing what is missing with `writer`.
+def build_or_open(root: Path, spec: dict, writer: CacheWriter, bar: BarFactory = silent_bar,
+                  stop=None) -> ActivationCache:
+    """Open the cache for `spec`, writing what is missing with `writer` (build_or_open_all)."""
+    return build_or_open_all(root, [(spec, writer)], bar, stop)[0]
 
-    An interrupted build resumes at its last complete chunk; a cache whose files fail their
-    checksums is reported and rebuilt; a cache of another spec is never reused. `stop` (anything
-    with a `requested` flag) ends the build between chunks with BuildInterrupted."""
+
+def build_or_open_all(root: Path, jobs: list[tuple[dict, CacheWriter]], bar: BarFactory = silent_bar,
+                      stop=None) -> list[ActivationCache]:
+    """Open the cache for each (spec, writer) of `jobs`, writing what is missing with its writer.
+
+    The caches are filled chunk by chunk side by side (chunk i of every cache, then chunk i + 1),
+    so writers that share a forward pass (several hook points of one model and text) run it once
+    per batch. An interrupted build resumes at each cache's last complete chunk; a cache whose
+    files fail their checksums is reported and rebuilt; a cache of another spec is never reused.
+    `stop` (anything with a `requested` flag) ends the build between chunks with BuildInterrupted."""
+    builds = [_open_or_begin(root, spec, writer) for spec, writer in jobs]
+    todo = [b for b in builds if isinstance(b, _Build)]
+    if todo:
+        n_chunks = max(b.writer.n_chunks for b in todo)
+        first = min(b.manifest["chunks_done"] for b in todo)
+        chunks = bar(total=n_chunks, initial=first, desc="activations" if len(jobs) == 1 else
+                     f"activations ({len(todo)} hook points)", unit=todo[0].writer.unit)
+        with torch.inference_mode():
+            for chunk in range(first, n_chunks):
+                due = [b.fill(chunk) for b in todo if chunk >= b.manifest["chunks_done"]]
+                for _ in itertools.zip_longest(*due):
+                    pass
+                chunks.update(1)
+                if stop is not None and stop.requested and chunk + 1 < n_chunks:
+                    chunks.close()
+                    raise BuildInterrupted(chunk + 1, n_chunks)
+        chunks.close()
+    return [b.finish() if isinstance(b, _Build) else b for b in builds]
+
+
+@dataclass
+class _Build:
+    """A cache being written: its folder, manifest and memmapped activations."""
+    path: Path
+    spec: dict
+    writer: CacheWriter
+    manifest: dict
+    acts: np.ndarray
+
+    def fill(self, chunk: int) -> Iterator[None]:
+        """Write the chunk, batch by batch, then record it in the manifest."""
+        yield from self.writer.fill(chunk, self.acts, self.path)
+        faults.reached(f"cache-chunk:{chunk + 1}")
+        self.acts.flush()
+        self.manifest["chunks_done"] = chunk + 1
+        write_json_atomic(self.path / "manifest.json", self.manifest)
+
+    def finish(self) -> ActivationCache:
+        split = self.writer.split()
+        train = self.acts[: split["n_train_rows"]]
+        mean_sq_norm = float(sum(np.square(train[i:i + 65536], dtype=np.float64).sum()
+                                 for i in range(0, train.shape[0], 65536)) / train.shape[0])
+        del train
+        self.acts = None  # closes the memmap before the checksums read the file
+        files = ["acts.npy", *self.writer.finish(self.path)]
+        self.manifest.update(
+            split=split,
+            normalization={"mean_sq_norm": mean_sq_norm, "scale": float(np.sqrt(self.writer.d_in / mean_sq_norm))},
+            checksums={name: sha256_file(self.path / name) for name in files},
+            complete=True,
+        )
+        write_json_atomic(self.path / "manifest.json", self.manifest)
+        return open_cache(self.path, self.spec)
+
+
+def _open_or_begin(root: Path, spec: dict, writer: CacheWriter) -> ActivationCache | _Build:
+    """The complete cache for `spec`, or its build: resumed where one stopped, begun otherwise."""
     path = cache_dir(root, spec)
     manifest_path = path / "manifest.json"
     if manifest_path.exists():
@@ -171,41 +240,11 @@ def build_or_open(root: Path, spec: dict, writer: CacheWriter, bar: BarFactory =
 
     acts_path = path / "acts.npy"
     if manifest_path.exists():
-        manifest = read_json(manifest_path)
-        acts = np.load(acts_path, mmap_mode="r+")
-    else:
-        writer.begin(path)
-        acts = np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=(writer.n_rows, writer.d_in))
-        _reserve(acts_path)
-        manifest = {"version": CACHE_VERSION, "spec": spec, "shape": [writer.n_rows, writer.d_in], "dtype": "float32",
-                    "chunks": writer.n_chunks, "chunks_done": 0, "complete": False}
-        write_json_atomic(manifest_path, manifest)
-
-    chunks = bar(total=writer.n_chunks, initial=manifest["chunks_done"], desc="activations", unit=writer.unit)
-    with torch.inference_mode():
-        for chunk in range(manifest["chunks_done"], writer.n_chunks):
-            writer.fill(chunk, acts, path)
-            faults.reached(f"cache-chunk:{chunk + 1}")
-            acts.flush()
-            manifest["chunks_done"] = chunk + 1
-            write_json_atomic(manifest_path, manifest)
-            chunks.update(1)
-            if stop is not None and stop.requested and chunk + 1 < writer.n_chunks:
-                chunks.close()
-                raise BuildInterrupted(chunk + 1, writer.n_chunks)
-    chunks.close()
-
-    split = writer.split()
-    train = acts[: split["n_train_rows"]]
-    mean_sq_norm = float(sum(np.square(train[i:i + 65536], dtype=np.float64).sum()
-                             for i in range(0, train.shape[0], 65536)) / train.shape[0])
-    del acts, train
-    files = ["acts.npy", *writer.finish(path)]
-    manifest.update(
-        split=split,
-        normalization={"mean_sq_norm": mean_sq_norm, "scale": float(np.sqrt(writer.d_in / mean_sq_norm))},
-        checksums={name: sha256_file(path / name) for name in files},
-        complete=True,
-    )
+        return _Build(path, spec, writer, read_json(manifest_path), np.load(acts_path, mmap_mode="r+"))
+    writer.begin(path)
+    acts = np.lib.format.open_memmap(acts_path, mode="w+", dtype=np.float32, shape=(writer.n_rows, writer.d_in))
+    _reserve(acts_path)
+    manifest = {"version": CACHE_VERSION, "spec": spec, "shape": [writer.n_rows, writer.d_in], "dtype": "float32",
+                "chunks": writer.n_chunks, "chunks_done": 0, "complete": False}
     write_json_atomic(manifest_path, manifest)
-    return open_cache(path, spec)
+    return _Build(path, spec, writer, manifest, acts)

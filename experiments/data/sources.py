@@ -11,6 +11,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
+from typing import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -101,19 +102,24 @@ def load_subject_model(data: DataConfig, models_dir: Path, device: str = "cpu", 
                         lm.spec.n_ctx, lm.spec.n_layers, fingerprint)
 
 
-def resolve_hook(model: SubjectModel, data: DataConfig) -> str:
-    """The hook name to read, checked against the model's hooks and layers."""
-    if data.hook_point is None and data.layer >= model.n_layers:
-        raise UsageError(f"--layer {data.layer} is beyond the model: {model.name} has layers 0..{model.n_layers - 1}")
-    name = data.hook_name
-    valid = sorted(model.bridge.hook_dict)
-    if name not in valid:
-        resid = [h for h in valid if h.startswith("blocks.0.hook_") or not h.startswith("blocks.")]
-        raise UsageError(f"unknown hook point {name!r} for {model.name}; valid names include: "
+def resolve_hooks(model: SubjectModel, data: DataConfig) -> list[str]:
+    """The hook names to read, checked against the model's hooks and layers."""
+    if data.hook_point is None and data.layer != "all":
+        beyond = [layer for layer in (data.layer if isinstance(data.layer, list) else [data.layer])
+                  if layer >= model.n_layers]
+        if beyond:
+            raise UsageError(f"--layer {beyond[0]} is beyond the model: {model.name} has layers "
+                             f"0..{model.n_layers - 1}")
+    names = data.hook_names(model.n_layers)
+    valid = set(model.bridge.hook_dict)
+    unknown = [name for name in names if name not in valid]
+    if unknown:
+        resid = sorted(h for h in valid if h.startswith("blocks.0.hook_") or not h.startswith("blocks."))
+        raise UsageError(f"unknown hook point {unknown[0]!r} for {model.name}; valid names include: "
                          f"{', '.join(resid)} (and the same for blocks.1..{model.n_layers - 1})")
     if data.seq_len > model.n_ctx:
         raise UsageError(f"--seq-len {data.seq_len} exceeds the context length of {model.name} ({model.n_ctx})")
-    return name
+    return names
 
 
 def _dataset_texts(path: str) -> list[str]:
@@ -173,26 +179,35 @@ def token_sequences(model: SubjectModel, data: DataConfig, seed: int) -> torch.T
 
 
 def harvester(model: SubjectModel, hook_name: str, device: str):
-    """tokens [B, T] -> activations [B, T, d_in] at `hook_name`, on the CPU.
+    """tokens [B, T] -> activations [B, T, d_in] at `hook_name`, on the CPU (see hook_harvester)."""
+    run = hook_harvester(model, [hook_name], device)
+    return lambda tokens: run(tokens)[hook_name]
 
-    Gives exactly what `bridge.run_with_cache(tokens, names_filter=[hook_name], stop_at_layer=...)[hook_name]`
+
+def hook_harvester(model: SubjectModel, hook_names: list[str], device: str):
+    """tokens [B, T] -> {hook name: activations [B, T, d_in]} at every one of `hook_names`, on the
+    CPU, from one forward pass.
+
+    Gives exactly what `bridge.run_with_cache(tokens, names_filter=hook_names, stop_at_layer=...)`
     gives (tests/test_harvest.py checks it is bit-identical), without run_with_cache's per-call
     bookkeeping (alias maps, filter sweeps over every hook point, signature inspection, the cache
-    object): one plain forward with a single hook on the hook point, which keeps the activation
-    and ends the forward there, so nothing after the hook runs (the rest of the block, and for the
-    last layer's hooks the final norm and unembedding). The forward's arguments are the ones
-    run_with_cache passes (`output_attentions` where it would), so Hugging Face models compute the
-    same activations too."""
+    object): one plain forward with a hook on each hook point, which keeps the activation and,
+    once the last of them has fired, ends the forward there, so nothing after it runs (the rest of
+    the block, and for the last layer's hooks the final norm and unembedding). The forward's
+    arguments are the ones run_with_cache passes (`output_attentions` where it would), so Hugging
+    Face models compute the same activations too."""
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
     bridge = model.bridge
-    layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else None
-    stop = layer + 1 if layer is not None and layer + 1 < model.n_layers else None
-    hook_point = bridge.hook_dict[hook_name]
-    bridge._check_hook_fireable(hook_name, hook_point.name or hook_name)
-    gated = bridge._gated_hook_reason(hook_point.name or hook_name)
-    if gated is not None:
-        raise UsageError(f"hook point {hook_name!r} is switched off in {model.name} (TransformerLens {gated})")
+    layers = [int(name.split(".")[1]) if name.startswith("blocks.") else None for name in hook_names]
+    last = None if None in layers else max(layers)
+    stop = last + 1 if last is not None and last + 1 < model.n_layers else None
+    points = {name: bridge.hook_dict[name] for name in hook_names}
+    for name, point in points.items():
+        bridge._check_hook_fireable(name, point.name or name)
+        gated = bridge._gated_hook_reason(point.name or name)
+        if gated is not None:
+            raise UsageError(f"hook point {name!r} is switched off in {model.name} (TransformerLens {gated})")
     kwargs = {"stop_at_layer": stop} if stop is not None else {}
     if bridge.adapter.supports_hf_output_attentions:  # as run_with_cache does: it decides the attention kernel
         underlying = getattr(bridge._driver, "underlying_model", None)
@@ -200,25 +215,49 @@ def harvester(model: SubjectModel, hook_name: str, device: str):
         if params is None or "output_attentions" in params or any(
                 p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             kwargs["output_attentions"] = True
-    captured: list[torch.Tensor] = []
+    captured: dict[str, torch.Tensor] = {}
 
-    def capture(tensor, *, hook):
-        captured.append((tensor[0] if isinstance(tensor, tuple) else tensor).detach())
-        raise StopAtLayerException(tensor)  # the bridge's own early exit: its forward returns here
+    def capture_at(name: str):
+        def capture(tensor, *, hook):
+            captured[name] = (tensor[0] if isinstance(tensor, tuple) else tensor).detach()
+            if len(captured) == len(points):
+                raise StopAtLayerException(tensor)  # the bridge's own early exit: its forward returns here
+        return capture
 
-    def run(tokens: torch.Tensor) -> torch.Tensor:
+    def run(tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         captured.clear()
-        handle = hook_point.add_hook(capture)
+        handles = {name: point.add_hook(capture_at(name)) for name, point in points.items()}
         try:
             bridge.forward(tokens.to(device), **kwargs)  # as run_with_cache calls it
         finally:
-            handle.hook.remove()
-            hook_point.fwd_hooks[:] = [h for h in hook_point.fwd_hooks if h is not handle]
-        if not captured:
-            raise RuntimeError(f"hook point {hook_name!r} did not fire in {model.name}'s forward")
-        return captured.pop().cpu()
+            for name, handle in handles.items():
+                handle.hook.remove()
+                points[name].fwd_hooks[:] = [h for h in points[name].fwd_hooks if h is not handle]
+        missing = [name for name in hook_names if name not in captured]
+        if missing:
+            raise RuntimeError(f"hook point {missing[0]!r} did not fire in {model.name}'s forward")
+        return {name: captured.pop(name).cpu() for name in hook_names}
 
     return run
+
+
+class SharedForward:
+    """One forward pass per batch for the caches of several hook points: each cache's writer asks
+    for its hook's activations of a batch, and the first asking runs the model for all of them
+    (the caches are filled batch by batch side by side, so the others ask for the same batch next)."""
+
+    def __init__(self, run):
+        self.run = run
+        self.key: tuple | None = None
+        self.out: dict[str, torch.Tensor] = {}
+
+    def at(self, hook_name: str):
+        def harvest(tokens: torch.Tensor) -> torch.Tensor:
+            key = (tokens.data_ptr(), tuple(tokens.shape))  # a batch is a slice of the one token tensor
+            if key != self.key:
+                self.out, self.key = self.run(tokens), key
+            return self.out[hook_name]
+        return harvest
 
 
 class HarvestWriter:
@@ -243,7 +282,7 @@ class HarvestWriter:
     def begin(self, path: Path) -> None:
         np.save(path / "tokens.npy", self.sequences.numpy().astype(np.int32))
 
-    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> None:
+    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> Iterator[None]:
         start = chunk * CHUNK_SEQUENCES
         stop = min(start + CHUNK_SEQUENCES, self.n_seq)
         per = self.per_seq
@@ -252,6 +291,7 @@ class HarvestWriter:
             out = self.harvest(self.sequences[b:e])[:, 1:, :].float()  # drop the BOS position
             # One strided copy straight into the memmap's rows (a view of them as [B, T - 1, d_in]).
             np.copyto(acts[b * per:e * per].reshape(e - b, per, self.d_in), out.numpy())
+            yield
 
     def finish(self, path: Path) -> list[str]:
         return ["tokens.npy"]

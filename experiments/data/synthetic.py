@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -256,7 +257,7 @@ class SyntheticWriter:
             np.save(path / name, array)
         (path / "codes").mkdir(exist_ok=True)
 
-    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> None:
+    def fill(self, chunk: int, acts: np.ndarray, path: Path) -> Iterator[None]:
         start = chunk * CHUNK_ROWS
         stop = min(start + CHUNK_ROWS, self.n_rows)
         rows, codes = self.model.sample(stop - start, chunk_rng(self.seed, chunk))
@@ -265,6 +266,7 @@ class SyntheticWriter:
         target = path / "codes" / f"chunk-{chunk:05d}.npz"
         write_npz_atomic(target, {"counts": np.bincount(r, minlength=stop - start).astype(np.int64),
                                   "indices": c.astype(np.int32), "values": codes[r, c]})
+        yield
 
     def finish(self, path: Path) -> list[str]:
         counts, indices, values = [], [], []

@@ -29,7 +29,7 @@ import torch
 from config.files import write_npz_atomic
 from experiments.eval.concepts import f1_score
 
-BASELINES_FILE = "baselines.npz"  # in the study folder, beside study.json
+LEGACY_BASELINES_FILE = "baselines.npz"  # where studies recorded before several hook points keep their one
 NEWTON_STEPS = 40
 CG_STEPS = 60
 GRAD_TOL = 1e-6  # stop once every concept's gradient norm is below this share of its start
@@ -47,13 +47,22 @@ class ConceptBaselines:
                 "neuron_sign": self.neuron_sign}
 
 
-def write_baselines(study_dir: Path, names: list[str], baselines: ConceptBaselines) -> None:
-    write_npz_atomic(study_dir / BASELINES_FILE, {"names": np.array(names, dtype=str), **baselines.arrays()})
+def baselines_file(study_dir: Path, hook: str) -> Path:
+    """The concept baselines of the activations at `hook`, in the study folder."""
+    return study_dir / "baselines" / f"{hook}.npz"
 
 
-def read_baselines(study_dir: Path) -> dict[str, np.ndarray] | None:
-    """The study's concept baselines (names and the arrays of ConceptBaselines), None before they exist."""
-    path = study_dir / BASELINES_FILE
+def write_baselines(path: Path, names: list[str], baselines: ConceptBaselines) -> None:
+    path.parent.mkdir(exist_ok=True)
+    write_npz_atomic(path, {"names": np.array(names, dtype=str), **baselines.arrays()})
+
+
+def read_baselines(study_dir: Path, hook: str | None) -> dict[str, np.ndarray] | None:
+    """The study's concept baselines at `hook` (names and the arrays of ConceptBaselines), None before
+    they exist."""
+    path = baselines_file(study_dir, hook) if hook is not None else None
+    if path is None or not path.exists():
+        path = study_dir / LEGACY_BASELINES_FILE
     if not path.exists():
         return None
     with np.load(path, allow_pickle=False) as data:

@@ -196,7 +196,7 @@ class Explorer:
             if self.report_dir.is_dir() else []
         arms = self.arms()
         metrics = [k for k in SHOWN_METRICS if any(k in a["final"] for a in arms)]
-        return {"study_id": r.study_id, "status": r.status, "studies": r.studies, "setup": r.setup, "arms": arms,
+        return {"study_id": r.study_id, "status": r.status, "studies": r.studies, "hooks": r.hooks, "arms": arms,
                 "metrics": metrics, "frontier": next((f for f in figures if f.endswith("frontier.png")), None),
                 "figures": figures, "unfinished": [a["name"] for a in arms if a["status"] != "complete"]}
 

@@ -21,11 +21,11 @@ import numpy as np
 from config.schema import ArmSpec, RunConfig, SAEArmConfig, TrainConfig, UsageError, flatten, stable_hash
 from experiments import faults
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES
-from experiments.eval.baselines import BASELINES_FILE, concept_baselines, read_baselines, write_baselines
+from experiments.eval.baselines import baselines_file, concept_baselines, read_baselines, write_baselines
 from experiments.eval.features import features_done, save_features
 from experiments.eval.probes import PROBE_KINDS, ArmProbes, umap_steps
-from experiments.studies import features
-from experiments.studies.results import ArmData, StudyInputs, StudyResult, load_arm
+from experiments.studies import features, hook_points
+from experiments.studies.results import StudyInputs, StudyResult, load_arm
 from experiments.studies.sources import SOURCES, OpenedSource, bars, source_of
 from experiments.data.activation_cache import BuildInterrupted
 from experiments.provenance import code_commit
@@ -33,7 +33,7 @@ from experiments.timing import CLOCK, phase
 from experiments.train.trainer import (StopFlag, StopRequested, Trainer, eval_steps, lockstep_key,
                                       total_steps, train_arms)
 from config.files import read_json, write_json_atomic
-from config.records import ArmRecord, StudyRecord
+from config.records import ArmRecord, StudyRecord, hook_label
 from models.sae import SAE
 from models.sae.base import trained_on
 from visualization.sinks import ArmSinks
@@ -160,36 +160,40 @@ def _width(sae: SAEArmConfig) -> tuple:
 @dataclass
 class PlannedArm:
     """An arm of the run: its folder (a hash of everything that changes its results), its name, what it
-    trains, and the studies that read it."""
+    trains, the studies that read it, and the hook point whose activations it reads."""
     arm_id: str
     name: str
     spec: ArmSpec
     studies: list[str]
+    hook: str
 
     def record(self, d_in: int) -> ArmRecord:
         sae, train = self.spec.sae, self.spec.train
         return ArmRecord(self.arm_id, self.name, sae.architecture, sae.dead_handling, self.studies, d_sae=sae.d_sae(d_in),
-                         sparsity=sae.sparsity_setting(), lr=train.lr, batch_size=train.batch_size)
+                         sparsity=sae.sparsity_setting(), lr=train.lr, batch_size=train.batch_size, hook=self.hook)
 
 
-def plan_arms(cfg: RunConfig, data_spec: dict) -> list[PlannedArm]:
-    """The distinct arms of the run: an arm listed by several studies is trained once."""
+def plan_arms(cfg: RunConfig, sources: list[OpenedSource]) -> list[PlannedArm]:
+    """The distinct arms of the run, for each hook point in turn: an arm listed by several studies is
+    trained once. With several hook points an arm's name ends in its hook point's (`@L1.resid_post`)."""
     specs = cfg.arms
     common = {"width": Counter(_width(a.sae) for a in specs).most_common(1)[0][0],
               "lr": Counter(a.train.lr for a in specs).most_common(1)[0][0],
               "handling_varies": {arch for arch in {a.sae.architecture for a in specs}
                                   if len({a.sae.dead_handling for a in specs if a.sae.architecture == arch}) > 1}}
     planned: dict[str, PlannedArm] = {}
-    for plan in cfg.plans:
-        for spec in plan.arms:
-            identity = {"data": data_spec, "normalize": cfg.data.normalize, "sae": asdict(spec.sae),
-                        "train": asdict(spec.train)}
-            name = arm_name(spec.sae, spec.train, common)
-            arm_id = f"{name}-{stable_hash(identity, 8)}"  # the folder: readable, and unique to the settings
-            if arm_id not in planned:
-                planned[arm_id] = PlannedArm(arm_id, name, spec, [])
-            if plan.name not in planned[arm_id].studies:
-                planned[arm_id].studies.append(plan.name)
+    for source in sources:
+        for plan in cfg.plans:
+            for spec in plan.arms:
+                identity = {"data": source.data_spec, "normalize": cfg.data.normalize, "sae": asdict(spec.sae),
+                            "train": asdict(spec.train)}
+                name = arm_name(spec.sae, spec.train, common) + (f"@{hook_label(source.hook)}" if len(sources) > 1
+                                                                 else "")
+                arm_id = f"{name}-{stable_hash(identity, 8)}"  # the folder: readable, and unique to the settings
+                if arm_id not in planned:
+                    planned[arm_id] = PlannedArm(arm_id, name, spec, [], source.hook)
+                if plan.name not in planned[arm_id].studies:
+                    planned[arm_id].studies.append(plan.name)
     return list(planned.values())
 
 
@@ -246,12 +250,13 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     record.status = "running"
     record.write(study_json)  # before the harvest, so a run killed there can be resumed
 
-    source, scale = _open_source(cfg, study_dir, stop)
-    planned = plan_arms(cfg, source.data_spec)
-    _record_plan(record, planned, source, scale)
+    sources = _open_sources(cfg, study_dir, stop)
+    planned = plan_arms(cfg, sources)
+    _record_plan(record, planned, sources)
     record.write(study_json)
-    if "emergence" in record.spec["study"]["names"] and source.concepts is not None:
-        _measure_baselines(study_dir, source)
+    if "emergence" in record.spec["study"]["names"]:
+        for source in (s for s in sources if s.concepts is not None):
+            _measure_baselines(study_dir, source)
 
     wandb = None
     if cfg.log.use_wandb:
@@ -260,10 +265,10 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
                           after_log=lambda: faults.reached("wandb-log"))
     shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
-    trainers = _build_trainers(cfg, study_dir, record, planned, source, scale, wandb, shared_config, stop)
+    trainers = _build_trainers(cfg, study_dir, record, planned, sources, wandb, shared_config, stop)
     try:
         failed = _train(cfg, study_dir, record, planned, trainers, stop)
-        _describe_latents(study_dir, record, source, stop)
+        _describe_latents(study_dir, record, sources, stop)
     except StopRequested as stopped:
         stopped.study_id = study_dir.name
         record.status = "interrupted"  # resumable, as "running" is, but no process is at work on it
@@ -273,60 +278,61 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     return _write_outputs(study_dir, record, failed, wandb, shared_config)
 
 
-def _open_source(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> tuple[OpenedSource, float]:
-    """The source and the normalisation factor of its activations."""
+def _open_sources(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> list[OpenedSource]:
+    """The source opened at each hook point of the study."""
     try:
-        source = SOURCES[cfg.data.source].open(cfg, Path(cfg.log.checkpoint_dir), stop)
+        return SOURCES[cfg.data.source].open(cfg, Path(cfg.log.checkpoint_dir), stop)
     except BuildInterrupted as built:
         stopped = StopRequested(0, where=f"while building the activation cache, with {built.done} of its "
                                          f"{built.total} chunks saved")
         stopped.study_id = study_dir.name
         raise stopped from None
-    return source, source.cache.norm_scale(cfg.data.normalize)
 
 
 def _measure_baselines(study_dir: Path, source: OpenedSource) -> None:
-    """The concept baselines on the raw activations that the emergence study reads the latents'
-    scores against; measured once per study (a resumed study reads them back)."""
-    if (study_dir / BASELINES_FILE).exists():
+    """The concept baselines on the raw activations at the source's hook point that the emergence
+    study reads the latents' scores against; measured once per study (a resumed study reads them back)."""
+    path = baselines_file(study_dir, source.hook)
+    if path.exists():
         return
     data = source.concepts()
     if not len(data.concepts):
         return
     cache = source.cache
     with phase("baselines"):
-        print(f"baselines: a dense probe and the best raw neuron per concept ({len(data.concepts)} concepts, "
-              f"{cache.n_eval_rows:,} eval tokens)")
+        print(textwrap.fill(f"baselines at {source.hook}: a dense probe and the best raw neuron per concept "
+                            f"({len(data.concepts)} concepts, {cache.n_eval_rows:,} eval tokens)", 100,
+                            subsequent_indent="  "))
         measured = concept_baselines(np.asarray(cache.acts[cache.n_train_rows:]), data.labels.numpy(),
                                      data.fit_mask.numpy())
-        write_baselines(study_dir, data.concepts.names, measured)
+        write_baselines(path, data.concepts.names, measured)
 
 
-def _record_plan(record: StudyRecord, planned: list[PlannedArm], source: OpenedSource, scale: float) -> None:
+def _record_plan(record: StudyRecord, planned: list[PlannedArm], sources: list[OpenedSource]) -> None:
     """The arms in study.json (those of an earlier run of this study as they were), and what a reader
     of the report needs to know about the data and the code each run of the study used."""
-    cache, previous = source.cache, {a.arm_id: a for a in record.arms}
-    record.arms = [previous.get(p.arm_id) or p.record(cache.d_in) for p in planned]
-    record.cache = str(cache.path)
+    previous, d_in = {a.arm_id: a for a in record.arms}, {s.hook: s.cache.d_in for s in sources}
+    record.arms = [previous.get(p.arm_id) or p.record(d_in[p.hook]) for p in planned]
     commits = record.setup.get("commits", [])
-    record.setup = {"hook": source.ctx.hook_name, "d_in": cache.d_in, "train_tokens": cache.n_train_rows,
-                     "eval_tokens": cache.n_eval_rows, "norm_scale": scale,
-                     "commits": commits + [c for c in [code_commit()] if c not in commits]}
+    record.setup = {"hooks": {s.hook: {"cache": str(s.cache.path), "d_in": s.cache.d_in,
+                                       "train_tokens": s.cache.n_train_rows, "eval_tokens": s.cache.n_eval_rows,
+                                       "norm_scale": s.scale} for s in sources},
+                    "commits": commits + [c for c in [code_commit()] if c not in commits]}
 
 
 def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[PlannedArm],
-                    source: OpenedSource, scale: float, wandb, shared_config: dict,
-                    stop: StopFlag) -> dict[str, Trainer]:
+                    sources: list[OpenedSource], wandb, shared_config: dict, stop: StopFlag) -> dict[str, Trainer]:
     """A trainer per arm not yet complete, in plan order, with its sinks and the probes its studies need."""
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
-    concept_data = source.concepts() if needs_concepts and source.concepts is not None else None
-    cache, ctx = source.cache, source.ctx
+    at_hook = {s.hook: s for s in sources}
     trainers: dict[str, Trainer] = {}
     for p, arm_record in zip(planned, record.arms):
-        spec = p.spec
+        spec, source = p.spec, at_hook[p.hook]
+        cache, ctx, scale = source.cache, source.ctx, source.scale
         if arm_record.status == "complete":
             print(f"arm {p.name} ({p.arm_id}) already complete; skipped")
             continue
+        concept_data = source.concepts() if needs_concepts and source.concepts is not None else None
         arm_dir = study_dir / p.arm_id
         run_config = {**shared_config, **flatten({"sae": asdict(spec.sae), "train": asdict(spec.train)}),
                       "arm_id": p.arm_id, "studies": p.studies, "study_id": study_dir.name, "d_in": cache.d_in,
@@ -381,7 +387,7 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
     return failed
 
 
-def _describe_latents(study_dir: Path, record: StudyRecord, source: OpenedSource, stop: StopFlag) -> None:
+def _describe_latents(study_dir: Path, record: StudyRecord, sources: list[OpenedSource], stop: StopFlag) -> None:
     """What each latent of every finished arm means (experiments/eval/features.py), saved in the
     arm's folder; an arm already described is skipped, so a resumed study redoes at most one."""
     todo = [a for a in record.finished if not features_done(study_dir / a.arm_id)]
@@ -390,6 +396,7 @@ def _describe_latents(study_dir: Path, record: StudyRecord, source: OpenedSource
             raise StopRequested(0, where=f"between the feature analyses of the arms, {n - 1} of {len(todo)} done")
         print(f"features [{n}/{len(todo)}] {arm.name}: top contexts, logit effects, labels", flush=True)
         with phase("features"):
+            source = next(s for s in sources if s.hook == record.hook_of(arm))
             save_features(source.features(SAE.load(study_dir / arm.arm_id)), study_dir / arm.arm_id)
         faults.reached("features-arm")
 
@@ -443,17 +450,22 @@ def _write_outputs(study_dir: Path, record: StudyRecord, failed: bool, wandb, sh
 
 
 def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
-    """Every study of the run, from its files."""
-    inputs = StudyInputs(record.spec["probes"], read_baselines(study_dir))
-    loaded: dict[str, ArmData] = {}
+    """Every study of the run, from its files: each study at each hook point (named `study@hook` where
+    there are several, after their comparison across hook points), then what the latents mean."""
+    hooks = list(record.hooks) or [None]
+    inputs = {hook: StudyInputs(record.spec["probes"], read_baselines(study_dir, hook)) for hook in hooks}
+    loaded = {r.arm_id: load_arm(study_dir, r) for r in record.arms}
+    at_hook = {hook: [loaded[r.arm_id] for r in record.arms if record.hook_of(r) == hook] for hook in hooks}
     results = []
     for name in record.spec["study"]["names"]:
-        arms = []
-        for r in (a for a in record.arms if name in a.studies):
-            if r.arm_id not in loaded:
-                loaded[r.arm_id] = load_arm(study_dir, r)
-            arms.append(loaded[r.arm_id])
-        results.append(source_of(record).analyses[name](arms, inputs))
+        for hook in hooks:
+            res = source_of(record).analyses[name]([a for a in at_hook[hook] if name in a.record.studies],
+                                                   inputs[hook])
+            if len(hooks) > 1:
+                res.name = f"{name}@{hook_label(hook)}"
+            results.append(res)
+    if len(hooks) > 1:
+        results.insert(0, hook_points.analyse([(hook, at_hook[hook], inputs[hook]) for hook in hooks]))
     described = features.analyse(study_dir, record.finished)
     results += [described] if described is not None else []
     return results

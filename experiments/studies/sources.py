@@ -13,9 +13,9 @@ from typing import Callable
 
 from config.records import StudyRecord
 from config.schema import RunConfig, UsageError
-from experiments.data.activation_cache import ActivationCache, build_or_open
-from experiments.data.sources import (HarvestWriter, dataset_fingerprint, harvester, load_subject_model, resolve_hook,
-                                      token_sequences)
+from experiments.data.activation_cache import ActivationCache, build_or_open, build_or_open_all
+from experiments.data.sources import (HarvestWriter, SharedForward, dataset_fingerprint, hook_harvester,
+                                      load_subject_model, resolve_hooks, token_sequences)
 from experiments.data.synthetic import SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.eval.concepts import tinylm_concepts, yaml_concepts
 from experiments.eval.features import FeatureAnalysis, analyse_features, analyse_synthetic_features
@@ -48,6 +48,11 @@ class OpenedSource:
     # source's own truth is the concept (a synthetic source's true features, in ctx.truth)
     features: Callable[[SAE], FeatureAnalysis]  # what each latent of a saved (folded) SAE means
     about: dict  # what the activations are, as a saved SAE's config.json records it ("trained_on")
+    scale: float  # the factor the activations are normalised by (1.0 when they are not)
+
+    @property
+    def hook(self) -> str:
+        return self.ctx.hook_name
 
 
 class TransformerSource:
@@ -55,42 +60,54 @@ class TransformerSource:
 
     analyses = {**COMMON_ANALYSES, "emergence": emergence.concept_emergence}
 
-    def open(self, cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
-        """Harvest (or reopen) the subject model's activations at the hook."""
+    def open(self, cfg: RunConfig, root: Path, stop: StopFlag) -> list[OpenedSource]:
+        """Harvest (or reopen) the subject model's activations at each hook point, one forward pass
+        per batch for all of them."""
         device = cfg.train.device
         with phase("model"):
             model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
-        hook_name = resolve_hook(model, cfg.data)
+        hook_names = resolve_hooks(model, cfg.data)
         sequences = token_sequences(model, cfg.data, cfg.train.seed)
-        harvest = harvester(model, hook_name, device)
-        probe = harvest(sequences[:1])
-        if probe.ndim != 3:
-            raise UsageError(f"hook {hook_name!r} gives activations of shape {tuple(probe.shape)}, "
-                             f"not [batch, position, features]; pick a residual, MLP or attention output hook")
-        data_spec = {"source": cfg.data.source, "model": model.fingerprint, "hook_name": hook_name,
-                     "n_samples": cfg.data.n_samples, "seq_len": cfg.data.seq_len,
-                     "dataset": dataset_fingerprint(cfg.data), "seed": cfg.train.seed,
-                     "eval_fraction": cfg.data.eval_fraction}
-        writer = HarvestWriter(sequences, probe.shape[-1], harvest, cfg.data.harvest_batch_size,
-                               cfg.data.eval_fraction)
+        forward = SharedForward(hook_harvester(model, hook_names, device))
+        jobs = []
+        for hook_name, probe in forward.run(sequences[:1]).items():
+            if probe.ndim != 3:
+                raise UsageError(f"hook {hook_name!r} gives activations of shape {tuple(probe.shape)}, "
+                                 f"not [batch, position, features]; pick a residual, MLP or attention output hook")
+            data_spec = {"source": cfg.data.source, "model": model.fingerprint, "hook_name": hook_name,
+                         "n_samples": cfg.data.n_samples, "seq_len": cfg.data.seq_len,
+                         "dataset": dataset_fingerprint(cfg.data), "seed": cfg.train.seed,
+                         "eval_fraction": cfg.data.eval_fraction}
+            jobs.append((data_spec, HarvestWriter(sequences, probe.shape[-1], forward.at(hook_name),
+                                                  cfg.data.harvest_batch_size, cfg.data.eval_fraction)))
         with phase("harvest"):
-            cache = build_or_open(root, data_spec, writer, bar=bars(cfg), stop=stop)
-        concepts = functools.cache(partial(_concept_data, cfg, model, cache))  # says what it left out once
+            caches = build_or_open_all(root, jobs, bar=bars(cfg), stop=stop)
+        # The concepts are scored on the eval tokens, which every hook point's cache shares: built once,
+        # so what they leave out is said once.
+        concepts = functools.cache(partial(_concept_data, cfg, model, caches[0]))
+        return [self._opened(cfg, model, hook_name, cache, data_spec, concepts)
+                for hook_name, cache, (data_spec, _) in zip(hook_names, caches, jobs)]
+
+    @staticmethod
+    def _opened(cfg: RunConfig, model, hook_name: str, cache: ActivationCache, data_spec: dict,
+                concepts: Callable[[], ConceptData]) -> OpenedSource:
         features = partial(_token_features, cache=cache, unembed=model.bridge.W_U,
                            decode=model.token_text, concepts=concepts, bar=bars(cfg))
         about = {"source": "transformer", "model_name": model.name, "model_fingerprint": model.fingerprint,
                  "hook_name": hook_name, "d_in": cache.d_in, "context_size": cfg.data.seq_len, "prepend_bos": True,
                  "dataset": cfg.data.dataset or "tinylm corpus (generated stories)", "n_samples": cfg.data.n_samples}
         return OpenedSource(cache, EvalContext(model.bridge, hook_name, cfg.train.ce_eval_sequences), data_spec,
-                            concepts, features, about)
+                            concepts, features, about, cache.norm_scale(cfg.data.normalize))
 
     @staticmethod
     def describe(record: StudyRecord) -> list[list[str]]:
         """The report's setup rows that say what the activations were."""
-        data, setup = record.spec["data"], record.setup
-        hook = setup.get("hook") or data.get("hook_point") or f"layer {data['layer']} {data['hook']}"
-        return [["subject model", f"{data['model_name']}, `{hook}`"
-                                  + (f" (d_in {setup['d_in']})" if "d_in" in setup else "")],
+        data, hooks = record.spec["data"], record.hooks
+        named = ", ".join(f"`{hook}`" for hook in hooks) if hooks else (
+            data.get("hook_point") or f"layer {data['layer']} {data['hook']}")
+        d_in = sorted({info["d_in"] for info in hooks.values() if "d_in" in info})
+        return [["subject model", f"{data['model_name']}, {'hook points ' if len(hooks) > 1 else ''}{named}"
+                                  + (f" (d_in {', '.join(map(str, d_in))})" if d_in else "")],
                 ["text", f"{data['dataset'] or 'the tinylm corpus (held-out stories)'}: {data['n_samples']:,} "
                          f"sequences of {data['seq_len']} tokens"]]
 
@@ -100,7 +117,7 @@ class SyntheticSource:
 
     analyses = {**COMMON_ANALYSES, "emergence": emergence.feature_emergence}
 
-    def open(self, cfg: RunConfig, root: Path, stop: StopFlag) -> OpenedSource:
+    def open(self, cfg: RunConfig, root: Path, stop: StopFlag) -> list[OpenedSource]:
         """Generate (or reopen) the toy model's activations, with the true features beside them."""
         model = ToyModel.build(cfg.synthetic, cfg.train.seed)
         data_spec = {"source": "synthetic", "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
@@ -112,7 +129,8 @@ class SyntheticSource:
         features = partial(_synthetic_features, cache=cache, truth=truth, bar=bars(cfg))
         about = {"source": "synthetic", "d_in": cache.d_in, "synthetic": asdict(cfg.synthetic), "seed": cfg.train.seed,
                  "cache": str(cache.path)}
-        return OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None, features, about)
+        return [OpenedSource(cache, EvalContext(hook_name="synthetic", truth=truth), data_spec, None, features, about,
+                             cache.norm_scale(cfg.data.normalize))]
 
     @staticmethod
     def describe(record: StudyRecord) -> list[list[str]]:
