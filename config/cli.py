@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     train = p.add_argument_group("training")
     for name in ("lr", "batch_size", "epochs", "steps", "device"):
         _flag(train, TrainConfig, name)
+    cluster = p.add_argument_group("executor (docs/cluster.md)")
+    for name in CLUSTER_FLAGS:
+        _flag(cluster, StudyConfig, name)
     log = p.add_argument_group("output and logging")
     _flag(log, LogConfig, "checkpoint_dir")
     log.add_argument("--use-wandb", action="store_true", default=False, help="log every arm to Weights & Biases (default: off)")
@@ -234,6 +237,7 @@ TRAIN_FLAGS = ("lr", "batch_size", "epochs", "steps", "seed", "dead_window", "de
 SAE_FLAGS = ("expansion_factor", "hidden_dim", "k", "aux_k", "matryoshka_levels", "l1_coefficient", "l0_coefficient",
              "target_l0")
 PROBE_FLAGS = ("concepts", "probe_k", "f1_threshold", "cos_threshold")
+CLUSTER_FLAGS = ("executor", "ray_address", "cpus_per_arm", "gpus_per_arm", "max_retries")
 
 
 def _given(a: argparse.Namespace, names: Sequence[str]) -> dict:
@@ -293,7 +297,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
                         lockstep=not a.sequential_arms,
                         report=a.report, docs=a.docs, search=a.search, arm=a.arm,
                         export=a.export, out=a.out, serve=a.serve,
-                        **{k: v for k, v in (("port", a.port), ("host", a.host)) if v is not None})
+                        **{k: v for k, v in (("port", a.port), ("host", a.host)) if v is not None},
+                        **_given(a, CLUSTER_FLAGS))
+    for name in CLUSTER_FLAGS[1:]:
+        if getattr(a, name) is not None and study.executor != "ray":
+            raise UsageError(f"--{name.replace('_', '-')} works with --executor ray: it says how arms run on Ray")
     for flag, value in (("--search", a.search), ("--export", a.export)):
         if value is not None and a.study_id is None:
             raise UsageError(f"{flag} needs --study-id: the study whose arms to use")

@@ -311,6 +311,7 @@ class LogConfig:
 
 STUDY_NAMES = ("activations", "emergence", "frequency", "resampling")
 EXPORT_FORMATS = ("saelens", "neuronpedia")
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -357,6 +358,17 @@ class StudyConfig:
     port: int = option(8000, "port", help="with --serve: the port to listen on (0: any free port)")
     host: str = option("127.0.0.1", help="with --serve: the address to bind; anything but a loopback address lets "
                        "whoever can reach the port run the model")
+    # Where the arms train (docs/cluster.md); the results are the same either way.
+    executor: str = option("local", choices=EXECUTORS, help="local: every arm in this process, arms that read the same "
+                           "batches in lockstep; ray: each arm a Ray task, on a Ray cluster (--ray-address) or on a "
+                           "Ray instance started on this machine")
+    ray_address: str | None = option(None, help="with --executor ray: the cluster to join, auto or HOST:PORT",
+                                     shown="a Ray instance started for the run on this machine, then stopped")
+    cpus_per_arm: float = option(1.0, "positive", help="with --executor ray: CPUs each arm's task reserves (and its "
+                                 "torch threads)")
+    gpus_per_arm: float = option(0.0, help="with --executor ray: GPUs each arm's task reserves (fractions share one)")
+    max_retries: int = option(2, "non_negative", help="with --executor ray: times an arm whose worker or node is lost "
+                              "is started again from its last checkpoint before it is recorded failed")
 
     @property
     def label(self) -> str:

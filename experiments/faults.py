@@ -9,7 +9,9 @@ when the run reaches that point. The points:
   summary-run       a study's W&B summary run logged, summary.json not yet written
 `<point>@<n>` waits for the n-th time the point is reached (`step:57@3`: in the third arm trained),
 and an `error:` prefix raises an exception there instead of killing (`error:step:5`: an arm that
-crashes). A no-op unless the variable is set.
+crashes). With `SAE_FAULT_ONCE=<file>` as well, only the first process to get there fires (it
+creates the file): a Ray worker killed mid-arm is retried, and the retry carries on. A no-op
+unless the variable is set.
 """
 from __future__ import annotations
 
@@ -34,6 +36,12 @@ def reached(point: str) -> None:
         return
     _seen[point] += 1
     if _seen[point] == int(nth or 1):
+        once = os.environ.get("SAE_FAULT_ONCE")
+        if once:
+            try:
+                os.close(os.open(once, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                return
         if raise_error:
             raise InjectedFault(f"fault injected at {point}")
         os.kill(os.getpid(), signal.SIGKILL)

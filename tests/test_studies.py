@@ -329,7 +329,7 @@ def test_a_study_over_every_layer_trains_each_arm_at_each_hook_point_and_compare
     for arm in s["arms"]:
         base, label = arm["name"].split("@")
         row = compared[(base, label)]
-        for metric in ("l0", "explained_variance", "ce_loss_recovered", "dead_frac"):
+        for metric in ("l0", "explained_variance", "ce_loss_recovered", "kl"):
             assert row[metric] == pytest.approx(arm["final"][metric], abs=5e-5), (arm["name"], metric)
         evals = np.load(sorted((study_dir / arm["arm_id"] / "probes").glob("eval-*.npz"))[-1])
         kinds = json.loads((study_dir / arm["arm_id"] / "probes" / "concepts.json").read_text())["kinds"]

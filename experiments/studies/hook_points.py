@@ -13,7 +13,8 @@ from experiments.studies.emergence import median_by_kind
 from experiments.studies.results import ArmData, StudyInputs, StudyResult, Table, rounded
 from visualization import study_plots
 
-METRICS = ("l0", "explained_variance", "ce_loss_recovered", "kl", "dead_frac")
+# The final metrics compared, with their short table headers.
+METRICS = {"l0": "L0", "explained_variance": "expl. var.", "ce_loss_recovered": "CE recov.", "kl": "KL"}
 KINDS = {"category": "categories", "word": "words"}
 PANELS = {"explained_variance": "explained variance", "ce_loss_recovered": "CE loss recovered",
           "l0": "L0 (active latents per token)"}
@@ -61,14 +62,16 @@ def analyse(groups: list[tuple[str, list[ArmData], StudyInputs]]) -> StudyResult
     rows, points = [], []
     for hook, arm in finished:
         scores = concepts[(hook, arm.name)]
+        f1 = " / ".join("—" if scores.get(k) is None else f"{scores[k]:.3f}" for k in kinds)
         rows.append([base_name(arm), labels[hook], *(rounded(arm.final.get(m)) for m in metrics),
-                     *(rounded(scores.get(k), 3) for k in kinds)])
+                     *([f1] if kinds else [])])
         points.append({"arm": base_name(arm), "architecture": arm.architecture, "hook": labels[hook],
                        **{m: arm.final.get(m) for m in metrics}, **{f"f1_{k}": scores.get(k) for k in kinds}})
     res.tables["per_hook"] = Table(
-        "Final metrics of each arm at each hook point" + (" and the median held-out F1 of the best single latent "
-                                                          "per concept kind" if kinds else ""),
-        ["arm", "hook point", *metrics, *(f"{KINDS[k]} F1 (one latent)" for k in kinds)], rows)
+        "Each arm at each hook point: final metrics" + (", and per concept kind the median held-out F1 of the "
+                                                        "best single latent" if kinds else ""),
+        ["arm", "hook point", *(METRICS[m] for m in metrics), *(["F1 " + " / ".join(KINDS[k] for k in kinds)] if kinds
+                                                                else [])], rows)
     baselines = {}
     for hook, arms, inputs in groups:
         scored = next((a for a in arms if a.concepts and a.concepts.get("names")), None)
@@ -119,4 +122,4 @@ def _by_hook(points: list[dict], key: str, what: str, hooks: list[str]) -> str:
         return f"No arm has a {what}."
     best = max(medians, key=medians.get)
     return (f"Median over arms of the {what} by hook point: "
-            + ", ".join(f"{hook} {value:.3f}" for hook, value in medians.items()) + f"; highest at **{best}**.")
+            + ", ".join(f"{hook} {value:.4f}" for hook, value in medians.items()) + f"; highest at **{best}**.")

@@ -4,7 +4,9 @@ and write `summary.json`, the report, W&B summary runs and the terminal tables.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import fcntl
 import os
 import shutil
@@ -225,6 +227,21 @@ def run_study(cfg: RunConfig, stop: StopFlag) -> int:
         probe.unlink()
     except OSError as err:
         raise UsageError(f"--checkpoint-dir {root} is not writable: {err.strerror}") from None
+    if cfg.study.executor != "ray":
+        return _run_in(cfg, root, stop)
+    from experiments.studies import ray_executor
+
+    # Tasks run elsewhere: every path they are given is absolute.
+    cfg = replace(cfg, log=replace(cfg.log, checkpoint_dir=str(root.resolve())))
+    ray_executor.connect(cfg)
+    try:
+        return _run_in(cfg, root.resolve(), stop)
+    finally:
+        ray_executor.shutdown()
+
+
+def _run_in(cfg: RunConfig, root: Path, stop: StopFlag) -> int:
+    """The study in its folder under `root`, locked, which is removed again if bad input turns up."""
     study_dir = resolve_study_dir(cfg, root)
     created = not study_dir.exists()
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -258,16 +275,15 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         for source in (s for s in sources if s.concepts is not None):
             _measure_baselines(study_dir, source)
 
-    wandb = None
-    if cfg.log.use_wandb:
-        from visualization.wandb_sink import WandbSink
-
-        wandb = WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
-                          after_log=lambda: faults.reached("wandb-log"))
-    shared_config = flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
-    trainers = _build_trainers(cfg, study_dir, record, planned, sources, wandb, shared_config, stop)
+    wandb = _wandb_sink(cfg)
     try:
-        failed = _train(cfg, study_dir, record, planned, trainers, stop)
+        if cfg.study.executor == "ray":
+            from experiments.studies.ray_executor import train_on_ray
+
+            failed = train_on_ray(cfg, study_dir, record, planned, stop)
+        else:
+            trainers = _build_trainers(cfg, study_dir, record, planned, sources, wandb, stop)
+            failed = _train(cfg, study_dir, record, planned, trainers, stop)
         _describe_latents(study_dir, record, sources, stop)
     except StopRequested as stopped:
         stopped.study_id = study_dir.name
@@ -275,7 +291,36 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         record.write(study_json)
         print_sync_command(wandb)
         raise
-    return _write_outputs(study_dir, record, failed, wandb, shared_config)
+    return _write_outputs(study_dir, record, failed, wandb, _shared_config(cfg))
+
+
+def _wandb_sink(cfg: RunConfig):
+    if not cfg.log.use_wandb:
+        return None
+    from visualization.wandb_sink import WandbSink
+
+    return WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
+                     after_log=lambda: faults.reached("wandb-log"))
+
+
+def _shared_config(cfg: RunConfig) -> dict:
+    """The W&B config every run of the study shares (each arm's run adds its own settings)."""
+    return flatten({k: v for k, v in cfg.result_spec().items() if k not in ("plans", "train")})
+
+
+def train_arm_in_worker(cfg: RunConfig, study_dir: Path, arm_id: str) -> dict:
+    """One arm of a study where a Ray worker runs it (experiments/studies/ray_executor.py): the
+    sources reopened (the caches the driver built, verified by their checksums), the arm's trainer
+    built as the local runner builds it and trained from its last checkpoint if it has one. Returns
+    its outcome as study.json records it; the driver records it."""
+    record = StudyRecord.read(study_dir / "study.json", "--executor ray")
+    stop = StopFlag()
+    with contextlib.redirect_stdout(io.StringIO()):  # what opening says about the data, the driver has said
+        sources = _open_sources(cfg, study_dir, stop)
+    planned = [p for p in plan_arms(cfg, sources) if p.arm_id == arm_id]
+    trainers = _build_trainers(cfg, study_dir, record, planned, sources, _wandb_sink(cfg), stop)
+    (outcome,) = train_arms(trainers, True, stop, {arm_id: planned[0].name})
+    return _settled(outcome, study_dir, planned[0].name)
 
 
 def _open_sources(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> list[OpenedSource]:
@@ -321,15 +366,16 @@ def _record_plan(record: StudyRecord, planned: list[PlannedArm], sources: list[O
 
 
 def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[PlannedArm],
-                    sources: list[OpenedSource], wandb, shared_config: dict, stop: StopFlag) -> dict[str, Trainer]:
-    """A trainer per arm not yet complete, in plan order, with its sinks and the probes its studies need."""
+                    sources: list[OpenedSource], wandb, stop: StopFlag) -> dict[str, Trainer]:
+    """A trainer per arm of `planned` not yet complete, in plan order, with its sinks and the probes its
+    studies need."""
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
-    at_hook = {s.hook: s for s in sources}
+    at_hook, shared_config = {s.hook: s for s in sources}, _shared_config(cfg)
     trainers: dict[str, Trainer] = {}
-    for p, arm_record in zip(planned, record.arms):
+    for p in planned:
         spec, source = p.spec, at_hook[p.hook]
         cache, ctx, scale = source.cache, source.ctx, source.scale
-        if arm_record.status == "complete":
+        if record.arm(p.arm_id).status == "complete":
             print(f"arm {p.name} ({p.arm_id}) already complete; skipped")
             continue
         concept_data = source.concepts() if needs_concepts and source.concepts is not None else None
@@ -361,8 +407,7 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
         groups.setdefault(lockstep_key(trainer) if cfg.study.lockstep else arm_id, {})[arm_id] = trainer
     failed = False
     for group in groups.values():
-        labels = {arm_id: f"[{index_of[arm_id] + 1}/{len(planned)}] {planned[index_of[arm_id]].name}"
-                  for arm_id in group}
+        labels = {arm_id: arm_label(planned, arm_id) for arm_id in group}
         if len(group) > 1:
             print(f"training {len(group)} arms in lockstep, one batch read per step for all "
                   f"(--sequential-arms: one by one)", flush=True)
@@ -370,21 +415,38 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
             record.arm(arm_id).status, record.arm(arm_id).steps_total = "running", trainer.n_steps
         record.write(study_json)
         for outcome in train_arms(group, cfg.study.resume, stop, labels, bar=bars(cfg)):
-            arm = record.arm(outcome.arm_id)
-            if outcome.result is not None:
-                r = outcome.result
-                arm.status, arm.steps, arm.tokens, arm.final = "complete", r.steps, r.tokens, r.final
-                arm.weights = str(study_dir / outcome.arm_id / "sae.safetensors")
-                arm.wandb_run_id, arm.seconds = r.wandb_run_id, round(r.seconds, 2)
-            elif outcome.error is not None:
-                arm.status, arm.reason, arm.steps = "failed", _failure(outcome, study_dir, arm.name), outcome.trainer.step
-                failed = True
-            else:
-                arm.status, arm.steps = "interrupted", outcome.trainer.step
-            record.write(study_json)
-            if outcome.result is not None:
-                faults.reached(f"arm-done:{index_of[outcome.arm_id] + 1}")
+            name = planned[index_of[outcome.arm_id]].name
+            failed |= record_outcome(study_dir, record, outcome.arm_id, _settled(outcome, study_dir, name), index_of)
     return failed
+
+
+def arm_label(planned: list[PlannedArm], arm_id: str) -> str:
+    """`[i/n] name`: how progress lines name an arm."""
+    index = next(i for i, p in enumerate(planned) if p.arm_id == arm_id)
+    return f"[{index + 1}/{len(planned)}] {planned[index].name}"
+
+
+def _settled(outcome, study_dir: Path, name: str) -> dict:
+    """An arm's outcome from train_arms as study.json records it: finished, failed (with its reason)
+    or interrupted (at its last checkpoint's step)."""
+    if outcome.result is not None:
+        r = outcome.result
+        return {"status": "complete", "steps": r.steps, "tokens": r.tokens, "final": r.final,
+                "weights": str(study_dir / outcome.arm_id / "sae.safetensors"), "wandb_run_id": r.wandb_run_id,
+                "seconds": round(r.seconds, 2)}
+    if outcome.error is not None:
+        return {"status": "failed", "reason": _failure(outcome, study_dir, name), "steps": outcome.trainer.step}
+    return {"status": "interrupted", "steps": outcome.trainer.step}
+
+
+def record_outcome(study_dir: Path, record: StudyRecord, arm_id: str, settled: dict, index_of: dict[str, int]) -> bool:
+    """Record an arm's outcome (_settled) in study.json at once; True when the arm failed."""
+    for key, value in settled.items():
+        setattr(record.arm(arm_id), key, value)
+    record.write(study_dir / "study.json")
+    if settled["status"] == "complete":
+        faults.reached(f"arm-done:{index_of[arm_id] + 1}")
+    return settled["status"] == "failed"
 
 
 def _describe_latents(study_dir: Path, record: StudyRecord, sources: list[OpenedSource], stop: StopFlag) -> None:
@@ -461,8 +523,8 @@ def analyse(study_dir: Path, record: StudyRecord) -> list[StudyResult]:
         for hook in hooks:
             res = source_of(record).analyses[name]([a for a in at_hook[hook] if name in a.record.studies],
                                                    inputs[hook])
-            if len(hooks) > 1:
-                res.name = f"{name}@{hook_label(hook)}"
+            if len(hooks) > 1:  # a docs page shows the comparison's table instead of each hook point's
+                res.name, res.in_docs = f"{name}@{hook_label(hook)}", False
             results.append(res)
     if len(hooks) > 1:
         results.insert(0, hook_points.analyse([(hook, at_hook[hook], inputs[hook]) for hook in hooks]))
