@@ -292,6 +292,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         progress=a.progress and lg.progress,
         wandb_checkpoints=a.wandb_checkpoints or lg.wandb_checkpoints,
     )
+    if log.wandb_checkpoints and not log.use_wandb:
+        raise UsageError("--wandb-checkpoints works with --use-wandb: it logs the checkpoints to the W&B runs")
     probes = ProbeConfig(**{**source_preset.get("probes", {}), **config.get("probes", {}), **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
                         lockstep=not a.sequential_arms,

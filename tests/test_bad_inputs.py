@@ -225,6 +225,7 @@ CASES = [
          "is neither a local folder nor a Hugging Face model name", runs=True),
     Case("layer-beyond-model", (*TINY, "--layer", "2", "--study-id", "bad"),
          "--layer 2 is beyond the model: tinylm has layers 0..1", runs=True),
+    Case("wandb-checkpoints-without-wandb", ("--wandb-checkpoints",), "--wandb-checkpoints works with --use-wandb"),
     Case("ray-flag-without-ray", ("--cpus-per-arm", "2"), "--cpus-per-arm works with --executor ray"),
     Case("ray-address-unreachable", (*TINY, "--executor", "ray", "--ray-address", "127.0.0.1:9", "--study-id", "bad"),
          "--ray-address 127.0.0.1:9: no Ray cluster answers there", runs=True),
