@@ -1,12 +1,16 @@
-"""--executor ray: the same study on a Ray instance started on this machine gives the local
-runner's results bit for bit, also when a worker is killed mid-arm and its task is retried; the
-local path never imports Ray."""
+"""--executor ray: the same study on Ray gives the local runner's results bit for bit, on a Ray
+instance the run starts itself and on a cluster it joins (`ray start --head` on 127.0.0.1, started
+once for the module), also when a worker is killed mid-arm and its task is retried, or the driver
+is killed and the study resumed; the local path never imports Ray."""
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -36,14 +40,41 @@ def local(tmp_path_factory, tinylm_models_dir):
     return root
 
 
-def on_ray(root, study_id: str, *extra: str) -> list[str]:
-    """The study's arguments for a Ray run with as many torch threads per arm as the local run had."""
+@pytest.fixture(scope="module")
+def cluster():
+    """A one-node Ray cluster, `ray start --head --block` on 127.0.0.1 (stopped with it); its address."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
+                             "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled"},  # a test cluster on loopback
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert head.poll() is None and time.monotonic() < deadline, head.stderr.read()[-2000:]
+                time.sleep(0.5)
+        yield f"127.0.0.1:{port}"
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)  # the head and the Ray processes it started, at once
+        head.wait(timeout=60)
+
+
+def on_ray(root, study_id: str, *extra: str, address: str | None = None) -> list[str]:
+    """The study's arguments for a Ray run with as many torch threads per arm as the local run had,
+    on the cluster at `address` (default: a Ray instance the run starts)."""
     return [*SMALL, "--checkpoint-dir", str(root), "--study-id", study_id, "--executor", "ray",
-            "--cpus-per-arm", str(torch.get_num_threads()), *extra]
+            "--cpus-per-arm", str(torch.get_num_threads()), *(["--ray-address", address] if address else []), *extra]
 
 
 def test_a_study_on_ray_equals_the_local_runner(local, capsys):
-    assert main(on_ray(local, "ray")) == 0
+    assert main(on_ray(local, "ray")) == 0  # on a Ray instance of its own
     out = capsys.readouterr().out
     assert "training 2 arms as Ray tasks" in out and "[2/2] gated-coef0.0084: complete" in out
     assert_same_outcome(local / "local", local / "ray")
@@ -51,14 +82,14 @@ def test_a_study_on_ray_equals_the_local_runner(local, capsys):
     assert study["status"] == "complete" and all(a["status"] == "complete" for a in study["arms"])
 
 
-def test_a_worker_killed_mid_arm_is_retried_from_its_checkpoint(local, tmp_path, monkeypatch, capfd):
+def test_a_worker_killed_mid_arm_is_retried_from_its_checkpoint(local, cluster, tmp_path, monkeypatch, capfd):
     """The worker training topk is SIGKILLed at step 50, after its checkpoint at step 40 (once: the
     retry passes the point); Ray starts the task again, it resumes at step 40, and the study ends
     with the results of the uninterrupted local run."""
     once = tmp_path / "fault-fired"
     monkeypatch.setenv("SAE_FAULT", "step:50")
     monkeypatch.setenv("SAE_FAULT_ONCE", str(once))
-    assert main(on_ray(local, "killed-worker", "--max-retries", "1")) == 0
+    assert main(on_ray(local, "killed-worker", "--max-retries", "1", address=cluster)) == 0
     assert once.exists()  # a worker was killed
     assert_same_outcome(local / "local", local / "killed-worker")
     (topk,) = [a["arm_id"] for a in json.loads((local / "killed-worker" / "summary.json").read_text())["arms"]
@@ -66,38 +97,39 @@ def test_a_worker_killed_mid_arm_is_retried_from_its_checkpoint(local, tmp_path,
     assert f"resuming {topk} at step 40 of 60" in capfd.readouterr().out  # the retry, from the checkpoint
 
 
-def test_a_study_whose_driver_was_killed_resumes_on_ray(local):
+def test_a_study_whose_driver_was_killed_resumes_on_ray(local, cluster):
     """The driver SIGKILLed once its first arm is recorded complete (Ray stops the driver's other
     task with it); --resume on Ray skips the finished arm and ends with the local run's results."""
     env = {**os.environ, "SAE_FAULT": "arm-done:1"}
-    killed = subprocess.run([sys.executable, "run_experiments.py", *on_ray(local, "killed-driver")], cwd=ROOT,
-                            env=env, capture_output=True, text=True, timeout=300)
+    killed = subprocess.run([sys.executable, "run_experiments.py", *on_ray(local, "killed-driver", address=cluster)],
+                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     arms = json.loads((local / "killed-driver" / "study.json").read_text())["arms"]
     assert sorted(a["status"] for a in arms) == ["complete", "running"]
-    resumed = subprocess.run([sys.executable, "run_experiments.py", *on_ray(local, "killed-driver", "--resume")],
+    resumed = subprocess.run([sys.executable, "run_experiments.py",
+                              *on_ray(local, "killed-driver", "--resume", address=cluster)],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already complete; skipped" in resumed.stdout
     assert_same_outcome(local / "local", local / "killed-driver")
 
 
-def test_an_arm_whose_worker_keeps_dying_is_recorded_failed_and_the_study_goes_on(local, monkeypatch):
+def test_an_arm_whose_worker_keeps_dying_is_recorded_failed_and_the_study_goes_on(local, cluster, monkeypatch):
     monkeypatch.setenv("SAE_FAULT", "step:5")  # every attempt of every arm dies at step 5
-    assert main(on_ray(local, "dying", "--activation", "topk", "--max-retries", "1")) == 1
+    assert main(on_ray(local, "dying", "--activation", "topk", "--max-retries", "1", address=cluster)) == 1
     (arm,) = json.loads((local / "dying" / "study.json").read_text())["arms"]
     assert arm["status"] == "failed" and arm["reason"].startswith("its Ray worker was lost 2 times")
     assert (local / "dying" / "report" / "report.md").exists()
 
 
-def test_every_node_is_asked_whether_it_sees_the_checkpoint_dir(tmp_path):
+def test_every_node_is_asked_whether_it_sees_the_checkpoint_dir(cluster, tmp_path):
     """The check behind '--checkpoint-dir X: Ray node N cannot see it': a task pinned to each node
     looks for a file the driver has just written there."""
     import ray
 
     from experiments.studies.ray_executor import nodes_not_seeing, nodes_without
 
-    ray.init(num_cpus=1, include_dashboard=False)
+    ray.init(address=cluster)
     try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert nodes_not_seeing(tmp_path, nodes) == []
