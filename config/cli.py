@@ -33,6 +33,7 @@ QUICK_DEFAULTS = {
     "dead_window": 16_384,
     "ce_eval_sequences": 32,
     "n_tokens": 131_072,  # synthetic source
+    "umap_evals": 1,  # the final eval's decoder directions only
 }
 
 
@@ -141,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the most recent unfinished study run with the same settings "
                        "(or the one named by --study-id) from its last checkpoints (default: off)")
     study.add_argument("--quick", action="store_true", default=False,
-                       help="smoke run: small harvest, %d steps; explicit flags still win (default: off)" % QUICK_DEFAULTS["steps"])
+                       help="smoke run: small harvest, %d steps, UMAP at the final eval only; explicit flags still win "
+                       "(default: off)" % QUICK_DEFAULTS["steps"])
     study.add_argument("--sequential-arms", action="store_true", default=False,
                        help="train arms one after another, each reading its own batches, instead of stepping arms "
                        "that share the activation cache, batch size and seed together over one batch read; the "
@@ -227,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 QUICK_SYNTHETIC = ("n_tokens",)
+QUICK_PROBES = ("umap_evals",)
 QUICK_TRAIN = ("steps", "batch_size", "eval_every", "checkpoint_every", "log_every", "warmup_steps", "dead_window",
                "ce_eval_sequences")
 TRANSFORMER_FLAGS = ("model_name", "layer", "hook", "hook_point", "n_samples", "seq_len", "dataset")
@@ -253,7 +256,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     quick = {k: v for k, v in QUICK_DEFAULTS.items() if a.quick}
     quick_train = {k: v for k, v in quick.items() if k in QUICK_TRAIN}
     quick_synthetic = {k: v for k, v in quick.items() if k in QUICK_SYNTHETIC}
-    quick_data = {k: v for k, v in quick.items() if k not in QUICK_TRAIN and k not in QUICK_SYNTHETIC}
+    quick_probes = {k: v for k, v in quick.items() if k in QUICK_PROBES}
+    quick_data = {k: v for k, v in quick.items() if k not in (*QUICK_TRAIN, *QUICK_SYNTHETIC, *QUICK_PROBES)}
 
     data = DataConfig(**{**quick_data, **config.get("data", {}), **_given(a, DATA_FLAGS)})
     synthetic = SyntheticConfig(**{**source_preset.get("synthetic", {}), **quick_synthetic,
@@ -294,7 +298,8 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     )
     if log.wandb_checkpoints and not log.use_wandb:
         raise UsageError("--wandb-checkpoints works with --use-wandb: it logs the checkpoints to the W&B runs")
-    probes = ProbeConfig(**{**source_preset.get("probes", {}), **config.get("probes", {}), **_given(a, PROBE_FLAGS)})
+    probes = ProbeConfig(**{**source_preset.get("probes", {}), **quick_probes, **config.get("probes", {}),
+                            **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
                         lockstep=not a.sequential_arms,
                         report=a.report, docs=a.docs, search=a.search, arm=a.arm,

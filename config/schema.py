@@ -325,7 +325,7 @@ class ProbeConfig:
     f1_threshold: float = option(0.8, "unit", help="held-out F1 at which a concept counts as emerged")
     cos_threshold: float = option(0.9, "unit", help="synthetic source: |cos| between a decoder row and a true feature at "
                                   "which the feature counts as recovered (frac_recovered) and emerged")
-    umap_evals: int = option(3, "non_negative")  # eval steps whose decoder directions get a UMAP embedding (first, ..., final)
+    umap_evals: int = option(3, "non_negative")  # eval steps whose decoder directions get a UMAP embedding (first, ..., final; one: the final)
     ultra_low_density: float = option(1e-4, "positive")  # alive latents firing less often than this form the ultra-low cluster
     dense_threshold: float = option(0.1, "positive")  # latents firing more often than this count as dense
 

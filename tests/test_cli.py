@@ -132,6 +132,7 @@ def test_quick_changes_defaults_but_explicit_flags_win():
     q = parse_args(["--quick"])
     assert q.train.steps == QUICK_DEFAULTS["steps"] and q.data.n_samples == QUICK_DEFAULTS["n_samples"]
     assert parse_args(["--quick", "--steps", "7"]).train.steps == 7
+    assert q.probes.umap_evals == 1 and parse_args([]).probes.umap_evals == 3
 
 
 def test_entry_point_exits_2_with_one_line_and_no_traceback():

@@ -16,6 +16,7 @@ def test_umap_steps_spread_from_first_to_final():
     assert umap_steps([150, 300, 450, 600, 750, 900, 906], 3) == {150, 600, 906}
     assert umap_steps([40], 3) == {40}
     assert umap_steps([10, 20], 0) == set() and umap_steps([], 3) == set()
+    assert umap_steps([150, 300, 450], 1) == {450}  # one: the trained dictionary, as --quick takes it
 
 
 def test_median_by_kind_leaves_out_nan_scores():

@@ -68,10 +68,11 @@ def read_evals(arm_dir: Path) -> list[dict[str, np.ndarray]]:
 
 
 def umap_steps(eval_steps: list[int], count: int) -> set[int]:
-    """`count` eval steps spread evenly from the first to the final one."""
+    """`count` eval steps spread evenly from the first to the final one (one: the final one)."""
     if count <= 0 or not eval_steps:
         return set()
-    picks = np.unique(np.round(np.linspace(0, len(eval_steps) - 1, count)).astype(int))
+    picks = np.unique(np.round(np.linspace(0 if count > 1 else len(eval_steps) - 1, len(eval_steps) - 1,
+                                           count)).astype(int))
     return {eval_steps[i] for i in picks}
 
 
