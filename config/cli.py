@@ -336,6 +336,19 @@ def _check_source_flags(a: argparse.Namespace, source: str) -> None:
         raise UsageError("--concepts does not apply to --source synthetic: its concepts are the true features")
 
 
+def _check_ray_resources(study: StudyConfig, device: str) -> None:
+    """What each arm's task reserves must fit what it uses, in the units Ray takes."""
+    for flag, value in (("--cpus-per-arm", study.cpus_per_arm), ("--gpus-per-arm", study.gpus_per_arm)):
+        if round(value, 4) != value:
+            raise UsageError(f"{flag} {value:g}: Ray takes at most 4 decimal places")
+    if device.startswith("cuda:"):
+        raise UsageError(f"--device {device} with --executor ray: Ray gives each task its GPUs; use --device cuda")
+    if device == "cuda" and study.gpus_per_arm == 0:
+        raise UsageError("--device cuda with --executor ray needs --gpus-per-arm (1, or 0.5 for two arms on a GPU)")
+    if study.gpus_per_arm > 0 and device != "cuda":
+        raise UsageError(f"--gpus-per-arm reserves GPUs that --device {device} does not use; add --device cuda")
+
+
 def validate_static(cfg: RunConfig) -> None:
     """Checks that need no model; model-dependent ones (layer, hook, seq_len) happen at load."""
     flag, n, unit = (("--n-tokens", cfg.synthetic.n_tokens, "vectors") if cfg.data.source == "synthetic"
@@ -355,5 +368,7 @@ def validate_static(cfg: RunConfig) -> None:
                          f"not a study folder")
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", cfg.train.device):
         raise UsageError(f"unknown --device {cfg.train.device!r}; use cpu, cuda or cuda:N")
+    if cfg.study.executor == "ray":
+        _check_ray_resources(cfg.study, cfg.train.device)
     if cfg.probes.concepts is not None and not Path(cfg.probes.concepts).is_file():
         raise UsageError(f"--concepts {cfg.probes.concepts}: no such file")

@@ -135,7 +135,7 @@ def parse_layers(value, where: str) -> list[int] | int | str:
         return value
     layers = []
     for item in _items(value, where):
-        if isinstance(item, (bool, float)) or not str(item).isdigit():
+        if isinstance(item, (bool, float)) or not (str(item).isascii() and str(item).isdigit()):
             raise UsageError(f"{where} takes layers (integers >= 0, comma-separated) or all, "
                              f"got {str(item)!r}".lstrip())
         layers.append(int(item))

@@ -231,8 +231,14 @@ CASES = [
          "--ray-address 127.0.0.1:9: no Ray cluster answers there", runs=True),
     Case("ray-address-malformed", (*TINY, "--executor", "ray", "--ray-address", "headnode", "--study-id", "bad"),
          "--ray-address headnode: expected auto or HOST:PORT", runs=True),
-    Case("gpus-per-arm-without-gpu", (*TINY, "--executor", "ray", "--gpus-per-arm", "1", "--study-id", "bad"),
-         "--gpus-per-arm 1: the Ray cluster has 0 GPUs", runs=True),
+    Case("gpus-per-arm-on-cpu", ("--executor", "ray", "--gpus-per-arm", "1"),
+         "--gpus-per-arm reserves GPUs that --device cpu does not use; add --device cuda"),
+    Case("cuda-on-ray-without-gpus", ("--executor", "ray", "--device", "cuda"),
+         "--device cuda with --executor ray needs --gpus-per-arm"),
+    Case("cuda-index-on-ray", ("--executor", "ray", "--device", "cuda:1", "--gpus-per-arm", "1"),
+         "--device cuda:1 with --executor ray: Ray gives each task its GPUs; use --device cuda"),
+    Case("cpus-per-arm-too-fine", ("--executor", "ray", "--cpus-per-arm", "0.00001"),
+         "--cpus-per-arm 1e-05: Ray takes at most 4 decimal places"),
     Case("cpus-per-arm-beyond-every-node", (*TINY, "--executor", "ray", "--cpus-per-arm", "4096", "--study-id", "bad"),
          "--cpus-per-arm 4096: no node of the Ray cluster has that many CPUs", runs=True),
     Case("layer-list-beyond-model", (*TINY, "--layer", "0,1,3", "--study-id", "bad"),
@@ -403,3 +409,27 @@ def test_the_doc_lists_exactly_the_catalogue():
     table = DOC.read_text().split("## Catalogue", 1)[1].split("\n## ", 1)[0]
     documented = re.findall(r"^\| `([a-z0-9-]+)` \|", table, flags=re.MULTILINE)
     assert sorted(documented) == sorted(ids)
+
+
+def test_bad_input_found_after_training_began_keeps_the_study(tmp_path, monkeypatch):
+    """A usage error raised once an arm has started (a task on a Ray node that cannot read a file,
+    a disk that fills) leaves the new study's folder, resumable; one raised before any arm ran
+    leaves nothing."""
+    import experiments.studies.runner as runner
+    from config.cli import parse_args
+    from config.records import ArmRecord, StudyRecord
+    from config.schema import UsageError
+
+    def raising(status):
+        def run_locked(cfg, study_dir, stop):
+            arm = ArmRecord("a-1", "a", "topk", "auxk", ["activations"], status=status)
+            StudyRecord(study_dir.name, ["activations"], 0.0, "running", {}, [arm]).write(study_dir / "study.json")
+            raise UsageError("found late")
+        return run_locked
+
+    for status, kept in (("pending", False), ("running", True)):
+        monkeypatch.setattr(runner, "_run_locked", raising(status))
+        cfg = parse_args(["--checkpoint-dir", str(tmp_path), "--study-id", status])
+        with pytest.raises(UsageError, match="found late"):
+            runner.run_study(cfg, None)
+        assert (tmp_path / status).exists() == kept, status

@@ -17,7 +17,7 @@ import torch
 
 from run_experiments import main
 from tests.outcomes import assert_same_outcome
-from tests.test_end_to_end import ROOT
+from tests.test_end_to_end import ROOT, wandb_env  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 # A --quick emergence study made smaller still, with two architectures: probes, UMAP and features.
@@ -73,10 +73,17 @@ def on_ray(root, study_id: str, *extra: str, address: str | None = None) -> list
             "--cpus-per-arm", str(torch.get_num_threads()), *(["--ray-address", address] if address else []), *extra]
 
 
-def test_a_study_on_ray_equals_the_local_runner(local, capsys):
-    assert main(on_ray(local, "ray")) == 0  # on a Ray instance of its own
+def test_a_study_on_ray_equals_the_local_runner(local, wandb_env, monkeypatch, capsys):  # noqa: F811
+    """On a Ray instance of its own, with W&B offline: the tasks' runs are written beside the study
+    (on the shared storage) and join the driver's one `wandb sync` command."""
+    for name, value in wandb_env.items():
+        monkeypatch.setenv(name, value)
+    assert main(on_ray(local, "ray", "--use-wandb")) == 0
     out = capsys.readouterr().out
     assert "training 2 arms as Ray tasks" in out and "[2/2] gated-coef0.0084: complete" in out
+    sync = out.split("upload them with:\n  ", 1)[1]
+    arm_runs = sorted((local / "ray" / "wandb").glob("offline-run-*"))
+    assert len(arm_runs) == 2 and all(str(run) in sync for run in arm_runs)
     assert_same_outcome(local / "local", local / "ray")
     study = json.loads((local / "ray" / "study.json").read_text())
     assert study["status"] == "complete" and all(a["status"] == "complete" for a in study["arms"])

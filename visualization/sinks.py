@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from itertools import groupby
 from pathlib import Path
 
@@ -59,7 +60,8 @@ class ArmSinks:
         if self.wandb is not None:
             config = json.loads((arm_dir / "config.json").read_text())
             finite = {k: v if np.isfinite(v) else None for k, v in final.items()}  # W&B refuses NaN in metadata
-            self.wandb.log_model(f"sae-{arm_dir.name}", [arm_dir / "sae.safetensors", arm_dir / "config.json"],
+            self.wandb.log_model(artifact_name("sae", arm_dir.name),
+                                 [arm_dir / "sae.safetensors", arm_dir / "config.json"],
                                  {"arm": self.run_name, "study": self.group, "step": step, "tokens": tokens,
                                   "config": config, "final": finite}, ["final", f"step-{step}"])
 
@@ -67,10 +69,17 @@ class ArmSinks:
         """A checkpoint folder as the W&B artifact checkpoint-<arm folder> (with --wandb-checkpoints)."""
         if self.wandb is not None and self.checkpoints:
             files = sorted(p for p in path.iterdir() if p.is_file())
-            self.wandb.log_model(f"checkpoint-{path.parent.parent.name}", files,
+            self.wandb.log_model(artifact_name("checkpoint", path.parent.parent.name), files,
                                  {"arm": self.run_name, "study": self.group, "step": step, "tokens": tokens},
                                  [f"step-{step}"])
 
     def finish(self, summary: dict[str, float]) -> None:
         if self.wandb is not None:
             self.wandb.finish(summary)
+
+
+def artifact_name(kind: str, arm_folder: str) -> str:
+    """`<kind>-<arm folder>` in the characters W&B takes for an artifact name (an arm of a study
+    over several hook points is named `...@L1.resid_post`): sae-topk-k32@L1.resid_post-1a2b ->
+    sae-topk-k32-L1.resid_post-1a2b."""
+    return re.sub(r"[^A-Za-z0-9._-]", "-", f"{kind}-{arm_folder}")

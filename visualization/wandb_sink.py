@@ -251,6 +251,11 @@ class WandbSink:
         self.finish({})
         return run_id
 
+    @property
+    def offline_dirs(self) -> list[Path]:
+        """The folders of every run this sink and its siblings logged offline."""
+        return self._shared["offline_dirs"]
+
     def sync_command(self) -> str | None:
         """One shell command (continued over lines of at most 100 columns) that uploads every run
         this sink and its siblings logged offline; None when there were none."""

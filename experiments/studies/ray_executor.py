@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from config.records import StudyRecord
@@ -41,13 +43,13 @@ def connect(cfg: RunConfig) -> None:
     env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV)}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     where = f"--ray-address {s.ray_address}" if s.ray_address else "--executor ray"
-    if s.ray_address not in (None, "auto"):
+    if s.ray_address is not None:
         _check_reachable(s.ray_address)  # Ray itself retries an unreachable address for minutes
     # Ray's own notices (log level WARNING, e.g. about token authentication) stay off the terminal.
     quiet = {"log_to_driver": True, "logging_level": logging.ERROR, "runtime_env": {"env_vars": env}}
     try:
-        if s.ray_address is None:
-            ray.init(include_dashboard=False, **quiet)
+        if s.ray_address is None:  # "local": a new instance, never a cluster RAY_ADDRESS or /tmp/ray names
+            ray.init(address="local", include_dashboard=False, **quiet)
         else:
             ray.init(address=s.ray_address, **quiet)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, ValueError ...)
@@ -55,10 +57,11 @@ def connect(cfg: RunConfig) -> None:
         raise UsageError(f"{where}: cannot connect to Ray ({_first_line(err)})") from None
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
-    gpus = sum(n["Resources"].get("GPU", 0) for n in nodes)
-    if s.gpus_per_arm > 0 and gpus < s.gpus_per_arm:
+    gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
+    if s.gpus_per_arm > gpus:
         shutdown()
-        raise UsageError(f"--gpus-per-arm {s.gpus_per_arm:g}: the Ray cluster has {gpus:g} GPUs")
+        raise UsageError(f"--gpus-per-arm {s.gpus_per_arm:g}: no node of the Ray cluster has that many GPUs "
+                         f"(the most is {gpus:g})")
     if s.cpus_per_arm > cpus:
         shutdown()
         raise UsageError(f"--cpus-per-arm {s.cpus_per_arm:g}: no node of the Ray cluster has that many CPUs "
@@ -71,6 +74,12 @@ def connect(cfg: RunConfig) -> None:
 
 
 def _check_reachable(address: str) -> None:
+    if address == "auto":  # the cluster Ray would pick: RAY_ADDRESS, else the latest started on this machine
+        latest = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        address = os.environ.get("RAY_ADDRESS") or (latest.read_text().strip() if latest.exists() else "")
+        if not address:
+            raise UsageError("--ray-address auto: no Ray cluster runs on this machine (RAY_ADDRESS is not set); "
+                             "start one with ray start --head, or name it with --ray-address HOST:PORT")
     host, _, port = address.removeprefix("ray://").rpartition(":")
     if not host or not port.isdigit():
         raise UsageError(f"--ray-address {address}: expected auto or HOST:PORT (the head node's GCS port, 6379 "
@@ -113,9 +122,10 @@ def shutdown() -> None:
     ray.shutdown()
 
 
-def train_on_ray(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list, stop: StopFlag) -> bool:
-    """Train the study's unfinished arms as Ray tasks, recording each outcome in study.json as it
-    arrives. True when an arm failed."""
+def train_on_ray(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list, steps: dict[str, int], wandb,
+                 stop: StopFlag) -> bool:
+    """Train the study's unfinished arms (`steps`: each arm's steps in all) as Ray tasks, recording
+    each outcome in study.json as it arrives. True when an arm failed."""
     import ray
 
     from experiments.studies.runner import arm_label, record_outcome
@@ -131,10 +141,11 @@ def train_on_ray(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: 
         return False
     task = ray.remote(num_cpus=s.cpus_per_arm, num_gpus=s.gpus_per_arm, max_retries=s.max_retries,
                       retry_exceptions=False)(_train_arm)
+    task_cfg = with_absolute_paths(cfg)
     pending = {}
     for p in todo:
-        record.arm(p.arm_id).status = "running"
-        pending[task.remote(cfg, str(study_dir), p.arm_id)] = p
+        record.arm(p.arm_id).status, record.arm(p.arm_id).steps_total = "running", steps[p.arm_id]
+        pending[task.remote(task_cfg, str(study_dir), p.arm_id)] = p
     record.write(study_dir / "study.json")
     print(f"training {len(todo)} arms as Ray tasks ({s.cpus_per_arm:g} CPUs"
           + (f", {s.gpus_per_arm:g} GPUs" if s.gpus_per_arm else "") + f" each; cluster: "
@@ -149,12 +160,12 @@ def train_on_ray(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: 
                     raise StopRequested(0, where="with each unfinished arm's last checkpoint kept")
                 for ref in done:
                     p = pending.pop(ref)
-                    settled = _outcome(ref, study_dir, p, s.max_retries)
+                    settled = _outcome(ref, study_dir, p, s.max_retries, wandb)
                     failed |= record_outcome(study_dir, record, p.arm_id, settled, index_of)
                     bar.update()
                     print(f"{arm_label(planned, p.arm_id)}: {settled['status']}"
                           + (f" ({settled['reason']})" if settled.get("reason") else ""), flush=True)
-    except (StopRequested, KeyboardInterrupt):
+    except (StopRequested, KeyboardInterrupt, UsageError, OSError):  # the others stop too, resumable
         for ref, p in pending.items():
             ray.cancel(ref, force=True)
             record.arm(p.arm_id).status = "interrupted"
@@ -165,16 +176,22 @@ def train_on_ray(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: 
     return failed
 
 
-def _outcome(ref, study_dir: Path, planned_arm, max_retries: int) -> dict:
-    """A finished task's outcome as study.json records it. A usage error or a full disk in the task
-    ends the study, as in a local run."""
+def _outcome(ref, study_dir: Path, planned_arm, max_retries: int, wandb) -> dict:
+    """A finished task's outcome as study.json records it (the runs it logged to W&B offline join the
+    driver's `wandb sync` command). A usage error or a full disk in the task ends the study, as in a
+    local run."""
     import ray
     from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
+    from experiments.studies.runner import ends_the_study
+
     try:
-        return ray.get(ref, timeout=60)
+        done = ray.get(ref, timeout=60)
+        if wandb is not None:
+            wandb.offline_dirs.extend(Path(d) for d in done["wandb_offline"])
+        return done["settled"]
     except RayTaskError as err:  # the task raised
-        if isinstance(err.cause, (UsageError, OSError)):
+        if ends_the_study(err.cause):
             raise err.cause from None
         return _lost(study_dir, planned_arm, err, f"{type(err.cause).__name__}: {_first_line(err.cause)}")
     except (RayError, GetTimeoutError) as err:
@@ -192,6 +209,18 @@ def _train_arm(cfg: RunConfig, study_dir: str, arm_id: str) -> dict:
         raise UsageError(f"study folder {study_dir} is not visible on Ray node {socket.gethostname()}")
     torch.set_num_threads(max(1, int(cfg.study.cpus_per_arm)))
     return train_arm_in_worker(cfg, Path(study_dir), arm_id)
+
+
+def with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """The settings a task gets: the files they name (--dataset, --concepts) absolute, since a task
+    runs in whatever folder its node's Ray started in. The driver keeps the paths as given (they are
+    among the settings --resume matches); the activations' identity holds the text's hash, not its
+    path. (A local --model-name folder is part of the model's identity: give it as an absolute path.)"""
+    def absolute(path: str | None) -> str | None:
+        return str(Path(path).resolve()) if path is not None else None
+
+    return replace(cfg, data=replace(cfg.data, dataset=absolute(cfg.data.dataset)),
+                   probes=replace(cfg.probes, concepts=absolute(cfg.probes.concepts)))
 
 
 def _lost(study_dir: Path, planned_arm, err: Exception, reason: str) -> dict:

@@ -249,13 +249,27 @@ def _run_in(cfg: RunConfig, root: Path, stop: StopFlag) -> int:
         with StudyLock(study_dir):
             return _run_locked(cfg, study_dir, stop)
     except UsageError:
-        if created:  # bad input found after the folder was made: leave nothing behind
+        if created and not _training_began(study_dir):  # bad input found before any arm ran: leave nothing
             shutil.rmtree(study_dir, ignore_errors=True)
         raise
     except OSError as err:
         if err.errno not in OUT_OF_SPACE:
             raise
         raise OutOfSpace(study_dir.name, err) from None
+
+
+def _training_began(study_dir: Path) -> bool:
+    """Whether an arm of the study has started (its folder then holds results to keep, resumable)."""
+    try:
+        return any(a.status != "pending" for a in StudyRecord.read(study_dir / "study.json", "").arms)
+    except (UsageError, OSError):
+        return False
+
+
+def ends_the_study(err: BaseException) -> bool:
+    """A usage error or a full disk in an arm ends the study (resumable); any other error fails only
+    the arm."""
+    return isinstance(err, UsageError) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE)
 
 
 def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
@@ -280,7 +294,9 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
         if cfg.study.executor == "ray":
             from experiments.studies.ray_executor import train_on_ray
 
-            failed = train_on_ray(cfg, study_dir, record, planned, stop)
+            at_hook = {s.hook: s.cache for s in sources}
+            steps = {p.arm_id: total_steps(p.spec.train, at_hook[p.hook]) for p in planned}
+            failed = train_on_ray(cfg, study_dir, record, planned, steps, wandb, stop)
         else:
             trainers = _build_trainers(cfg, study_dir, record, planned, sources, wandb, stop)
             failed = _train(cfg, study_dir, record, planned, trainers, stop)
@@ -294,12 +310,12 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     return _write_outputs(study_dir, record, failed, wandb, _shared_config(cfg))
 
 
-def _wandb_sink(cfg: RunConfig):
+def _wandb_sink(cfg: RunConfig, root_dir: Path | None = None):
     if not cfg.log.use_wandb:
         return None
     from visualization.wandb_sink import WandbSink
 
-    return WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode,
+    return WandbSink(project=cfg.log.wandb_project, mode=cfg.log.wandb_mode, root_dir=root_dir,
                      after_log=lambda: faults.reached("wandb-log"))
 
 
@@ -318,9 +334,14 @@ def train_arm_in_worker(cfg: RunConfig, study_dir: Path, arm_id: str) -> dict:
     with contextlib.redirect_stdout(io.StringIO()):  # what opening says about the data, the driver has said
         sources = _open_sources(cfg, study_dir, stop)
     planned = [p for p in plan_arms(cfg, sources) if p.arm_id == arm_id]
-    trainers = _build_trainers(cfg, study_dir, record, planned, sources, _wandb_sink(cfg), stop)
+    if not planned:
+        raise RuntimeError(f"arm {arm_id} is not one this worker plans from the study's settings (another "
+                           f"version of the harness, or another subject model, on this node?)")
+    wandb = _wandb_sink(cfg, root_dir=study_dir)  # the runs' files on the shared storage, beside the study
+    trainers = _build_trainers(cfg, study_dir, record, planned, sources, wandb, stop)
     (outcome,) = train_arms(trainers, True, stop, {arm_id: planned[0].name})
-    return _settled(outcome, study_dir, planned[0].name)
+    offline = wandb.offline_dirs if wandb is not None else []
+    return {"settled": _settled(outcome, study_dir, planned[0].name), "wandb_offline": [str(d) for d in offline]}
 
 
 def _open_sources(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> list[OpenedSource]:
@@ -338,7 +359,7 @@ def _measure_baselines(study_dir: Path, source: OpenedSource) -> None:
     """The concept baselines on the raw activations at the source's hook point that the emergence
     study reads the latents' scores against; measured once per study (a resumed study reads them back)."""
     path = baselines_file(study_dir, source.hook)
-    if path.exists():
+    if read_baselines(study_dir, source.hook) is not None:  # measured already (by an older version: baselines.npz)
         return
     data = source.concepts()
     if not len(data.concepts):
@@ -358,6 +379,8 @@ def _record_plan(record: StudyRecord, planned: list[PlannedArm], sources: list[O
     of the report needs to know about the data and the code each run of the study used."""
     previous, d_in = {a.arm_id: a for a in record.arms}, {s.hook: s.cache.d_in for s in sources}
     record.arms = [previous.get(p.arm_id) or p.record(d_in[p.hook]) for p in planned]
+    for arm, p in zip(record.arms, planned):
+        arm.hook = p.hook  # also on arms recorded before study.json named it
     commits = record.setup.get("commits", [])
     record.setup = {"hooks": {s.hook: {"cache": str(s.cache.path), "d_in": s.cache.d_in,
                                        "train_tokens": s.cache.n_train_rows, "eval_tokens": s.cache.n_eval_rows,
@@ -467,7 +490,7 @@ def _failure(outcome, study_dir: Path, name: str) -> str:
     """Why an arm failed, in one line. A usage error or a full disk ends the study (resumable); any other
     error fails this arm only, with its traceback in error.txt, and the others carry on."""
     err = outcome.error
-    if isinstance(err, UsageError) or (isinstance(err, OSError) and err.errno in OUT_OF_SPACE):
+    if ends_the_study(err):
         raise err
     reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     error_file = study_dir / outcome.arm_id / "error.txt"

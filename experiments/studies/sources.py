@@ -103,8 +103,8 @@ class TransformerSource:
     def describe(record: StudyRecord) -> list[list[str]]:
         """The report's setup rows that say what the activations were."""
         data, hooks = record.spec["data"], record.hooks
-        named = ", ".join(f"`{hook}`" for hook in hooks) if hooks else (
-            data.get("hook_point") or f"layer {data['layer']} {data['hook']}")
+        recorded = list(hooks) or [data.get("hook_point") or f"layer {data['layer']} {data['hook']}"]
+        named = ", ".join(f"`{hook}`" for hook in recorded)
         d_in = sorted({info["d_in"] for info in hooks.values() if "d_in" in info})
         return [["subject model", f"{data['model_name']}, {'hook points ' if len(hooks) > 1 else ''}{named}"
                                   + (f" (d_in {', '.join(map(str, d_in))})" if d_in else "")],
