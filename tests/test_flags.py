@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from run_experiments import main
+from experiments.eval.features import load_features
 from tests.test_end_to_end import raw_topk_eval
 from visualization.local_sink import MetricsCSV
 
@@ -290,3 +291,15 @@ def test_lockstep_arms_equal_sequential_arms(ckpt, capsys):
         w = [load_file(str(d / "sae.safetensors")) for d in dirs]
         assert all(torch.equal(w[0][k], w[1][k]) for k in w[0])
         assert (dirs[0] / "metrics.csv").read_text() == (dirs[1] / "metrics.csv").read_text()
+
+
+def test_a_hook_point_narrower_than_the_residual_stream_gets_its_latents_described(ckpt):
+    """tinylm's MLP hidden layer (512 wide, the residual stream 128): the feature analysis leaves
+    out the direct logit effect, which needs decoder rows in the residual stream, and keeps the rest."""
+    assert main([*BASE, "--hook-point", "blocks.0.mlp.hook_post", "--checkpoint-dir", str(ckpt),
+                 "--study-id", "mlp"]) == 0
+    (arm,) = json.loads((ckpt / "mlp" / "summary.json").read_text())["arms"]
+    features = load_features(ckpt / "mlp" / arm["arm_id"])
+    d_sae = 2 * 512  # --expansion-factor 2
+    assert features.arrays["top_acts"].shape[0] == d_sae and "logit_top_ids" not in features.arrays
+    assert len(features.labels) == d_sae

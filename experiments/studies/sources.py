@@ -91,7 +91,10 @@ class TransformerSource:
     @staticmethod
     def _opened(cfg: RunConfig, model, hook_name: str, cache: ActivationCache, data_spec: dict,
                 concepts: Callable[[], ConceptData]) -> OpenedSource:
-        features = partial(_token_features, cache=cache, unembed=model.bridge.W_U,
+        # The direct logit effect W_dec · W_U needs decoder rows in the residual stream's width (not,
+        # e.g., an MLP's hidden layer): elsewhere the feature analysis leaves it out.
+        unembed = model.bridge.W_U if model.bridge.W_U.shape[0] == cache.d_in else None
+        features = partial(_token_features, cache=cache, unembed=unembed,
                            decode=model.token_text, concepts=concepts, bar=bars(cfg))
         about = {"source": "transformer", "model_name": model.name, "model_fingerprint": model.fingerprint,
                  "hook_name": hook_name, "d_in": cache.d_in, "context_size": cfg.data.seq_len, "prepend_bos": True,
