@@ -185,12 +185,15 @@ class DataConfig:
     def __post_init__(self) -> None:
         validate_fields(self)
 
+    def layers(self, n_layers: int) -> list[int]:
+        """The --layer blocks of a model with n_layers (all of them for "all")."""
+        return list(range(n_layers)) if self.layer == "all" else _as_list(self.layer)
+
     def hook_names(self, n_layers: int) -> list[str]:
         """The hook points to read, in order: --hook-point's, or every --hook of every --layer."""
         if self.hook_point is not None:
             return _as_list(self.hook_point)
-        layers = range(n_layers) if self.layer == "all" else _as_list(self.layer)
-        return [f"blocks.{layer}.hook_{hook}" for layer in layers for hook in _as_list(self.hook)]
+        return [f"blocks.{layer}.hook_{hook}" for layer in self.layers(n_layers) for hook in _as_list(self.hook)]
 
 
 @dataclass

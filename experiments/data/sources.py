@@ -104,9 +104,8 @@ def load_subject_model(data: DataConfig, models_dir: Path, device: str = "cpu", 
 
 def resolve_hooks(model: SubjectModel, data: DataConfig) -> list[str]:
     """The hook names to read, checked against the model's hooks and layers."""
-    if data.hook_point is None and data.layer != "all":
-        beyond = [layer for layer in (data.layer if isinstance(data.layer, list) else [data.layer])
-                  if layer >= model.n_layers]
+    if data.hook_point is None:
+        beyond = [layer for layer in data.layers(model.n_layers) if layer >= model.n_layers]
         if beyond:
             raise UsageError(f"--layer {beyond[0]} is beyond the model: {model.name} has layers "
                              f"0..{model.n_layers - 1}")

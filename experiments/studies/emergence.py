@@ -75,7 +75,7 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
     kept = [replace(a, evals=[e for e in a.evals if len(e["single_f1"]) == len(names)]) for a in scored]
     dropped = sum(len(a.evals) for a in scored) - sum(len(a.evals) for a in kept)
     scored = [a for a in kept if a.evals]
-    base = _aligned(study.baselines, names)
+    base = aligned_baselines(study.baselines, names)
     curves, final_scores, per_arm, summary_arms = {}, {}, {}, []
     cat = [i for i, kind in enumerate(kinds) if kind == "category"]
     word = [i for i, kind in enumerate(kinds) if kind == "word"]
@@ -137,7 +137,7 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
         f"latent / {k}-sparse probe",
         ["arm", "categories (one latent)", "categories (probe)", "words (one latent)", "words (probe)",
          "median best cat. F1 (one latent)", "median best cat. F1 (probe)"], rows)
-    levels = _baseline_levels(base, kinds) if base else None
+    levels = baseline_levels(base, kinds) if base else None
     if base:
         res.tables["ceiling"] = _ceiling_table(scored, final_scores, base, levels, kinds, label, k)
     res.tables["categories"] = Table(
@@ -218,7 +218,7 @@ def concept_emergence(arms: list[ArmData], study: StudyInputs) -> StudyResult:
     return res
 
 
-def _aligned(baselines: dict | None, names: list[str]) -> dict[str, np.ndarray] | None:
+def aligned_baselines(baselines: dict | None, names: list[str]) -> dict[str, np.ndarray] | None:
     """The study's baselines in the order of the scored concepts; None where the study has none
     (measured since issue 21) or they do not cover every concept."""
     if baselines is None:
@@ -230,7 +230,7 @@ def _aligned(baselines: dict | None, names: list[str]) -> dict[str, np.ndarray] 
     return {key: baselines[key][order] for key in ("dense_f1", "neuron_f1", "neuron", "neuron_sign")}
 
 
-def _baseline_levels(base: dict[str, np.ndarray], kinds: list[str]) -> dict[str, dict[str, float]]:
+def baseline_levels(base: dict[str, np.ndarray], kinds: list[str]) -> dict[str, dict[str, float]]:
     """kind -> the median dense-probe and best-raw-neuron F1 over the concepts of that kind."""
     dense, neuron = median_by_kind(kinds, base["dense_f1"][None]), median_by_kind(kinds, base["neuron_f1"][None])
     return {kind: {"dense": float(dense[kind][0]), "neuron": float(neuron[kind][0])} for kind in dense}

@@ -9,7 +9,7 @@ from functools import partial
 import numpy as np
 
 from config.records import hook_label
-from experiments.studies.emergence import median_by_kind
+from experiments.studies.emergence import aligned_baselines, baseline_levels, median_by_kind
 from experiments.studies.results import ArmData, StudyInputs, StudyResult, Table, rounded
 from visualization import study_plots
 
@@ -35,20 +35,6 @@ def _concept_medians(arm: ArmData) -> dict[str, float]:
     return {kind: float(m[0]) for kind, m in median_by_kind(kinds, arm.evals[-1]["single_f1"][None]).items()}
 
 
-def _baseline_medians(inputs: StudyInputs, names: list[str], kinds: list[str]) -> dict[str, dict[str, float]]:
-    """kind -> {"dense", "neuron"}: the medians of the baselines at a hook point, over the concepts scored."""
-    base = inputs.baselines
-    if base is None:
-        return {}
-    row = {str(n): i for i, n in enumerate(base["names"])}
-    if not all(n in row for n in names):
-        return {}
-    idx = np.array([row[n] for n in names])
-    dense = median_by_kind(kinds, base["dense_f1"][idx][None])
-    neuron = median_by_kind(kinds, base["neuron_f1"][idx][None])
-    return {kind: {"dense": float(dense[kind][0]), "neuron": float(neuron[kind][0])} for kind in dense}
-
-
 def analyse(groups: list[tuple[str, list[ArmData], StudyInputs]]) -> StudyResult:
     """groups: (hook point, its arms, its inputs) in the study's order."""
     res = StudyResult("hook-points", "How do the SAEs, and the concepts their latents isolate, change from one hook "
@@ -72,12 +58,12 @@ def analyse(groups: list[tuple[str, list[ArmData], StudyInputs]]) -> StudyResult
                                                         "best single latent" if kinds else ""),
         ["arm", "hook point", *(METRICS[m] for m in metrics), *(["F1 " + " / ".join(KINDS[k] for k in kinds)] if kinds
                                                                 else [])], rows)
-    baselines = {}
+    baselines = {}  # hook label -> kind -> {"dense", "neuron"}, where the hook point's baselines cover its concepts
     for hook, arms, inputs in groups:
         scored = next((a for a in arms if a.concepts and a.concepts.get("names")), None)
-        if scored is not None:
-            baselines[labels[hook]] = _baseline_medians(inputs, scored.concepts["names"], scored.concepts["kinds"])
-    baselines = {hook: b for hook, b in baselines.items() if b}
+        base = aligned_baselines(inputs.baselines, scored.concepts["names"]) if scored is not None else None
+        if base:
+            baselines[labels[hook]] = baseline_levels(base, scored.concepts["kinds"])
     if baselines:
         res.tables["baselines"] = Table(
             "What the raw activations hold at each hook point: median held-out F1 of a dense probe (the ceiling) "

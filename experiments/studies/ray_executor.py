@@ -55,20 +55,24 @@ def connect(cfg: RunConfig) -> None:
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, ValueError ...)
         ray.shutdown()
         raise UsageError(f"{where}: cannot connect to Ray ({_first_line(err)})") from None
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    cpus = max((n["Resources"].get("CPU", 0) for n in nodes), default=0)
-    gpus = max((n["Resources"].get("GPU", 0) for n in nodes), default=0)
-    if s.gpus_per_arm > gpus:
-        shutdown()
-        raise UsageError(f"--gpus-per-arm {s.gpus_per_arm:g}: no node of the Ray cluster has that many GPUs "
-                         f"(the most is {gpus:g})")
-    if s.cpus_per_arm > cpus:
-        shutdown()
-        raise UsageError(f"--cpus-per-arm {s.cpus_per_arm:g}: no node of the Ray cluster has that many CPUs "
-                         f"(the most is {cpus:g})")
+    try:
+        _check_cluster(cfg, [n for n in ray.nodes() if n.get("Alive")])
+    except UsageError:
+        ray.shutdown()
+        raise
+
+
+def _check_cluster(cfg: RunConfig, nodes: list[dict]) -> None:
+    """UsageError where the cluster cannot run the study's arms or some node cannot see --checkpoint-dir."""
+    s = cfg.study
+    for flag, wanted, resource in (("--gpus-per-arm", s.gpus_per_arm, "GPU"),
+                                   ("--cpus-per-arm", s.cpus_per_arm, "CPU")):
+        most = max((n["Resources"].get(resource, 0) for n in nodes), default=0)
+        if wanted > most:
+            raise UsageError(f"{flag} {wanted:g}: no node of the Ray cluster has that many {resource}s "
+                             f"(the most is {most:g})")
     blind = nodes_not_seeing(Path(cfg.log.checkpoint_dir).resolve(), nodes)
     if blind:
-        shutdown()
         raise UsageError(f"--checkpoint-dir {cfg.log.checkpoint_dir}: Ray node {blind[0]} cannot see it; put it on "
                          f"storage every node mounts at the same path")
 
@@ -128,15 +132,12 @@ def train_on_ray(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: 
     each outcome in study.json as it arrives. True when an arm failed."""
     import ray
 
-    from experiments.studies.runner import arm_label, record_outcome
+    from experiments.studies.runner import arm_label, record_outcome, unfinished
     from experiments.studies.sources import bars
 
     s = cfg.study
     index_of = {p.arm_id: i for i, p in enumerate(planned)}
-    todo = [p for p in planned if record.arm(p.arm_id).status != "complete"]
-    for p in planned:
-        if p not in todo:
-            print(f"arm {p.name} ({p.arm_id}) already complete; skipped")
+    todo = unfinished(record, planned)
     if not todo:
         return False
     task = ray.remote(num_cpus=s.cpus_per_arm, num_gpus=s.gpus_per_arm, max_retries=s.max_retries,

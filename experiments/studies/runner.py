@@ -388,6 +388,14 @@ def _record_plan(record: StudyRecord, planned: list[PlannedArm], sources: list[O
                     "commits": commits + [c for c in [code_commit()] if c not in commits]}
 
 
+def unfinished(record: StudyRecord, planned: list[PlannedArm]) -> list[PlannedArm]:
+    """The planned arms not yet complete; those that are, a line each saying they are skipped."""
+    for p in planned:
+        if record.arm(p.arm_id).status == "complete":
+            print(f"arm {p.name} ({p.arm_id}) already complete; skipped")
+    return [p for p in planned if record.arm(p.arm_id).status != "complete"]
+
+
 def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[PlannedArm],
                     sources: list[OpenedSource], wandb, stop: StopFlag) -> dict[str, Trainer]:
     """A trainer per arm of `planned` not yet complete, in plan order, with its sinks and the probes its
@@ -395,12 +403,9 @@ def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planne
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
     at_hook, shared_config = {s.hook: s for s in sources}, _shared_config(cfg)
     trainers: dict[str, Trainer] = {}
-    for p in planned:
+    for p in unfinished(record, planned):
         spec, source = p.spec, at_hook[p.hook]
         cache, ctx, scale = source.cache, source.ctx, source.scale
-        if record.arm(p.arm_id).status == "complete":
-            print(f"arm {p.name} ({p.arm_id}) already complete; skipped")
-            continue
         concept_data = source.concepts() if needs_concepts and source.concepts is not None else None
         arm_dir = study_dir / p.arm_id
         run_config = {**shared_config, **flatten({"sae": asdict(spec.sae), "train": asdict(spec.train)}),
