@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from models.tinylm.model import SPEC_ENV
+from tests.forked import run_forked
 from tests.wandb_readback import read_offline_runs
 
 pytestmark = pytest.mark.slow  # real subprocess runs; about a minute together
@@ -69,8 +70,8 @@ def raw_topk_eval(cache: Path, arm_dir: Path) -> tuple[float, float, float]:
 
 def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     start = time.time()
-    out = run(["--study", "activations", "--activation", "topk", "--use-wandb", "--wandb-checkpoints", "--quick",
-               "--checkpoint-dir", str(ckpt), "--study-id", "q"], env=wandb_env)
+    out = run_forked(["--study", "activations", "--activation", "topk", "--use-wandb", "--wandb-checkpoints", "--quick",
+                      "--checkpoint-dir", str(ckpt), "--study-id", "q"], env=wandb_env)
     seconds = time.time() - start
     assert out.returncode == 0, out.stderr[-3000:]
     s = summary(ckpt / "q")
@@ -161,7 +162,7 @@ def test_sigint_and_sigterm_save_a_checkpoint_and_say_how_to_resume(ckpt):
         assert not (ckpt / "t" / ".lock").exists()
         stopped_at.append(arm["steps"])
         if len(stopped_at) == 1:  # a report of the interrupted study says what state it is in
-            report = run(["--report", "t", "--checkpoint-dir", str(ckpt)])
+            report = run_forked(["--report", "t", "--checkpoint-dir", str(ckpt)])
             assert report.returncode == 0, report.stderr[-2000:]
             text = (ckpt / "t" / "report" / "report.md").read_text()
             assert "Status: **interrupted**" in text

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from run_experiments import main
+from tests.forked import run_forked
 from tests.outcomes import assert_same_outcome
 from tests.test_end_to_end import ROOT, wandb_env  # noqa: F401  (fixture)
 
@@ -107,15 +108,11 @@ def test_a_worker_killed_mid_arm_is_retried_from_its_checkpoint(local, cluster, 
 def test_a_study_whose_driver_was_killed_resumes_on_ray(local, cluster):
     """The driver SIGKILLed once its first arm is recorded complete (Ray stops the driver's other
     task with it); --resume on Ray skips the finished arm and ends with the local run's results."""
-    env = {**os.environ, "SAE_FAULT": "arm-done:1"}
-    killed = subprocess.run([sys.executable, "run_experiments.py", *on_ray(local, "killed-driver", address=cluster)],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    killed = run_forked(on_ray(local, "killed-driver", address=cluster), env={**os.environ, "SAE_FAULT": "arm-done:1"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     arms = json.loads((local / "killed-driver" / "study.json").read_text())["arms"]
     assert sorted(a["status"] for a in arms) == ["complete", "running"]
-    resumed = subprocess.run([sys.executable, "run_experiments.py",
-                              *on_ray(local, "killed-driver", "--resume", address=cluster)],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    resumed = run_forked(on_ray(local, "killed-driver", "--resume", address=cluster))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "already complete; skipped" in resumed.stdout
     assert_same_outcome(local / "local", local / "killed-driver")

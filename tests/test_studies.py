@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_end_to_end import ckpt, run, summary, wandb_env  # noqa: F401  (fixtures)
+from tests.forked import run_forked
+from tests.test_end_to_end import ckpt, summary, wandb_env  # noqa: F401  (fixtures)
 from run_experiments import main
 from config.schema import UsageError
 from experiments.arms import TrainedArm
@@ -31,7 +32,7 @@ STUDIES = ("activations", "emergence", "frequency", "resampling")
 
 
 def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_env, capsys):  # noqa: F811
-    out = run([*SMALL, "--checkpoint-dir", str(ckpt), "--study-id", "all", "--use-wandb"], env=wandb_env)
+    out = run_forked([*SMALL, "--checkpoint-dir", str(ckpt), "--study-id", "all", "--use-wandb"], env=wandb_env)
     assert out.returncode == 0, out.stderr[-3000:]
     study_dir = ckpt / "all"
     s = summary(study_dir)
@@ -242,7 +243,7 @@ def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(tmp_path, tiny
     chain = [*args, "--use-wandb", "--checkpoint-dir", str(roots["chain"])]
     study = roots["chain"] / "s"
     for i, (point, _) in enumerate(KILLS):
-        killed = run(chain + (["--resume"] if i else []), env={**wandb_env, "SAE_FAULT": point})
+        killed = run_forked(chain + (["--resume"] if i else []), env={**wandb_env, "SAE_FAULT": point})
         assert killed.returncode == -signal.SIGKILL, (point, killed.stderr[-3000:])
         assert json.loads((study / "study.json").read_text())["status"] == "running", point
         assert not (study / "summary.json").exists(), point
@@ -268,7 +269,7 @@ def test_killed_anywhere_then_resumed_equals_an_uninterrupted_run(tmp_path, tiny
             assert "unusable" in killed.stderr and "step-00000020" in killed.stderr
         if i == 5:
             assert "corrupt" in killed.stdout and "rebuilding" in killed.stdout
-    done = run([*chain, "--resume"], env=wandb_env)
+    done = run_forked([*chain, "--resume"], env=wandb_env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "already complete; skipped" in done.stdout
 

@@ -14,7 +14,8 @@ from experiments.data import activation_cache as ac
 from experiments.data.synthetic import CODE_FILES, SyntheticTruth, SyntheticWriter, ToyModel
 from experiments.train.trainer import EvalContext, build_arm_sae, evaluate
 from config.schema import SAEArmConfig, TrainConfig
-from tests.test_end_to_end import run, summary, wandb_env  # noqa: F401  (fixture)
+from tests.forked import run_forked
+from tests.test_end_to_end import summary, wandb_env  # noqa: F401  (fixture)
 from tests.wandb_readback import read_offline_runs
 
 SMALL = SyntheticConfig(n_features=24, d_in=8, n_tokens=40_000, mean_l0=2.0)
@@ -231,11 +232,11 @@ def test_emergence_on_a_small_toy_logs_features_and_recovers_them(tmp_path, wand
     ckpt = tmp_path / "ck"
     config = tmp_path / "no-umap.yaml"
     config.write_text("probes: {umap_evals: 0}\n")  # UMAP on synthetic decoders is covered in-process above
-    out = run(["--source", "synthetic", "--study", "emergence", "--use-wandb", "--activation", "topk",
-               "--n-features", "32", "--d-in", "16", "--mean-l0", "2", "--n-tokens", "65536", "--hidden-dim", "32",
-               "--k", "2", "--batch-size", "256", "--steps", "600", "--lr", "0.01",
-               "--config", str(config), "--checkpoint-dir", str(ckpt), "--study-id", "syn", "--no-progress"],
-              env=wandb_env)
+    out = run_forked(["--source", "synthetic", "--study", "emergence", "--use-wandb", "--activation", "topk",
+                      "--n-features", "32", "--d-in", "16", "--mean-l0", "2", "--n-tokens", "65536", "--hidden-dim",
+                      "32", "--k", "2", "--batch-size", "256", "--steps", "600", "--lr", "0.01",
+                      "--config", str(config), "--checkpoint-dir", str(ckpt), "--study-id", "syn", "--no-progress"],
+                     env=wandb_env)
     assert out.returncode == 0, out.stderr[-3000:]
     s = summary(ckpt / "syn")
     topk = next(a for a in s["arms"] if a["architecture"] == "topk")
