@@ -28,6 +28,8 @@ from experiments.explorer import Explorer  # noqa: E402
 from experiments.explorer.app import create_app  # noqa: E402
 from experiments.explorer.core import MAX_NEW_TOKENS  # noqa: E402
 
+# Every test reads the module's studies: one xdist worker (`--dist loadgroup`) trains them once.
+pytestmark = pytest.mark.xdist_group("explorer-studies")
 ROOT = Path(__file__).resolve().parents[1]
 ARM = "topk-k8"  # TINY's one arm
 TOY_ARM = "topk-k5"

@@ -21,6 +21,8 @@ from tests.outcomes import assert_same_outcome
 from tests.test_end_to_end import ROOT, wandb_env  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
+# The tests of the study `local` run on one xdist worker (`--dist loadgroup`), which builds it once.
+on_local_study = pytest.mark.xdist_group("ray-local-study")
 # A --quick emergence study made smaller still, with two architectures: probes, UMAP and features.
 # 60 steps, so that a checkpoint (every 40 under --quick) falls mid-arm.
 SMALL = ["--quick", "--study", "emergence", "--activation", "topk,gated", "--n-samples", "64", "--seq-len", "33",
@@ -74,6 +76,7 @@ def on_ray(root, study_id: str, *extra: str, address: str | None = None) -> list
             "--cpus-per-arm", str(torch.get_num_threads()), *(["--ray-address", address] if address else []), *extra]
 
 
+@on_local_study
 def test_a_study_on_ray_equals_the_local_runner(local, wandb_env, monkeypatch, capsys):  # noqa: F811
     """On a Ray instance of its own, with W&B offline: the tasks' runs are written beside the study
     (on the shared storage) and join the driver's one `wandb sync` command."""
@@ -90,6 +93,7 @@ def test_a_study_on_ray_equals_the_local_runner(local, wandb_env, monkeypatch, c
     assert study["status"] == "complete" and all(a["status"] == "complete" for a in study["arms"])
 
 
+@on_local_study
 def test_a_worker_killed_mid_arm_is_retried_from_its_checkpoint(local, cluster, tmp_path, monkeypatch, capfd):
     """The worker training topk is SIGKILLed at step 50, after its checkpoint at step 40 (once: the
     retry passes the point); Ray starts the task again, it resumes at step 40, and the study ends
@@ -105,6 +109,7 @@ def test_a_worker_killed_mid_arm_is_retried_from_its_checkpoint(local, cluster, 
     assert f"resuming {topk} at step 40 of 60" in capfd.readouterr().out  # the retry, from the checkpoint
 
 
+@on_local_study
 def test_a_study_whose_driver_was_killed_resumes_on_ray(local, cluster):
     """The driver SIGKILLed once its first arm is recorded complete (Ray stops the driver's other
     task with it); --resume on Ray skips the finished arm and ends with the local run's results."""
@@ -118,6 +123,7 @@ def test_a_study_whose_driver_was_killed_resumes_on_ray(local, cluster):
     assert_same_outcome(local / "local", local / "killed-driver")
 
 
+@on_local_study
 def test_an_arm_whose_worker_keeps_dying_is_recorded_failed_and_the_study_goes_on(local, cluster, monkeypatch):
     monkeypatch.setenv("SAE_FAULT", "step:5")  # every attempt of every arm dies at step 5
     assert main(on_ray(local, "dying", "--activation", "topk", "--max-retries", "1", address=cluster)) == 1
