@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                      # all architectures, both shape sets
     python benchmarks/bench_train.py --shapes tinylm --architectures topk,relu
+    python benchmarks/bench_train.py --device cuda --shapes gpu    # 768x24576 and 2304x65536 on a GPU
 
 Each row times the harness's real training step (`Trainer.train_step`: the batch read from an
 in-memory activation cache, loss, backward, gradient projection, clipping, Adam, decoder
@@ -35,16 +36,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.schema import SAEArmConfig, TrainConfig  # noqa: E402
+from config.schema import SAEArmConfig, TrainConfig, UsageError  # noqa: E402
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.data.activation_cache import ActivationCache  # noqa: E402
-from experiments.train.trainer import EvalContext, StopFlag, Trainer  # noqa: E402
+from experiments.train.trainer import EvalContext, StopFlag, Trainer, use_fast_matmuls  # noqa: E402
+from experiments.studies.runner import check_device  # noqa: E402
 from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 
 SHAPES = {  # name: [(d_in, d_sae, batch)]
     "paper": [(768, 6144, 4096), (768, 24576, 4096)],
     "tinylm": [(128, 1024, 1024)],
+    "gpu": [(768, 24576, 4096), (2304, 65536, 4096)],  # GPT-2 small and Gemma-2-2B widths
 }
 
 
@@ -56,12 +59,12 @@ def in_memory_cache(d_in: int, rows: int, seed: int = 0) -> ActivationCache:
 
 @contextmanager
 def trainer_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int,
-                 training_path: str | None = None) -> Iterator[Callable[[], object]]:
+                 training_path: str | None = None, device: str = "cpu") -> Iterator[Callable[[], object]]:
     """`Trainer.train_step` for these shapes on an in-memory cache, to be called steps + 1 times.
     `training_path` forces the TopK family's sparse or dense path (default: its own choice)."""
     cache = in_memory_cache(d_in, batch * (steps + 1))
     sae_cfg = SAEArmConfig.for_architecture(arch, hidden_dim=d_sae, **({"k": k} if "k" in ARCHITECTURE_DEFAULTS[arch] else {}))
-    cfg = TrainConfig(batch_size=batch, steps=steps + 1, warmup_steps=1)
+    cfg = TrainConfig(batch_size=batch, steps=steps + 1, warmup_steps=1, device=device)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(Path(tmp), sae_cfg, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag())
         trainer.sae.train()
@@ -70,19 +73,27 @@ def trainer_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: in
         yield trainer.train_step
 
 
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so a wall-clock interval holds all of it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 def time_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int,
-              training_path: str | None = None) -> list[float]:
-    with trainer_step(arch, d_in, d_sae, batch, steps, k, training_path) as step:
+              training_path: str | None = None, device: str = "cpu") -> list[float]:
+    with trainer_step(arch, d_in, d_sae, batch, steps, k, training_path, device) as step:
         step()  # warm-up: allocator, thread pool, first Adam state
         times = []
         for _ in range(steps):
+            synchronize(device)
             start = time.perf_counter()
             step()
+            synchronize(device)
             times.append(time.perf_counter() - start)
     return times
 
 
-def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int) -> dict[str, float]:
+def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int, device: str = "cpu") -> dict[str, float]:
     """Median times of the products of a dense step, in the layouts autograd uses: "dense" (the
     5 every architecture does) and "gated" (those plus Gated's auxiliary decoder product and its
     input gradient)."""
@@ -90,6 +101,7 @@ def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int) -> dict[str, f
     x, grad_out = torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)
     w_enc, w_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
     f = torch.randn(batch, d_sae, generator=g)
+    x, grad_out, w_enc, w_dec, f = (t.to(device) for t in (x, grad_out, w_enc, w_dec, f))
 
     def dense():
         x @ w_enc  # encoder forward
@@ -108,8 +120,10 @@ def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int) -> dict[str, f
         products()
         times = []
         for _ in range(repeats):
+            synchronize(device)
             start = time.perf_counter()
             products()
+            synchronize(device)
             times.append(time.perf_counter() - start)
         out[name] = statistics.median(times)
     return out
@@ -125,22 +139,32 @@ def main() -> None:
     p.add_argument("--architectures", default=",".join(ARCHITECTURE_DEFAULTS), help="default: all five")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up (default: 3)")
     p.add_argument("--k", type=int, default=32, help="k of the TopK family (default: 32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on a GPU float32 matmuls use TF32, as "
+                   "run_experiments.py --device cuda does, in the steps and the peak alike (default: cpu)")
     add_docs_flag(p, "bench_train")
     a = p.parse_args()
     check_docs(a, "bench_train")
+    if a.device != "cpu":
+        try:
+            check_device(a.device)
+        except UsageError as err:
+            sys.exit(f"error: {err}")
+        use_fast_matmuls(a.device)
     retain_freed_memory()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, k {a.k}")
+    on_gpu = a.device.startswith("cuda")
+    where = torch.cuda.get_device_name(a.device) if on_gpu else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {where}, k {a.k}")
     table = Table(["architecture", "d_in", "d_sae", "batch", "step", "tokens/s", "GFLOP/s", "matmul GFLOP/s",
                    "of matmul peak", "sparse ÷ dense"], [18, 5, 6, 5, 9, 9, 8])
     for shape_set in a.shapes.split(","):
         for d_in, d_sae, batch in SHAPES[shape_set]:
-            matmul_s = time_matmuls(d_in, d_sae, batch, repeats=max(3, a.steps))
+            matmul_s = time_matmuls(d_in, d_sae, batch, repeats=max(3, a.steps), device=a.device)
             for arch in a.architectures.split(","):
                 paths = ["sparse", "dense"] if arch in OPTION_ARCHITECTURES["k"] else [None]
                 dense_s = None
                 for path in reversed(paths):  # dense first, so the sparse row can show its speed-up
-                    step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k, path))
+                    step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k, path, a.device))
                     products = "gated" if arch == "gated" else "dense"
                     flops = (14 if arch == "gated" else 10) * batch * d_in * d_sae
                     table.add(arch if path is None else f"{arch} ({path})", d_in, d_sae, batch, duration(step_s),

@@ -292,7 +292,7 @@ class TrainConfig:
     log_every: int = 10
     checkpoint_every: int = 100
     ce_eval_sequences: int = 64  # eval sequences used for CE loss recovered / KL
-    device: str = option("cpu", help="torch device")
+    device: str = option("cpu", help="torch device of the subject model and the SAEs' training: cpu, cuda, cuda:N")
 
     def __post_init__(self) -> None:
         validate_fields(self)

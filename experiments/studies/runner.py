@@ -33,7 +33,7 @@ from experiments.data.activation_cache import BuildInterrupted
 from experiments.provenance import code_commit
 from experiments.timing import CLOCK, phase
 from experiments.train.trainer import (StopFlag, StopRequested, Trainer, eval_steps, lockstep_key,
-                                      total_steps, train_arms)
+                                      total_steps, train_arms, use_fast_matmuls)
 from config.files import read_json, write_json_atomic
 from config.records import ArmRecord, StudyRecord, hook_label
 from models.sae import SAE
@@ -219,6 +219,7 @@ def check_device(device: str) -> None:
 
 def run_study(cfg: RunConfig, stop: StopFlag) -> int:
     check_device(cfg.train.device)
+    use_fast_matmuls(cfg.train.device)
     root = Path(cfg.log.checkpoint_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -330,6 +331,7 @@ def train_arm_in_worker(cfg: RunConfig, study_dir: Path, arm_id: str) -> dict:
     built as the local runner builds it and trained from its last checkpoint if it has one. Returns
     its outcome as study.json records it; the driver records it."""
     record = StudyRecord.read(study_dir / "study.json", "--executor ray")
+    use_fast_matmuls(cfg.train.device)
     stop = StopFlag()
     with contextlib.redirect_stdout(io.StringIO()):  # what opening says about the data, the driver has said
         sources = _open_sources(cfg, study_dir, stop)

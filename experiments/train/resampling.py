@@ -55,8 +55,9 @@ def resample_dead_latents_(sae: SAE, opt: torch.optim.Optimizer, dead_mask: torc
     weights = loss.pow(2)
     if not bool(weights.sum() > 0):  # a perfect reconstruction everywhere: any input will do
         weights = torch.ones_like(weights)
-    chosen = torch.multinomial(weights, idx.numel(), replacement=idx.numel() > x.shape[0], generator=generator)
-    v = x[chosen] - sae.b_dec
+    # drawn on the CPU with the (CPU) generator, so a GPU run draws the inputs a CPU run draws
+    chosen = torch.multinomial(weights.cpu(), idx.numel(), replacement=idx.numel() > x.shape[0], generator=generator)
+    v = x[chosen.to(x.device)] - sae.b_dec
     directions = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
     alive = ~dead_mask
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean().item() if bool(alive.any()) else 1.0

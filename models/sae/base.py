@@ -241,7 +241,7 @@ class SAE(nn.Module):
         config.json beside the architecture, so the folder describes itself."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        weights = save({k: v.contiguous() for k, v in self.folded_state_dict(scale).items()})
+        weights = save({k: v.detach().cpu().contiguous() for k, v in self.folded_state_dict(scale).items()})
         about = {"trained_on": trained_on} if trained_on is not None else {}
         config = json.dumps({**self.cfg.to_dict(), "folded_scale": scale, **about}, indent=2).encode()
         for name, data in (("sae.safetensors", weights), ("config.json", config)):
