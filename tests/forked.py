@@ -46,6 +46,7 @@ for line in sys.stdin:
         code = 1
         try:
             os.setpgid(0, 0)  # a kill of the run's group reaches only the run and its children
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the server's requests
             for fd, (read, write) in zip((1, 2), pipes):
                 os.dup2(write, fd)
                 os.close(read)
@@ -56,13 +57,13 @@ for line in sys.stdin:
             sys.argv = ["run_experiments.py", *request["args"]]
             code = run_experiments.main(request["args"])
         except SystemExit as stop:
-            code = stop.code if isinstance(stop.code, int) else 1
+            code = 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 1
+            if not isinstance(stop.code, (int, type(None))):
+                print(stop.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
-        finally:  # what the interpreter does on exit: join the threads left running, then atexit
-            for thread in threading.enumerate():
-                if thread is not threading.current_thread() and not thread.daemon:
-                    thread.join()
+        finally:  # what the interpreter does on exit: wait for the threads left running, then atexit
+            threading._shutdown()
             atexit._run_exitfuncs()
             sys.stdout.flush()
             sys.stderr.flush()
@@ -90,24 +91,36 @@ for line in sys.stdin:
 
 class _Server:
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(ROOT)], cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True)
-        if self.proc.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the fork server did not start (exit code {self.proc.wait()})")
+        # NVML's check, so that nothing imported initialises CUDA before a fork (tests/test_gpu.py)
+        env = {**os.environ, "PYTORCH_NVML_BASED_CUDA_CHECK": "1"}
+        self.proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(ROOT)], cwd=ROOT, env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        self.pending = b""  # read from the server, not yet a whole line
         atexit.register(self.close)
+        if self.line(120) != "ready":
+            raise RuntimeError(f"the fork server did not start (exit code {self.proc.wait()})")
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.close()
+            self.proc.kill()
             self.proc.wait(timeout=30)
 
-    def reply(self, timeout: float | None) -> dict:
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            raise TimeoutError
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the fork server died (exit code {self.proc.wait()})")
-        return json.loads(line)
+    def line(self, timeout: float | None) -> str:
+        """The server's next line; unbuffered reads, so a line already read is never left behind a
+        select() that waits for more."""
+        while b"\n" not in self.pending:
+            if not select.select([self.proc.stdout], [], [], timeout)[0]:
+                raise TimeoutError
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                raise RuntimeError(f"the fork server died (exit code {self.proc.wait()})")
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return line.decode()
+
+    def send(self, request: dict) -> None:
+        self.proc.stdin.write((json.dumps(request) + "\n").encode())
+        self.proc.stdin.flush()
 
 
 _server: _Server | None = None
@@ -119,17 +132,20 @@ def run_forked(args: list[str], env: dict | None = None, timeout: float = 300) -
     global _server
     if _server is None or _server.proc.poll() is not None:
         _server = _Server()
+    command = ["run_experiments.py", *map(str, args)]
     with tempfile.TemporaryDirectory(prefix="forked-run-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        request = {"args": [str(a) for a in args], "env": dict(os.environ if env is None else env), "cwd": str(ROOT),
-                   "stdout": str(out), "stderr": str(err)}
-        _server.proc.stdin.write(json.dumps(request) + "\n")
-        _server.proc.stdin.flush()
-        pid = _server.reply(30)["pid"]
         try:
-            code = _server.reply(timeout)["returncode"]
-        except TimeoutError:
-            os.killpg(pid, signal.SIGKILL)
-            _server.reply(30)
-            raise subprocess.TimeoutExpired(["run_experiments.py", *args], timeout, out.read_text(), err.read_text())
-        return subprocess.CompletedProcess(["run_experiments.py", *args], code, out.read_text(), err.read_text())
+            _server.send({"args": command[1:], "env": dict(os.environ if env is None else env), "cwd": str(ROOT),
+                          "stdout": str(out), "stderr": str(err)})
+            pid = json.loads(_server.line(30))["pid"]
+            try:
+                code = json.loads(_server.line(timeout))["returncode"]
+            except TimeoutError:
+                os.killpg(pid, signal.SIGKILL)
+                raise subprocess.TimeoutExpired(command, timeout, out.read_text(), err.read_text()) from None
+        except BaseException:  # the server may be mid-request: the next run gets a new one
+            _server.close()
+            _server = None
+            raise
+        return subprocess.CompletedProcess(command, code, out.read_text(), err.read_text())

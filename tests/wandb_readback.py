@@ -80,7 +80,7 @@ def _nest_media(item: dict[str, Any]) -> dict[str, Any]:
 def inspect_records(run_dir: Path) -> list[dict[str, Any]]:
     """Raw records of a run folder (or a .wandb file), as printed by `wandb leet inspect --json`."""
     path = Path(run_dir).resolve()
-    run_file = path if path.is_file() else next(path.glob("*.wandb"))
+    run_file = path if path.is_file() else next(path.glob("run-*.wandb"))
     # the CLI's arguments for an offline run: the run's file and the folder holding its run folder
     proc = subprocess.run(
         [_WANDB_CORE, "leet", "inspect", "--json", "--no-observability", "--run-file", str(run_file),

@@ -219,7 +219,6 @@ def check_device(device: str) -> None:
 
 def run_study(cfg: RunConfig, stop: StopFlag) -> int:
     check_device(cfg.train.device)
-    use_fast_matmuls(cfg.train.device)
     root = Path(cfg.log.checkpoint_dir)
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -331,10 +330,10 @@ def train_arm_in_worker(cfg: RunConfig, study_dir: Path, arm_id: str) -> dict:
     built as the local runner builds it and trained from its last checkpoint if it has one. Returns
     its outcome as study.json records it; the driver records it."""
     record = StudyRecord.read(study_dir / "study.json", "--executor ray")
-    use_fast_matmuls(cfg.train.device)
     stop = StopFlag()
     with contextlib.redirect_stdout(io.StringIO()):  # what opening says about the data, the driver has said
         sources = _open_sources(cfg, study_dir, stop)
+    use_fast_matmuls(cfg.train.device)  # after the caches (a harvest, if the worker rebuilt one)
     planned = [p for p in plan_arms(cfg, sources) if p.arm_id == arm_id]
     if not planned:
         raise RuntimeError(f"arm {arm_id} is not one this worker plans from the study's settings (another "
@@ -431,6 +430,7 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
     """Train the arms, those that read the same batches in lockstep, recording each arm's outcome in
     study.json as it comes. True when an arm failed."""
     study_json = study_dir / "study.json"
+    use_fast_matmuls(cfg.train.device)  # from here on: the harvest (the cache's key) stays in full float32
     index_of = {p.arm_id: i for i, p in enumerate(planned)}
     groups: dict[tuple, dict[str, Trainer]] = {}
     for arm_id, trainer in trainers.items():  # in plan order

@@ -105,8 +105,9 @@ def lr_at(step: int, cfg: TrainConfig, n_steps: int) -> float:
 
 def use_fast_matmuls(device: str) -> None:
     """On a GPU, float32 matmuls in TF32 (10-bit mantissa products, float32 sums): several times the
-    float32 rate on Ampere and later, at a precision SAE training does not notice. The CPU is left
-    as it is, where results are reproducible bit for bit."""
+    float32 rate on Ampere and later, at a precision SAE training does not notice. Set once the
+    activations are harvested (the cache, shared by devices, is full float32); the CE/KL evals
+    during training use it too. The CPU is left as it is, where results are reproducible bit for bit."""
     if device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -158,7 +159,7 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
         acc.update(x, sae.decode(f) / scale, f)
         on = f > 0
         if keep_firing:
-            fired.append(on)
+            fired.append(on.cpu())  # [n_eval, d_sae] in all: host memory, not the GPU's
         if firing is not None:
             firing.update(on.cpu(), ctx.truth.eval_active[row:row + len(x)])
         row += len(x)
@@ -173,7 +174,7 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
         metrics.update(spliced_lm_metrics(ctx.bridge, tokens, ctx.hook_name, lambda a: sae(a * scale) / scale))
     sae.train(was_training)
     return EvalOutput(metrics, feature_density(counts, cache.n_eval_rows), acc.mean_activation().numpy(),
-                      torch.cat(fired).cpu() if keep_firing else None, recovery)
+                      torch.cat(fired) if keep_firing else None, recovery)
 
 
 class Trainer:
@@ -228,7 +229,10 @@ class Trainer:
 
     def save(self) -> None:
         tensors, state = self._state()
-        path = save_checkpoint(self.arm_dir / "checkpoints", self.step, tensors, self.opt.state_dict(), state)
+        optim = self.opt.state_dict()  # in CPU tensors, so a checkpoint written on a GPU holds no CUDA storage
+        optim["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in per.items()}
+                          for i, per in optim["state"].items()}
+        path = save_checkpoint(self.arm_dir / "checkpoints", self.step, tensors, optim, state)
         self.sinks.log_checkpoint(path, self.step, self.tokens)
 
     def restore(self) -> bool:
