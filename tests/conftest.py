@@ -5,11 +5,10 @@ set in the environment so that subprocess runs use it too): about 25 s on 2 core
 real model's 2.5 minutes, with validation loss 1.2, the name-copying gap and every concept word a
 single token. So that the session does not wait for it, it trains in a background process started
 once the tests are collected, and the tests that do not need it run first (ordered below); the
-first test that needs it waits for the process. The process runs at the lowest CPU priority: on a
-quiet machine it then takes what the tests leave idle (clean-clone suites of 4 min 36 s and 5 min
-59 s, against 6 min 23 s and 6 min 42 s at normal priority); on a loaded one (load 8) it gets
-little CPU, and the kill/resume chain waited 11 minutes for it (the suite still passed, in 30
-minutes). It sets up its memory as run_experiments.py does. Set TINYLM_SPEC='{}' to run the suite on the real model.
+first test that needs it waits for the process. The process runs at normal priority: at the
+lowest it got no CPU on a loaded machine (beside five busy loops, load 9, it had 0.4% of a core after
+6 minutes and every test needing the model waited), and on a quiet one the two workers and it keep
+both cores busy either way. It sets up its memory as run_experiments.py does. Set TINYLM_SPEC='{}' to run the suite on the real model.
 
 `make test` runs the suite on two pytest-xdist workers (`-n 2`). Then the controller starts the
 training (it collects no tests itself) and hands the models dir to the workers through the
@@ -37,7 +36,7 @@ os.environ.setdefault(SPEC_ENV, TEST_SPEC)
 NEEDS_MODEL = "tinylm_models_dir"
 MODELS_DIR_ENV = "TINYLM_MODELS_DIR"
 LONGEST = "test_killed_anywhere_then_resumed_equals_an_uninterrupted_run"
-_TRAIN = "import fcntl, os, sys, pathlib; os.nice(19); from experiments.host_memory import retain_freed_memory; " \
+_TRAIN = "import fcntl, os, sys, pathlib; from experiments.host_memory import retain_freed_memory; " \
          "retain_freed_memory(); from models.tinylm import load_or_train_tinylm; " \
          "lock = open(sys.argv[2], 'w'); fcntl.flock(lock, fcntl.LOCK_EX); " \
          "load_or_train_tinylm(pathlib.Path(sys.argv[1]), progress=False)"
