@@ -61,6 +61,9 @@ def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, torch.Tensor],
     # Serialised in memory and written by Python, so a full disk raises OSError(ENOSPC).
     tensor_bytes = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
     _fsync_write(tmp / "tensors.safetensors", lambda f: f.write(tensor_bytes))
+    # CPU tensors, as above: a checkpoint written on a GPU loads anywhere and holds no CUDA storage
+    optim = {**optim, "state": {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in per.items()}
+                                for i, per in optim["state"].items()}}
     _fsync_write(tmp / "optim.pt", lambda f: torch.save(optim, f))
     faults.reached("checkpoint-write")
     _fsync_write(tmp / "state.json", lambda f: f.write(json.dumps(state, sort_keys=True).encode()))

@@ -229,10 +229,7 @@ class Trainer:
 
     def save(self) -> None:
         tensors, state = self._state()
-        optim = self.opt.state_dict()  # in CPU tensors, so a checkpoint written on a GPU holds no CUDA storage
-        optim["state"] = {i: {k: v.cpu() if torch.is_tensor(v) else v for k, v in per.items()}
-                          for i, per in optim["state"].items()}
-        path = save_checkpoint(self.arm_dir / "checkpoints", self.step, tensors, optim, state)
+        path = save_checkpoint(self.arm_dir / "checkpoints", self.step, tensors, self.opt.state_dict(), state)
         self.sinks.log_checkpoint(path, self.step, self.tokens)
 
     def restore(self) -> bool:
