@@ -148,7 +148,8 @@ def main() -> None:
         try:
             check_device(a.device)
         except UsageError as err:
-            sys.exit(f"error: {err}")
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         use_fast_matmuls(a.device)
     retain_freed_memory()
     torch.manual_seed(0)
