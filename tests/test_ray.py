@@ -52,7 +52,8 @@ def cluster():
     head = subprocess.Popen([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
                              "--include-dashboard=false", "--disable-usage-stats"],
-                            env={**os.environ, "RAY_AUTH_MODE": "disabled"},  # a test cluster on loopback
+                            # a test cluster on loopback; tasks at normal priority, as docs/cluster.md advises
+                            env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -130,6 +131,21 @@ def test_an_arm_whose_worker_keeps_dying_is_recorded_failed_and_the_study_goes_o
     (arm,) = json.loads((local / "dying" / "study.json").read_text())["arms"]
     assert arm["status"] == "failed" and arm["reason"].startswith("its Ray worker was lost 2 times")
     assert (local / "dying" / "report" / "report.md").exists()
+
+
+def test_the_ray_instance_a_run_starts_runs_tasks_at_the_drivers_priority(tmp_path, monkeypatch):
+    """Ray's default is nice 15: beside other work at normal priority an arm would all but stop."""
+    import ray
+
+    from config.cli import parse_args
+    from experiments.studies.ray_executor import connect
+
+    monkeypatch.delenv("RAY_worker_niceness", raising=False)
+    connect(parse_args(["--executor", "ray", "--checkpoint-dir", str(tmp_path)]))
+    try:
+        assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
+    finally:
+        ray.shutdown()
 
 
 def test_every_node_is_asked_whether_it_sees_the_checkpoint_dir(cluster, tmp_path):

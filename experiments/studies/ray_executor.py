@@ -49,7 +49,9 @@ def connect(cfg: RunConfig) -> None:
     quiet = {"log_to_driver": True, "logging_level": logging.ERROR, "runtime_env": {"env_vars": env}}
     try:
         if s.ray_address is None:  # "local": a new instance, never a cluster RAY_ADDRESS or /tmp/ray names
-            ray.init(address="local", include_dashboard=False, **quiet)
+            # Ray starts its workers at nice 15; an arm would then crawl behind anything at normal priority
+            # on this machine, where the local runner trains at the driver's priority. Workers inherit it.
+            ray.init(address="local", include_dashboard=False, _system_config={"worker_niceness": 0}, **quiet)
         else:
             ray.init(address=s.ray_address, **quiet)
     except Exception as err:  # noqa: BLE001  (Ray raises ConnectionError, RuntimeError, ValueError ...)
