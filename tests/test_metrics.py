@@ -6,6 +6,7 @@ import torch
 from torch.distributions import Categorical, kl_divergence
 
 from experiments.eval.metrics import (
+    CleanRuns,
     EvalAccumulator,
     density_stats,
     feature_density,
@@ -194,3 +195,25 @@ def test_spliced_noise_kl_and_ce_independent(model, tokens):
     assert r["ce_sae"] == pytest.approx(ce, rel=1e-5)
     expected = (r["ce_zero"] - ce) / (r["ce_zero"] - r["ce_clean"])
     assert r["ce_loss_recovered"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_clean_runs_are_made_once_per_tokens_and_give_the_same_numbers(model, tokens, monkeypatch, keep):
+    """Evals of several SAEs share the model's runs without an SAE: the same metrics as running them each
+    time, with one clean and one zeroed run per set of tokens (and, when the clean log-probabilities are
+    too large to keep, one more clean run per eval)."""
+    noise = torch.randn(3, 12, 32, generator=torch.Generator().manual_seed(2))
+    fresh = [spliced_lm_metrics(model, tokens, HOOK, lambda a, s=s: a + s * noise[:, 1:]) for s in (0.5, 1.0)]
+    runs = CleanRuns()
+    monkeypatch.setattr(CleanRuns, "KEEP_BYTES", CleanRuns.KEEP_BYTES if keep else 0)
+    calls = []
+    real = model.run_with_hooks
+    monkeypatch.setattr(model, "run_with_hooks", lambda *a, **kw: calls.append(len(kw["fwd_hooks"])) or real(*a, **kw))
+    shared = [spliced_lm_metrics(model, tokens, HOOK, lambda a, s=s: a + s * noise[:, 1:],
+                                 clean=runs.get(model, tokens, HOOK, skip_bos=True)) for s in (0.5, 1.0)]
+    assert shared == fresh  # bit for bit
+    # the clean and zeroed runs once, then one spliced run per eval (plus the clean run again when not kept)
+    assert calls == [0, 1, 1, 1] if keep else calls == [0, 1, 1, 0, 1, 0]
+    other = tokens.flip(0)
+    runs.get(model, other, HOOK, skip_bos=True)
+    assert len(calls) == (4 if keep else 6) + 2  # new tokens: made again

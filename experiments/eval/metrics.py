@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -151,12 +152,51 @@ def splice_hook(replace: Callable[[Tensor], Tensor], skip_bos: bool = True) -> C
     return hook
 
 
+@dataclass
+class CleanRun:
+    """The subject model's run on the CE tokens without an SAE, and with the hook zeroed: the same
+    for every SAE and every eval step, so computed once per eval set (`CleanRuns`)."""
+
+    tokens: Tensor
+    ce_clean: float
+    ce_zero: float
+    logp: Tensor | None  # [B, T - 1, vocab] clean log-probabilities, when small enough to keep (CleanRuns.KEEP_BYTES)
+
+
+class CleanRuns:
+    """Remembers the last CleanRun per hook point and reuses it while the tokens are the same."""
+
+    KEEP_BYTES = 256 * 2**20  # tinylm's are 2 MB; GPT-2's 64 x 63 x 50,257 would hold 0.8 GB for good
+
+    def __init__(self) -> None:
+        self._runs: dict[tuple[int, str, bool], CleanRun] = {}
+
+    def get(self, model: torch.nn.Module, tokens: Tensor, hook_name: str, skip_bos: bool) -> CleanRun:
+        key = (id(model), hook_name, skip_bos)
+        run = self._runs.get(key)
+        if run is None or run.tokens.shape != tokens.shape or not torch.equal(run.tokens, tokens):
+            run = self._runs[key] = clean_run(model, tokens, hook_name, skip_bos, self.KEEP_BYTES)
+        return run
+
+
+def clean_run(model: torch.nn.Module, tokens: Tensor, hook_name: str, skip_bos: bool = True,
+              keep_bytes: int = 0) -> CleanRun:
+    with torch.inference_mode():
+        clean = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[])
+        zero = model.run_with_hooks(tokens, return_type="logits",
+                                    fwd_hooks=[(hook_name, splice_hook(torch.zeros_like, skip_bos))])
+        logp = clean[:, :-1].log_softmax(-1)
+    return CleanRun(tokens.clone(), _next_token_ce(clean, tokens), _next_token_ce(zero, tokens),
+                    logp if logp.numel() * logp.element_size() <= keep_bytes else None)
+
+
 def spliced_lm_metrics(
     model: torch.nn.Module,
     tokens: Tensor,
     hook_name: str,
     reconstruct: Callable[[Tensor], Tensor],
     skip_bos: bool = True,
+    clean: CleanRun | None = None,
 ) -> dict[str, float]:
     """Downstream loss when the activation at hook_name is replaced by its SAE reconstruction.
 
@@ -164,21 +204,21 @@ def spliced_lm_metrics(
     starting with BOS. reconstruct receives the hook activation as is ([B, T, ...], or
     [B, T - 1, ...] without position 0 when skip_bos) and returns the same shape.
     CE is the mean next-token loss over positions 0..T-2 (as return_type="loss"); KL(clean || spliced)
-    is averaged over the same positions.
+    is averaged over the same positions. `clean`: the model's runs without the SAE on these tokens,
+    when already made (the same numbers as running them here).
     """
-
+    clean = clean or clean_run(model, tokens, hook_name, skip_bos, keep_bytes=2**63)
     with torch.inference_mode():
-        clean = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[])
         sae = model.run_with_hooks(tokens, return_type="logits",
                                    fwd_hooks=[(hook_name, splice_hook(reconstruct, skip_bos))])
-        zero = model.run_with_hooks(tokens, return_type="logits",
-                                    fwd_hooks=[(hook_name, splice_hook(torch.zeros_like, skip_bos))])
-
-        ce_clean, ce_sae, ce_zero = (_next_token_ce(lg, tokens) for lg in (clean, sae, zero))
-        logp_clean = clean[:, :-1].log_softmax(-1)
+        ce_sae = _next_token_ce(sae, tokens)
         logp_sae = sae[:, :-1].log_softmax(-1)
+        logp_clean = clean.logp
+        if logp_clean is None:  # too large to keep: run the clean model again
+            logp_clean = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[])[:, :-1].log_softmax(-1)
         kl = (logp_clean.exp() * (logp_clean - logp_sae)).sum(-1).mean().item()
 
+    ce_clean, ce_zero = clean.ce_clean, clean.ce_zero
     denom = ce_zero - ce_clean
     return {
         "ce_clean": ce_clean,

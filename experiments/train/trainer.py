@@ -8,7 +8,7 @@ reproduces an uninterrupted one bit for bit on CPU.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -23,7 +23,8 @@ from experiments.progress import BarFactory, silent_bar
 from experiments.timing import phase
 from experiments.train.checkpointing import list_checkpoints, load_latest, save_checkpoint
 from experiments.train.resampling import resample_dead_latents_
-from experiments.eval.metrics import EvalAccumulator, density_stats, feature_density, spliced_lm_metrics
+from experiments.eval.metrics import (CleanRuns, EvalAccumulator, density_stats, feature_density,
+                                      spliced_lm_metrics)
 from experiments.eval.recovery import FiringMatch, Recovery, feature_recovery, recovery_breakdown, recovery_metrics
 from experiments.data.synthetic import SyntheticTruth
 from models.sae import SAE, SAEConfig, build_sae
@@ -60,6 +61,7 @@ class EvalContext:
     hook_name: str = ""
     ce_sequences: int = 0
     truth: SyntheticTruth | None = None
+    clean_runs: CleanRuns = field(default_factory=CleanRuns)  # the model without an SAE, shared by the arms
 
 
 @dataclass
@@ -171,7 +173,9 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
     metrics.update(density_stats(counts, cache.n_eval_rows, dense_threshold))
     if ctx.bridge is not None:
         tokens = cache.eval_tokens(ctx.ce_sequences).to(device)
-        metrics.update(spliced_lm_metrics(ctx.bridge, tokens, ctx.hook_name, lambda a: sae(a * scale) / scale))
+        clean = ctx.clean_runs.get(ctx.bridge, tokens, ctx.hook_name, skip_bos=True)
+        metrics.update(spliced_lm_metrics(ctx.bridge, tokens, ctx.hook_name, lambda a: sae(a * scale) / scale,
+                                          clean=clean))
     sae.train(was_training)
     return EvalOutput(metrics, feature_density(counts, cache.n_eval_rows), acc.mean_activation().numpy(),
                       torch.cat(fired) if keep_firing else None, recovery)
