@@ -27,15 +27,26 @@ from pathlib import Path
 
 import pytest
 
-from models.tinylm import TinyLM, load_or_train_tinylm
-from models.tinylm.model import SPEC_ENV
+# Before torch loads OpenMP (read once, at load; the workers, subprocess and forked runs inherit it):
+# threads waiting for work sleep instead of spinning. Two workers of two threads each share two cores,
+# and a spinning thread holds a core its neighbour's work needs: two processes training SAEs side by
+# side took 164 s each spinning, 16 s sleeping (alone: 11-12 s either way). Results are the same.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from models.tinylm import TinyLM, load_or_train_tinylm  # noqa: E402
+from models.tinylm.model import SPEC_ENV  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_SPEC = '{"n_train_stories": 4000, "train_steps": 150}'
 os.environ.setdefault(SPEC_ENV, TEST_SPEC)
 NEEDS_MODEL = "tinylm_models_dir"
 MODELS_DIR_ENV = "TINYLM_MODELS_DIR"
-LONGEST = "test_killed_anywhere_then_resumed_equals_an_uninterrupted_run"
+# The longest work units first among the tests needing the model, each started while the other worker
+# has the rest to do: the Ray tests (one worker, ~125 s), the kill/resume chain (~120 s), the quick study
+# of all four studies (~50 s). The Ray group goes first: xdist queues the next unit behind a worker's
+# last test, so a group after the chain would wait behind it on the same worker.
+LONGEST = ("tests/test_ray.py::", "test_killed_anywhere_then_resumed_equals_an_uninterrupted_run",
+           "test_quick_study_all_trains_each_arm_once_and_logs_everything")
 _TRAIN = "import fcntl, os, sys, pathlib; from experiments.host_memory import retain_freed_memory; " \
          "retain_freed_memory(); from models.tinylm import load_or_train_tinylm; " \
          "lock = open(sys.argv[2], 'w'); fcntl.flock(lock, fcntl.LOCK_EX); " \
@@ -59,9 +70,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if _needs_model(item):
             item.add_marker(pytest.mark.slow)
-    # Stable: file order is kept within each group, but the longest test starts first among those
-    # needing the model (with two workers it runs beside all the others).
-    items.sort(key=lambda item: (_needs_model(item), item.name != LONGEST))
+    # Stable: file order is kept within each group, but the longest start first among those needing
+    # the model. xdist hands the work out in this order (`--no-loadscope-reorder`: its default would put
+    # the groups of several tests first, the Ray tests before the model-free ones that need no wait).
+    items.sort(key=lambda item: (_needs_model(item), _longest_rank(item)))
+
+
+def _longest_rank(item: pytest.Item) -> int:
+    return next((rank for rank, name in enumerate(LONGEST) if name in item.nodeid), len(LONGEST))
 
 
 def _start_training() -> None:

@@ -36,6 +36,14 @@ TOY_ARM = "topk-k5"
 TEXT = "Once there was a cat named Tom. Tom was happy."
 
 
+def test_this_module_runs_on_one_worker(request):
+    """`--dist loadgroup` sends the module's tests to one worker, which is what xdist's group suffix on
+    the node id does (with pytest 9.2 the suffix silently stopped taking effect: pytest-xdist#1386)."""
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not run by `pytest -n N --dist loadgroup`")
+    assert request.node.nodeid.endswith("@explorer-studies")
+
+
 @pytest.fixture(scope="module")
 def ckpt(tinylm_models_dir, tmp_path_factory):
     """A checkpoint dir with three studies: `t` (TINY on tinylm), `s` (the synthetic toy) and `m`
