@@ -133,30 +133,20 @@ def test_an_arm_whose_worker_keeps_dying_is_recorded_failed_and_the_study_goes_o
     assert (local / "dying" / "report" / "report.md").exists()
 
 
-def test_the_ray_instance_a_run_starts_runs_tasks_at_the_drivers_priority(tmp_path, monkeypatch):
-    """Ray's default is nice 15: beside other work at normal priority an arm would all but stop."""
+def test_the_ray_instance_a_run_starts_runs_at_the_drivers_priority_and_asks_each_node_for_the_checkpoint_dir(
+        tmp_path, monkeypatch):
+    """Its tasks run at the driver's priority: Ray's default is nice 15, and beside other work at normal
+    priority an arm would all but stop. The check behind '--checkpoint-dir X: Ray node N cannot see it':
+    a task pinned to each node looks for a file the driver has just written there."""
     import ray
 
     from config.cli import parse_args
-    from experiments.studies.ray_executor import connect
+    from experiments.studies.ray_executor import connect, nodes_not_seeing, nodes_without
 
     monkeypatch.delenv("RAY_worker_niceness", raising=False)
     connect(parse_args(["--executor", "ray", "--checkpoint-dir", str(tmp_path)]))
     try:
         assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
-    finally:
-        ray.shutdown()
-
-
-def test_every_node_is_asked_whether_it_sees_the_checkpoint_dir(cluster, tmp_path):
-    """The check behind '--checkpoint-dir X: Ray node N cannot see it': a task pinned to each node
-    looks for a file the driver has just written there."""
-    import ray
-
-    from experiments.studies.ray_executor import nodes_not_seeing, nodes_without
-
-    ray.init(address=cluster)
-    try:
         nodes = [n for n in ray.nodes() if n["Alive"]]
         assert nodes_not_seeing(tmp_path, nodes) == []
         assert not list(tmp_path.iterdir())  # the marker is removed again
