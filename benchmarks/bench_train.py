@@ -40,8 +40,7 @@ from config.schema import SAEArmConfig, TrainConfig, UsageError  # noqa: E402
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.data.activation_cache import ActivationCache  # noqa: E402
-from experiments.train.trainer import EvalContext, StopFlag, Trainer, use_fast_matmuls  # noqa: E402
-from experiments.studies.runner import check_device  # noqa: E402
+from experiments.train.trainer import EvalContext, StopFlag, Trainer, check_device, use_fast_matmuls  # noqa: E402
 from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 
 SHAPES = {  # name: [(d_in, d_sae, batch)]

@@ -32,7 +32,7 @@ from experiments.studies.sources import SOURCES, OpenedSource, bars, source_of
 from experiments.data.activation_cache import BuildInterrupted
 from experiments.provenance import code_commit
 from experiments.timing import CLOCK, phase
-from experiments.train.trainer import (StopFlag, StopRequested, Trainer, eval_steps, lockstep_key,
+from experiments.train.trainer import (StopFlag, StopRequested, Trainer, check_device, eval_steps, lockstep_key,
                                       total_steps, train_arms, use_fast_matmuls)
 from config.files import read_json, write_json_atomic
 from config.records import ArmRecord, StudyRecord, hook_label
@@ -197,24 +197,6 @@ def plan_arms(cfg: RunConfig, sources: list[OpenedSource]) -> list[PlannedArm]:
                 if plan.name not in planned[arm_id].studies:
                     planned[arm_id].studies.append(plan.name)
     return list(planned.values())
-
-
-def check_device(device: str) -> None:
-    """--device cuda[:N] where it cannot work: one line saying whether torch or the machine lacks it."""
-    import torch
-
-    if not device.startswith("cuda"):
-        return
-    if torch.version.cuda is None:
-        raise UsageError(f"--device {device}: this torch ({torch.__version__}) is built without CUDA; reinstall it "
-                         f"from PyTorch's CUDA index (make clean-venv, then make run TORCH_INDEX="
-                         f"https://download.pytorch.org/whl/cu128) or use --device cpu")
-    if not torch.cuda.is_available():
-        raise UsageError(f"--device {device}: torch has CUDA {torch.version.cuda} but sees no GPU here (driver, "
-                         f"CUDA_VISIBLE_DEVICES); use --device cpu")
-    index = device.partition(":")[2]  # the form cuda[:N] is checked while parsing
-    if index and int(index) >= torch.cuda.device_count():
-        raise UsageError(f"--device {device}: this machine has cuda:0 to cuda:{torch.cuda.device_count() - 1}")
 
 
 def run_study(cfg: RunConfig, stop: StopFlag) -> int:

@@ -115,6 +115,22 @@ def use_fast_matmuls(device: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def check_device(device: str) -> None:
+    """--device cuda[:N] where it cannot work: one line saying whether torch or the machine lacks it."""
+    if not device.startswith("cuda"):
+        return
+    if torch.version.cuda is None:
+        raise UsageError(f"--device {device}: this torch ({torch.__version__}) is built without CUDA; reinstall it "
+                         f"from PyTorch's CUDA index (make clean-venv, then make run TORCH_INDEX="
+                         f"https://download.pytorch.org/whl/cu128) or use --device cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: torch has CUDA {torch.version.cuda} but sees no GPU here (driver, "
+                         f"CUDA_VISIBLE_DEVICES); use --device cpu")
+    index = device.partition(":")[2]  # the form cuda[:N] is checked while parsing
+    if index and int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {device}: this machine has cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+
+
 def build_arm_sae(arm: SAEArmConfig, train_cfg: TrainConfig, d_in: int, n_steps: int) -> SAE:
     d_sae = arm.d_sae(d_in)
     arm.check_k(d_sae, f"the number of latents d_sae = {d_sae}")
