@@ -175,11 +175,12 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
         x = x.to(device)
         f = sae.encode(x * scale)
         acc.update(x, sae.decode(f) / scale, f)
-        on = f > 0
-        if keep_firing:
-            fired.append(on.cpu())  # [n_eval, d_sae] in all: host memory, not the GPU's
-        if firing is not None:
-            firing.update(on.cpu(), ctx.truth.eval_active[row:row + len(x)])
+        if keep_firing or firing is not None:
+            on = (f > 0).cpu()  # copied from a GPU once for both
+            if keep_firing:
+                fired.append(on)  # [n_eval, d_sae] in all: host memory, not the GPU's
+            if firing is not None:
+                firing.update(on, ctx.truth.eval_active[row:row + len(x)])
         row += len(x)
     metrics = acc.result()
     if recovery is not None:
