@@ -174,7 +174,7 @@ class CleanRuns:
     def get(self, model: torch.nn.Module, tokens: Tensor, hook_name: str, skip_bos: bool) -> CleanRun:
         key = (id(model), hook_name, skip_bos)
         run = self._runs.get(key)
-        if run is None or run.tokens.shape != tokens.shape or not torch.equal(run.tokens, tokens):
+        if run is None or not torch.equal(run.tokens, tokens):  # (False for another shape too)
             run = self._runs[key] = clean_run(model, tokens, hook_name, skip_bos, self.KEEP_BYTES)
         return run
 
@@ -185,9 +185,9 @@ def clean_run(model: torch.nn.Module, tokens: Tensor, hook_name: str, skip_bos: 
         clean = model.run_with_hooks(tokens, return_type="logits", fwd_hooks=[])
         zero = model.run_with_hooks(tokens, return_type="logits",
                                     fwd_hooks=[(hook_name, splice_hook(torch.zeros_like, skip_bos))])
-        logp = clean[:, :-1].log_softmax(-1)
-    return CleanRun(tokens.clone(), _next_token_ce(clean, tokens), _next_token_ce(zero, tokens),
-                    logp if logp.numel() * logp.element_size() <= keep_bytes else None)
+        kept = clean[:, :-1]
+        logp = kept.log_softmax(-1) if kept.numel() * kept.element_size() <= keep_bytes else None
+    return CleanRun(tokens.clone(), _next_token_ce(clean, tokens), _next_token_ce(zero, tokens), logp)
 
 
 def spliced_lm_metrics(
