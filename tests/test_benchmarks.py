@@ -1,5 +1,15 @@
-"""The benchmarks' own arithmetic: what they write into the docs is what they measured."""
+"""The benchmarks' own arithmetic: what they write into the docs is what they measured; and what
+they say to bad input."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
 from benchmarks.bench_parity import parity_table
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_parity_table_pivots_rows_per_reference_and_counts_parity():
@@ -18,3 +28,11 @@ def test_parity_table_pivots_rows_per_reference_and_counts_parity():
     assert lines[2] == "| topk | SAELens TopKTrainingSAE | 5.00 / 5.00, 0.970 / 0.740 | 5.00 / 5.00, 0.900 / 0.950 | 1 of 2 |"
     assert lines[3] == "| topk | sparsify SparseCoder | 5.00 / 4.99, 0.970 / 0.900 | 5.00 / 7.00, 0.900 / 0.800 | 1 of 2 |"
     assert len(lines) == 4
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="here --device cuda would run the benchmark")
+def test_bench_train_without_cuda_says_so_in_one_line():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cuda",
+                           "--shapes", "tinylm"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("error: --device cuda: this torch (") and len(done.stderr.splitlines()) == 1
