@@ -1,9 +1,12 @@
 """Study report figures (visualization/study_plots.py) and the decoder UMAP (experiments/eval/embedding.py).
 
 Figures are built from small synthetic inputs, including edge cases (NaN, a single eval, arms that
-never emerge, an all-dead arm, no CE), checked for axes, labels and titles, and saved as PNG.
+never emerge, an all-dead arm, no CE), checked for axes, labels and titles, and saved as PNG; a
+report's figures are drawn in other processes into the same files.
 """
 
+import os
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +15,7 @@ from matplotlib.figure import Figure
 
 from experiments.eval.embedding import decoder_embedding
 from visualization import study_plots as sp
-from visualization.plots import density_floor, log10_density, save_figure
+from visualization.plots import density_floor, log10_density, save_figure, save_figures
 
 ARMS = {"topk-k32": "topk", "batchtopk-k32": "batchtopk", "relu": "relu", "jumprelu": "jumprelu", "gated": "gated"}
 
@@ -456,3 +459,29 @@ def test_plots_mark_the_dense_threshold_they_are_given():
     fig = sp.density_over_training("topk-k32", np.linspace(1e5, 1e6, 3), ld, density_floor(10_000), 0.02)
     marks = [line.get_xdata()[0] for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "--"]
     assert marks == [pytest.approx(np.log10(0.02))]
+
+
+def _drawn_in(pid_file: Path, title: str) -> Figure:
+    pid_file.write_text(str(os.getpid()))
+    fig = Figure(figsize=(4, 3))
+    ax = fig.add_subplot()
+    ax.plot(np.arange(10) ** 2)
+    ax.set_title(title)
+    return fig
+
+
+def _fails() -> Figure:
+    raise ValueError("this figure cannot be drawn")
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="figures are drawn in other processes on 2+ cores")
+def test_a_reports_figures_are_drawn_in_other_processes_into_the_same_files(tmp_path):
+    jobs = [(partial(_drawn_in, tmp_path / f"{i}.pid", f"figure {i}"), tmp_path / "parallel" / f"{i}.png")
+            for i in range(5)]
+    assert list(save_figures(jobs)) == [path for _, path in jobs]  # in order, each once saved
+    assert str(os.getpid()) not in {(tmp_path / f"{i}.pid").read_text() for i in range(5)}
+    for i, (draw, path) in enumerate(jobs):
+        save_figure(draw(), tmp_path / f"{i}.png")  # here, one by one
+        assert path.read_bytes() == (tmp_path / f"{i}.png").read_bytes()
+    with pytest.raises(ValueError, match="cannot be drawn"):
+        list(save_figures([*jobs[:2], (_fails, tmp_path / "failed.png")]))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from config.records import StudyRecord, hook_label
 from visualization.generated import markdown_table
-from visualization.plots import save_figure
+from visualization.plots import save_figures
 from visualization.terminal import format_timing, format_value
 
 
@@ -66,6 +66,7 @@ def write_report(study_dir: Path, record: StudyRecord, results: list, source_row
              f"Report written {time.strftime('%Y-%m-%d %H:%M')} from the files in this folder "
              f"(`python run_experiments.py --report {record.study_id}` rebuilds it).", "", "## Summary", "",
              *summary_lines(results), "", *setup_section(record, source_rows)]
+    jobs = []  # every figure of the report, drawn once the page is laid out
     for res in results:
         lines += [f"## {res.name}", "", f"*{res.question}*", ""]
         for table in res.tables.values():
@@ -74,11 +75,12 @@ def write_report(study_dir: Path, record: StudyRecord, results: list, source_row
             rel = data_file(res.name, key)
             write_csv(tmp / rel, table.headers, table.rows)
             lines += [f"**{table.title}**: [{rel}]({rel}) ({len(table.rows):,} rows)", ""]
-        for key, draw in res.figures.items():
+        for key in res.figures:
             rel = figure_file(res.name, key)
-            save_figure(draw(), tmp / rel)  # one figure open at a time
-            after_figure()  # the runner's fault-injection point
+            jobs.append((res.figures[key], tmp / rel))
             lines += [f"![{res.name} {key}]({rel})", "", f"*{res.captions[key]}*", ""]
+    for _ in save_figures(jobs):
+        after_figure()  # the runner's fault-injection point
     (tmp / "report.md").write_text("\n".join(lines))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # a half-written report never replaces a complete one

@@ -42,7 +42,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from scipy.special import ndtri
-from scipy.stats import multivariate_normal
 
 from config.files import write_npz_atomic
 from config.schema import SyntheticConfig, UsageError
@@ -222,6 +221,8 @@ class ToyModel:
         if self.group[i] >= 0 and self.group[i] == self.group[j]:
             if p[i] >= 1 or p[j] >= 1:
                 return float(min(p[i], p[j]))
+            from scipy.stats import multivariate_normal  # here: scipy.stats takes 0.2 s to import, on every run
+
             rho = float(self.cfg.group_correlation)
             x = [ndtri(p[i]), ndtri(p[j])]
             return float(multivariate_normal(mean=[0.0, 0.0], cov=[[1.0, rho], [rho, 1.0]]).cdf(x))

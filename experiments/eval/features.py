@@ -24,6 +24,7 @@ cache stores no row for it (SAEs are not trained on it).
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 from contextlib import contextmanager
@@ -479,6 +480,12 @@ def search_features(analysis: FeatureAnalysis, query: str,
 _MARKDOWN = re.compile(r"([\\`*_\[\]<>#])")
 
 
+@functools.lru_cache(maxsize=65_536)  # a report renders every latent's context: the same tokens over and over
+def _markdown_text(token: str) -> str:
+    """A token's text with Markdown characters escaped and newlines as ↵."""
+    return _MARKDOWN.sub(r"\\\1", token.replace("\n", "↵"))
+
+
 def render_context(tokens: np.ndarray, acts: np.ndarray, centre: int, decode: Callable[[int], str]) -> str:
     """One context as Markdown text: the centre token as **⟦token⟧**, other tokens on which the latent
     fires as ⟦token⟧, Markdown characters escaped, newlines as ↵; slots with token -1 are skipped."""
@@ -486,7 +493,7 @@ def render_context(tokens: np.ndarray, acts: np.ndarray, centre: int, decode: Ca
     for j, (t, v) in enumerate(zip(tokens, acts)):
         if t < 0:
             continue
-        raw = _MARKDOWN.sub(r"\\\1", decode(int(t)).replace("\n", "↵"))
+        raw = _markdown_text(decode(int(t)))
         core = raw.strip()
         if core and (j == centre or v > 0):
             lead, trail = raw[:len(raw) - len(raw.lstrip())], raw[len(raw.rstrip()):]
