@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train arms one after another, each reading its own batches, instead of stepping arms "
                        "that share the activation cache, batch size and seed together over one batch read; the "
                        "results are the same, but each arm's are ready as soon as it finishes (default: off)")
+    _flag(study, StudyConfig, "parallel_arms")
     _flag(study, TrainConfig, "seed")
 
     data = p.add_argument_group("activations")
@@ -301,7 +302,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     probes = ProbeConfig(**{**source_preset.get("probes", {}), **quick_probes, **config.get("probes", {}),
                             **_given(a, PROBE_FLAGS)})
     study = StudyConfig(names=studies, study_id=a.study_id or config.get("study_id"), resume=a.resume, quick=a.quick,
-                        lockstep=not a.sequential_arms,
+                        lockstep=not a.sequential_arms, **_given(a, ("parallel_arms",)),
                         report=a.report, docs=a.docs, search=a.search, arm=a.arm,
                         export=a.export, out=a.out, serve=a.serve,
                         **{k: v for k, v in (("port", a.port), ("host", a.host)) if v is not None},

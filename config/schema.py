@@ -346,6 +346,8 @@ class StudyConfig:
     report: str | None = None  # rebuild this study's report from its files, train nothing
     docs: str | None = None  # with report: the Markdown file whose generated block gets the study's results
     lockstep: bool = True  # arms that read the same batches train step by step together (same results)
+    parallel_arms: int = option(2, "positive", help="on the CPU, arms in lockstep that take their training step at "
+                                "the same time, each in a thread (1: one after another); the results are the same")
     search: str | None = option(None, help="print the latents of study --study-id whose label, top tokens or top "
                                 "contexts contain the word, ranked (labels first), then exit", shown="off")
     arm: str | None = option(None, help="with --search or --export: only this arm (its name, as the report's tables "

@@ -1,5 +1,6 @@
 """The training step's rules, on an in-memory activation cache: gradient clipping in the
-references' units, and the dead-latent counters."""
+references' units, the dead-latent counters, and arms in lockstep taking their steps in threads."""
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,9 @@ import torch
 
 from config.schema import SAEArmConfig, TrainConfig
 from experiments.data.activation_cache import ActivationCache
-from experiments.train.trainer import EvalContext, StopFlag, Trainer
+from experiments.train.trainer import EvalContext, StopFlag, Trainer, train_arms
+from models.sae.catalog import ARCHITECTURE_DEFAULTS
+from visualization.sinks import ArmSinks
 
 
 def trainer(tmp_path: Path, arch: str = "topk", d_in: int = 16, rows: int = 4096, **train) -> Trainer:
@@ -51,3 +54,55 @@ def test_dead_means_no_firing_in_the_last_window_counted_every_step(tmp_path):
     t._update_dead(fired, 64)  # one firing revives a latent at once
     assert not t.dead_mask[:5].any() and t.dead_mask[5:].all()
     assert (t.tokens_since_fired[:5] == 0).all() and (t.tokens_since_fired[5:] == 11 * 64).all()
+
+
+def lockstep_group(tmp_path: Path, name: str) -> dict[str, Trainer]:
+    """Every architecture, and a TopK arm that resamples, over one cache: arms train_arms steps together."""
+    rows, d_in = 4096, 16
+    acts = np.random.default_rng(0).standard_normal((rows, d_in), dtype=np.float32)
+    cache = ActivationCache(tmp_path, {"split": {"n_train_rows": rows - 512}, "normalization": {"scale": 1.0}},
+                            acts, None)
+    arms = {arch: SAEArmConfig.for_architecture(arch, hidden_dim=64, **({"k": 4} if "k" in ARCHITECTURE_DEFAULTS[arch]
+                                                                          else {}))
+            for arch in ARCHITECTURE_DEFAULTS}
+    arms["resample"] = SAEArmConfig.for_architecture("topk", hidden_dim=64, k=1, dead_handling="resample")
+    cfg = TrainConfig(batch_size=64, steps=30, warmup_steps=1, eval_every=10, checkpoint_every=10, log_every=5,
+                      dead_window=640)
+    group = {}
+    for key, sae in arms.items():
+        arm_dir = tmp_path / name / key
+        sinks = ArmSinks(arm_dir, None, key, group=name, job_type="test", config={})
+        group[key] = Trainer(arm_dir, sae, cfg, cache, 1.0, EvalContext(), sinks, StopFlag())
+    return group
+
+
+def test_arms_stepping_in_threads_end_where_arms_stepping_in_turn_do(tmp_path):
+    """train_arms with two arms taking their step at once (threads) and with one at a time: the same
+    weights bit for bit, and the same curves, for every architecture and for an arm that resamples;
+    an arm that fails is reported failed, in plan order, and the others finish."""
+    outcomes, threads = {}, {}
+    for at_once in (1, 2):
+        group = lockstep_group(tmp_path, f"at-once-{at_once}")
+        threads[at_once] = set()
+        for key, t in group.items():
+            def step(x=None, t=t, key=key, seen=threads[at_once]):
+                seen.add(threading.current_thread().name.split("_")[0])
+                if key == "relu" and t.step == 12:
+                    raise RuntimeError("this arm fails at step 13")
+                return Trainer.train_step(t, x)
+            t.train_step = step
+        labels = {key: key for key in group}
+        outcomes[at_once] = {o.arm_id: o for o in train_arms(group, False, StopFlag(), labels, at_once=at_once)}
+    assert threads == {1: {"MainThread"}, 2: {"arm-step"}}
+    assert list(outcomes[1]) == list(outcomes[2])
+    for key, done in outcomes[1].items():
+        other = outcomes[2][key]
+        if key == "relu":
+            assert str(done.error) == str(other.error) == "this arm fails at step 13"
+            continue
+        assert done.result.final == other.result.final
+        assert all(torch.equal(a, b) for a, b in zip(done.trainer.sae.state_dict().values(),
+                                                   other.trainer.sae.state_dict().values()))
+        assert (done.trainer.arm_dir / "metrics.csv").read_text() == (other.trainer.arm_dir / "metrics.csv").read_text()
+    resampled = (outcomes[2]["resample"].trainer.arm_dir / "metrics.csv").read_text()
+    assert "train/resampled" in resampled

@@ -426,7 +426,7 @@ def _train(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[P
         for arm_id, trainer in group.items():
             record.arm(arm_id).status, record.arm(arm_id).steps_total = "running", trainer.n_steps
         record.write(study_json)
-        for outcome in train_arms(group, cfg.study.resume, stop, labels, bar=bars(cfg)):
+        for outcome in train_arms(group, cfg.study.resume, stop, labels, bars(cfg), cfg.study.parallel_arms):
             name = planned[index_of[outcome.arm_id]].name
             failed |= record_outcome(study_dir, record, outcome.arm_id, _settled(outcome, study_dir, name), index_of)
     return failed

@@ -8,6 +8,7 @@ reproduces an uninterrupted one bit for bit on CPU.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -375,12 +376,10 @@ class Trainer:
     def done(self) -> bool:
         return self.step >= self.n_steps
 
-    def advance(self, x: torch.Tensor | None = None) -> dict[str, float] | None:
-        """One training step on x (default: this step's batch) and what follows it: logs, eval,
-        checkpoint. Returns the logged training statistics, when this step logs them."""
+    def after_step(self, stats: dict[str, torch.Tensor | float]) -> dict[str, float] | None:
+        """What follows a training step (`stats`, from train_step): logs, eval, checkpoint. Returns
+        the logged training statistics, when this step logs them."""
         start = time.perf_counter()
-        with phase("training"):
-            stats = self.train_step(x)
         faults.reached(f"step:{self.step}")
         logs = None
         if self.step % self.cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in stats:
@@ -429,11 +428,17 @@ class ArmOutcome:
 
 
 def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, labels: dict[str, str],
-               bar: BarFactory = silent_bar) -> Iterator[ArmOutcome]:
+               bar: BarFactory = silent_bar, at_once: int = 1) -> Iterator[ArmOutcome]:
     """Train arms that read the same batches (equal lockstep_key) together, step by step: each
     step's batch is read once for all of them. The result equals training them one after another:
     a batch depends only on (seed, step) and the arms share no other state. Arms at different steps
     (resumed from checkpoints written at different steps) each go on alone until level.
+
+    On the CPU, `at_once` arms take their training step at the same time, each in a thread (torch
+    releases the GIL in its ops): at small shapes one arm's step leaves a core idle in its Python
+    and in kernels too small to split. The results are the same, since each arm's ops are the ones
+    it would run alone, with as many torch threads. What follows a step (logs, evals, which
+    splice the SAE into the shared subject model, checkpoints) runs afterwards, arm by arm in order.
 
     Yields each arm's outcome as it happens, so the caller can record it at once: an arm that
     raises is reported failed and the others carry on (unless the caller raises). On a stop
@@ -442,6 +447,26 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
     assert len({lockstep_key(t) for t in trainers.values()}) <= 1, "arms that read different batches"
     active: dict[str, Trainer] = {}
     bars: dict[str, object] = {}
+    on_cpu = all(t.device.type == "cpu" for t in trainers.values())
+    # A new thread starts with OpenMP's default thread count: give it this one's.
+    pool = (ThreadPoolExecutor(min(at_once, len(trainers)), thread_name_prefix="arm-step",
+                               initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+            if on_cpu and at_once > 1 and len(trainers) > 1 else None)
+
+    def take_step(key: str, x: torch.Tensor) -> dict | Exception:
+        trainer, start = active[key], time.perf_counter()
+        try:
+            return trainer.train_step(x)
+        except Exception as err:  # the arm's failure, reported in order below
+            return err
+        finally:
+            trainer.seconds += time.perf_counter() - start
+
+    def take_steps(keys: list[str], x: torch.Tensor) -> list[dict | Exception]:
+        with phase("training"):
+            if pool is None or len(keys) < 2:
+                return [take_step(key, x) for key in keys]
+            return list(pool.map(take_step, keys, [x] * len(keys)))
 
     def finish_done() -> Iterator[ArmOutcome]:  # finished arms: write their weights, close their logs
         for key, trainer in list(active.items()):
@@ -469,10 +494,12 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
             step = min(t.step for t in active.values())
             level = [key for key, t in active.items() if t.step == step]
             x = active[level[0]].batch(step)
-            for key in level:
+            for key, stats in zip(level, take_steps(level, x)):
                 trainer = active[key]
                 try:
-                    logs = trainer.advance(x)
+                    if isinstance(stats, Exception):
+                        raise stats
+                    logs = trainer.after_step(stats)
                 except Exception as err:
                     del active[key]
                     yield ArmOutcome(key, trainer, error=err)
@@ -494,3 +521,5 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
     finally:
         for arm_bar in bars.values():
             arm_bar.close()
+        if pool is not None:
+            pool.shutdown()
