@@ -143,6 +143,26 @@ def test_entry_point_exits_2_with_one_line_and_no_traceback():
     assert out.stderr.startswith("error: ")
 
 
+def test_the_entry_point_exits_with_mains_code_after_every_exit_handler(tmp_path):
+    """run_experiments.py skips Python's finalisation (exit_without_teardown: no object is freed one
+    by one), not the exit handlers, those registered before it ran included (coverage's, say), nor
+    what it printed."""
+    code = f"""
+import atexit, runpy, sys, types
+class Finalised:
+    def __del__(self):
+        print("finalised", flush=True)
+sys.modules["held"] = types.ModuleType("held")
+sys.modules["held"].value = Finalised()  # freed by Python's finalisation, if it runs
+atexit.register(lambda: print("handler ran", flush=True))
+sys.argv = ["run_experiments.py", "--report", "absent", "--checkpoint-dir", {str(tmp_path)!r}]
+runpy.run_path("run_experiments.py", run_name="__main__")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stdout == "handler ran\n" and out.stderr.startswith("error: --report: there is no study 'absent'")
+
+
 def test_help_explains_every_flag_with_its_default():
     out = subprocess.run([sys.executable, "run_experiments.py", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
