@@ -87,7 +87,7 @@ def main() -> None:
         worst = max((n for n in LABELS if n != "training"), key=lambda n: timing[n])
         target = TARGETS.get(name)
         aim = f" against a target of {target:.0f} s: {'met' if wall <= target else 'not met'}" if target else ""
-        verdicts.append(f"{name}: {wall:.0f} s{aim}; the largest phase besides training is {LABELS[worst]} "
+        verdicts.append(f"{name}: {wall:.1f} s{aim}; the largest phase besides training is {LABELS[worst]} "
                         f"({timing[worst] / timing['total']:.0%}).")
     finding = ("Seconds per phase (share of the study's clock); the process wall time adds Python's start-up and "
                "the imports before the clock starts. " + " ".join(verdicts))
