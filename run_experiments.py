@@ -103,4 +103,7 @@ def exit_without_teardown(code: int) -> NoReturn:
 
 
 if __name__ == "__main__":
-    exit_without_teardown(main())  # where main raises (SystemExit included), Python exits as usual
+    code = main()  # where main raises (SystemExit included), Python exits as usual
+    if sys.getprofile() is None and sys.gettrace() is None:  # profilers and coverage report after the script
+        exit_without_teardown(code)
+    sys.exit(code)

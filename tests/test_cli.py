@@ -145,8 +145,8 @@ def test_entry_point_exits_2_with_one_line_and_no_traceback():
 
 def test_the_entry_point_exits_with_mains_code_after_every_exit_handler(tmp_path):
     """run_experiments.py skips Python's finalisation (exit_without_teardown: no object is freed one
-    by one), not the exit handlers, those registered before it ran included (coverage's, say), nor
-    what it printed."""
+    by one), not the exit handlers, those registered before it ran included, nor what it printed;
+    and not at all under a profiler."""
     code = f"""
 import atexit, runpy, sys, types
 class Finalised:
@@ -161,6 +161,10 @@ runpy.run_path("run_experiments.py", run_name="__main__")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stdout == "handler ran\n" and out.stderr.startswith("error: --report: there is no study 'absent'")
+    # Under a profiler (cProfile, pyinstrument) the exit is Python's own: they report after the script.
+    profiled = code.replace("atexit.register", "sys.setprofile(lambda *args: None); atexit.register")
+    out = subprocess.run([sys.executable, "-c", profiled], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stdout == "handler ran\nfinalised\n"
 
 
 def test_help_explains_every_flag_with_its_default():
