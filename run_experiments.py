@@ -21,12 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    # Heavy imports only after the arguments are checked, so --help and bad flags answer at once.
     from experiments.host_memory import retain_freed_memory
+
+    retain_freed_memory()  # before the threads of the libraries imported next exist: they share its arena
+    # Heavy imports only after the arguments are checked, so --help and bad flags answer at once.
     from experiments.studies.runner import OutOfSpace, export_study, rebuild_report, run_study, search_study
     from experiments.train.trainer import StopFlag, StopRequested
-
-    retain_freed_memory()
 
     stop = StopFlag()
 
@@ -93,10 +93,8 @@ def exit_without_teardown(code: int) -> NoReturn:
     logging's, coverage's), minus its finalisation, which frees every object of every module one by
     one: 1.5 s after a study (torch, transformer_lens, numba's LLVM) spent on memory the OS reclaims
     at once. Every file the harness writes is closed by then; the standard streams are flushed here."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()  # CPython's own step of the same name, which it would take next
+    threading._shutdown()  # CPython's own first two steps at exit: its threads' exit hooks (those that stop
+    atexit._run_exitfuncs()  # idle thread and process pools), the non-daemon threads joined; then the handlers
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -214,7 +214,7 @@ def train_and_score(architecture: str, toy: str, seed: int, cache_root: Path, li
         ours.begin(resume=False)
         while not ours.done:
             x = ours.batch(ours.step)
-            for i, advance in enumerate([ours.advance, *(ref.step for ref in refs)]):
+            for i, advance in enumerate([lambda x: ours.after_step(ours.train_step(x)), *(ref.step for ref in refs)]):
                 start = time.perf_counter()
                 advance(x.clone())
                 seconds[i] += time.perf_counter() - start

@@ -6,6 +6,8 @@ report's figures are drawn in other processes into the same files.
 """
 
 import os
+import signal
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -474,7 +476,14 @@ def _fails() -> Figure:
     raise ValueError("this figure cannot be drawn")
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="figures are drawn in other processes on 2+ cores")
+def _kills_its_figure_process(parent: int, pid_file: Path) -> Figure:
+    if os.getpid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)  # as a SIGTERM to the whole job or the OOM killer would
+    return _drawn_in(pid_file, "drawn after all")
+
+
+@pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+                    reason="figures are drawn in other processes on Linux with 2+ cores")
 def test_a_reports_figures_are_drawn_in_other_processes_into_the_same_files(tmp_path):
     jobs = [(partial(_drawn_in, tmp_path / f"{i}.pid", f"figure {i}"), tmp_path / "parallel" / f"{i}.png")
             for i in range(5)]
@@ -485,3 +494,8 @@ def test_a_reports_figures_are_drawn_in_other_processes_into_the_same_files(tmp_
         assert path.read_bytes() == (tmp_path / f"{i}.png").read_bytes()
     with pytest.raises(ValueError, match="cannot be drawn"):
         list(save_figures([*jobs[:2], (_fails, tmp_path / "failed.png")]))
+    # A figure process killed mid-report: its figure and the rest are drawn here instead.
+    killed = [*jobs[:2], (partial(_kills_its_figure_process, os.getpid(), tmp_path / "k.pid"), tmp_path / "k.png"),
+              *jobs[2:]]
+    assert list(save_figures(killed)) == [path for _, path in killed]
+    assert (tmp_path / "k.pid").read_text() == str(os.getpid()) and (tmp_path / "k.png").stat().st_size > 0

@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import matplotlib
@@ -99,12 +100,19 @@ def save_figures(jobs: list[FigureJob]) -> Iterator[Path]:
             yield path
         return
     _jobs = jobs
-    # A process pool that dies with a worker (BrokenProcessPool) rather than wait for its lost figure.
+    # A process pool, unlike multiprocessing.Pool, fails (BrokenProcessPool) when a worker dies
+    # instead of waiting for its figure forever.
     pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
                                initializer=_figure_process, initargs=(os.getpid(),))
+    saved = 0
     try:
         for i in pool.map(_save_job, range(len(jobs))):
+            saved += 1
             yield jobs[i][1]
+    except BrokenProcessPool:  # a worker was killed (a SIGTERM to the whole job, the OOM killer): the rest here
+        for draw, path in jobs[saved:]:
+            save_figure(draw(), path)
+            yield path
     finally:
         pool.shutdown(cancel_futures=True)
         _jobs = []
@@ -118,8 +126,9 @@ def _save_job(i: int) -> int:
 
 def _figure_process(parent: int) -> None:
     """A figure process dies with the process that forked it: one killed while its report is half
-    drawn must not leave them behind, holding its terminal or its caller's pipes open. It leaves
-    Ctrl-C and SIGTERM to that process (whose handlers it would otherwise inherit)."""
+    drawn must not leave them behind, holding its terminal or its caller's pipes open. Ctrl-C is
+    left to that process (whose handlers it would otherwise inherit); SIGTERM ends it (the pool's
+    own way to stop a worker), and its figures are then drawn by that process."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before the line above took effect

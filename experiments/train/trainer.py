@@ -219,7 +219,7 @@ class Trainer:
         self.step = 0
         self.wandb_run_id: str | None = None
         self.last_eval: dict[str, float] = {}
-        self.seconds = 0.0  # spent on this arm (begin, advance, finish): arms in lockstep interleave
+        self.seconds = 0.0  # spent on this arm (begin, steps, after_step, finish): arms in lockstep interleave
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
 
@@ -453,20 +453,25 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
                                initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
             if on_cpu and at_once > 1 and len(trainers) > 1 else None)
 
-    def take_step(key: str, x: torch.Tensor) -> dict | Exception:
-        trainer, start = active[key], time.perf_counter()
+    def take_step(key: str, x: torch.Tensor) -> tuple[dict | Exception, float]:
+        start = time.perf_counter()
         try:
-            return trainer.train_step(x)
+            return active[key].train_step(x), time.perf_counter() - start
         except Exception as err:  # the arm's failure, reported in order below
-            return err
-        finally:
-            trainer.seconds += time.perf_counter() - start
+            return err, time.perf_counter() - start
 
     def take_steps(keys: list[str], x: torch.Tensor) -> list[dict | Exception]:
+        start = time.perf_counter()
         with phase("training"):
             if pool is None or len(keys) < 2:
-                return [take_step(key, x) for key in keys]
-            return list(pool.map(take_step, keys, [x] * len(keys)))
+                taken = [take_step(key, x) for key in keys]
+            else:
+                taken = list(pool.map(take_step, keys, [x] * len(keys)))
+        # Each arm is charged its share of the wall time, so that arms' seconds still add up to it.
+        wall, own = time.perf_counter() - start, sum(seconds for _, seconds in taken)
+        for key, (_, seconds) in zip(keys, taken):
+            active[key].seconds += wall * seconds / own if own > 0 else wall / len(keys)
+        return [stats for stats, _ in taken]
 
     def finish_done() -> Iterator[ArmOutcome]:  # finished arms: write their weights, close their logs
         for key, trainer in list(active.items()):
