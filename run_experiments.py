@@ -93,8 +93,10 @@ def exit_without_teardown(code: int) -> NoReturn:
     logging's, coverage's), minus its finalisation, which frees every object of every module one by
     one: 1.5 s after a study (torch, transformer_lens, numba's LLVM) spent on memory the OS reclaims
     at once. Every file the harness writes is closed by then; the standard streams are flushed here."""
-    threading._shutdown()  # CPython's own first two steps at exit: its threads' exit hooks (those that stop
-    atexit._run_exitfuncs()  # idle thread and process pools), the non-daemon threads joined; then the handlers
+    # CPython's own steps at exit, in its order: the threads' exit hooks (they stop idle thread and
+    # process pools) and the join of the non-daemon threads, then the exit handlers.
+    threading._shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -82,7 +82,7 @@ def save_figure(fig: Figure, path: Path) -> None:
 
 
 FigureJob = tuple[Callable[[], Figure], Path]  # draw the figure, save it there
-MAX_FIGURE_PROCESSES = 8
+MAX_FIGURE_PROCESSES = 8  # a report has a few tens of figures: more processes would mostly cost their forks
 _jobs: list[FigureJob] = []  # what the forked figure processes draw (they inherit it; nothing is pickled)
 
 
