@@ -92,12 +92,10 @@ def save_figures(jobs: list[FigureJob]) -> Iterator[Path]:
     figures, so on a Linux machine with several cores they are drawn in forked processes, one core
     each; elsewhere, or for a single figure, one after another here."""
     global _jobs
-    processes = min(len(jobs), len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1,
-                    MAX_FIGURE_PROCESSES)
-    if processes < 2 or sys.platform != "linux":
-        for draw, path in jobs:
-            save_figure(draw(), path)
-            yield path
+    # Linux: the processes die with their parent through prctl, which only Linux has.
+    processes = min(len(jobs), len(os.sched_getaffinity(0)), MAX_FIGURE_PROCESSES) if sys.platform == "linux" else 1
+    if processes < 2:
+        yield from _save_here(jobs)
         return
     _jobs = jobs
     # A process pool, unlike multiprocessing.Pool, fails (BrokenProcessPool) when a worker dies
@@ -110,12 +108,16 @@ def save_figures(jobs: list[FigureJob]) -> Iterator[Path]:
             saved += 1
             yield jobs[i][1]
     except BrokenProcessPool:  # a worker was killed (a SIGTERM to the whole job, the OOM killer): the rest here
-        for draw, path in jobs[saved:]:
-            save_figure(draw(), path)
-            yield path
+        yield from _save_here(jobs[saved:])
     finally:
         pool.shutdown(cancel_futures=True)
         _jobs = []
+
+
+def _save_here(jobs: list[FigureJob]) -> Iterator[Path]:
+    for draw, path in jobs:
+        save_figure(draw(), path)
+        yield path
 
 
 def _save_job(i: int) -> int:

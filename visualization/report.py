@@ -75,9 +75,9 @@ def write_report(study_dir: Path, record: StudyRecord, results: list, source_row
             rel = data_file(res.name, key)
             write_csv(tmp / rel, table.headers, table.rows)
             lines += [f"**{table.title}**: [{rel}]({rel}) ({len(table.rows):,} rows)", ""]
-        for key in res.figures:
+        for key, draw in res.figures.items():
             rel = figure_file(res.name, key)
-            jobs.append((res.figures[key], tmp / rel))
+            jobs.append((draw, tmp / rel))
             lines += [f"![{res.name} {key}]({rel})", "", f"*{res.captions[key]}*", ""]
     for _ in save_figures(jobs):
         after_figure()  # the runner's fault-injection point
