@@ -146,6 +146,8 @@ CASES = [
     Case("zero-k", ("--k", "0"), "argument --k: must be positive, got 0"),
     Case("k-above-hidden-dim", ("--k", "64", "--hidden-dim", "32"), "--k 64 exceeds --hidden-dim 32"),
     Case("negative-hidden-dim", ("--hidden-dim", "-5"), "argument --hidden-dim: must be positive, got -5"),
+    Case("zero-parallel-arms", ("--parallel-arms", "0"), "argument --parallel-arms: must be positive, got 0"),
+    Case("parallel-arms-not-a-number", ("--parallel-arms", "two"), "argument --parallel-arms: must be an integer, got 'two'"),
     Case("zero-expansion-factor", ("--expansion-factor", "0"),
          "argument --expansion-factor: must be positive, got 0"),
     Case("zero-lr", ("--lr", "0"), "argument --lr: must be positive, got 0.0"),

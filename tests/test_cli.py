@@ -106,6 +106,8 @@ def test_defaults():
     (["--activation", "gated"], "arms.0.sae.aux_coef", 1.0),
     (["--dataset", "f.txt"], "data.dataset", "f.txt"),
     (["--no-progress"], "log.progress", False),
+    ([], "study.parallel_arms", 2),
+    (["--parallel-arms", "1"], "study.parallel_arms", 1),
 ])
 def test_flag_sets_its_field(argv, path, expected):
     obj = parse_args(["--study", "activations", *argv] if "--study" not in argv else argv)
