@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from models.sae import SAEConfig, build_sae
-from models.sae.kernels import SparseActs, encoder_pre_acts, selected_pre_acts, sparse_decode
+from models.sae import kernels
+from models.sae.kernels import SparseActs, batch_top_k, encoder_pre_acts, selected_pre_acts, sparse_decode
 
 
 def params64(seed: int, d_in: int = 6, d_sae: int = 10):
@@ -51,6 +52,64 @@ def test_selected_pre_acts_gradients_match_the_dense_gather():
     g = torch.randn_like(ours)
     for a, b in zip(torch.autograd.grad(ours, (W_enc, b_enc, b_dec), g), torch.autograd.grad(plain, (W_enc, b_enc, b_dec), g)):
         assert torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batch_top_k_selects_what_torch_topk_selects(dtype):
+    x = torch.randn(5000, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    for k in (1, 37, 4999):
+        values, indices = batch_top_k(x, k)
+        expected = x.topk(k, sorted=False)
+        assert torch.equal(indices.sort().values, expected.indices.sort().values)
+        assert torch.equal(values, x[indices])
+        assert values.min() >= x.sort(descending=True).values[k - 1]
+
+
+def test_batch_top_k_counts_nan_as_largest_and_falls_back_where_numpy_cannot_go():
+    x = torch.tensor([0.5, float("nan"), -1.0, 2.0, float("-inf")])
+    _, indices = batch_top_k(x, 2)
+    assert sorted(indices.tolist()) == [1, 3]  # torch.topk's order too: NaN above everything
+    half = torch.tensor([3.0, 1.0, 2.0], dtype=torch.bfloat16)
+    assert sorted(batch_top_k(half, 2)[1].tolist()) == [0, 2]  # no bfloat16 in numpy: torch.topk
+    assert batch_top_k(x[:3], 3)[1].numel() == 3  # k = n and k = 0: torch.topk
+    assert batch_top_k(x, 0)[1].numel() == 0
+
+
+def test_batch_top_k_passes_gradients_to_the_selected_entries():
+    x = torch.tensor([0.1, 0.9, 0.5, 0.7], requires_grad=True)
+    values, _ = batch_top_k(x, 2)
+    values.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+def test_training_with_batch_top_k_equals_torch_topk_bit_for_bit(arch, path, monkeypatch):
+    """The selection's order never reaches a result: 20 Adam steps end at the same weights."""
+    def train() -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        sae = build_sae(SAEConfig(arch, d_in=16, d_sae=128, k=4, aux_k=12))
+        sae.training_path = path
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        dead = torch.arange(128) % 5 == 0
+        g = torch.Generator().manual_seed(1)
+        for step in range(20):
+            out = sae.loss(torch.randn(64, 16, generator=g), step, dead_mask=dead)
+            opt.zero_grad()
+            out["loss"].backward()
+            opt.step()
+        return [t.detach().clone() for t in (*sae.parameters(), *sae.buffers())]
+
+    calls = []
+    argpartition = kernels.np.argpartition
+    monkeypatch.setattr(kernels.np, "argpartition", lambda *a, **k: calls.append(1) or argpartition(*a, **k))
+    fast = train()
+    assert len(calls) >= 20  # the fast path ran
+    with monkeypatch.context() as m:  # torch.topk everywhere
+        m.setattr("models.sae.batchtopk.batch_top_k", lambda v, k: v.topk(k, sorted=False))
+        m.setattr("models.sae.topk.batch_top_k", lambda v, k: v.topk(k, sorted=False))
+        plain = train()
+    assert all(torch.equal(a, b) for a, b in zip(fast, plain))
 
 
 def both_paths(arch: str, **kw):

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from models.sae.base import SAEConfig, register
-from models.sae.kernels import SparseActs
+from models.sae.kernels import SparseActs, batch_top_k
 from models.sae.topk import TopKSAE, topk_scatter
 
 
@@ -38,7 +38,7 @@ class BatchTopKSAE(TopKSAE):
     def select(self, pre: Tensor) -> SparseActs:
         """Sparse training path: the k*B largest entries of the batch; theta is updated from them."""
         n_rows = pre.shape[0]
-        vals, flat = pre.reshape(-1).topk(self.cfg.k * n_rows, sorted=False)
+        vals, flat = batch_top_k(pre.reshape(-1), self.cfg.k * n_rows)
         self._update_threshold_(vals.relu())
         return SparseActs.from_flat(flat, n_rows, pre.shape[-1])
 

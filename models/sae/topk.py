@@ -6,12 +6,12 @@ import torch
 from torch import Tensor
 
 from models.sae.base import SAE, register
-from models.sae.kernels import SparseActs, selected_pre_acts, sparse_decode
+from models.sae.kernels import SparseActs, batch_top_k, selected_pre_acts, sparse_decode
 
 
 def topk_scatter(pre: Tensor, k: int) -> Tensor:
     """Keep the k largest entries of relu(pre) along the last dim, zero the rest."""
-    vals, idx = pre.topk(k, dim=-1, sorted=False)
+    vals, idx = batch_top_k(pre, k) if pre.dim() == 1 else pre.topk(k, dim=-1, sorted=False)
     # relu after selection is the same as before it (relu is monotone) and touches only k entries.
     return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
