@@ -1,4 +1,8 @@
 """Probe and study building blocks on hand-computed inputs."""
+import os
+import sys
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -6,6 +10,7 @@ from scipy.stats import spearmanr
 
 from experiments.eval.concepts import ConceptSet
 from experiments.eval.metrics import EvalAccumulator, frequency_stats, rank_stability
+from experiments.eval.embedding import embedding_workers
 from experiments.eval.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
 from experiments.studies.emergence import _first_reach, _nanmax, _settled_reach, median_by_kind
 from config.schema import ProbeConfig
@@ -110,3 +115,39 @@ def test_arm_probes_write_readable_evals_and_resume_their_spearman(tmp_path):
     resumed.resume_at(15)
     m3, _ = resumed.run(20, 200, None, EvalOutput({}, np.array([0.9, 0.1]), np.ones(2), None, None))
     assert m3["freq/rank_spearman"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+                    reason="helper processes run on Linux with 2+ cores")
+def test_umap_fits_prefetched_into_a_worker_give_the_embedding_fitted_here(tmp_path):
+    w_dec = np.random.default_rng(0).normal(size=(64, 8)).astype(np.float32)
+    sae = SimpleNamespace(W_dec=torch.from_numpy(w_dec))
+    density = np.full(64, 0.1)
+    here = ArmProbes(tmp_path / "here", {"umap"}, ProbeConfig(), None, {5}, seed=3, n_eval_tokens=10)
+    _, expected = here.run(5, 50, sae, EvalOutput({}, density, density, None, None))
+
+    workers = embedding_workers()
+    try:
+        probes = ArmProbes(tmp_path / "worker", {"umap"}, ProbeConfig(), None, {5}, seed=3, n_eval_tokens=10,
+                           workers=workers)
+        probes.prefetch(4, sae)  # not a UMAP step: nothing started
+        assert probes._fits == {}
+        probes.prefetch(5, sae)
+        worker = probes._fits[5]
+        _, embedding = probes.run(5, 50, sae, EvalOutput({}, density, density, None, None))
+        assert worker.done() and probes._fits == {}
+        np.testing.assert_array_equal(embedding["xy"], expected["xy"])
+        written = [read_evals(tmp_path / where)[0]["umap_xy"].tobytes() for where in ("worker", "here")]
+        assert written[0] == written[1]
+
+        # A worker killed mid-study (the OOM killer, say): this eval's fit and later ones are made here.
+        for process in list(workers._processes.values()):
+            process.kill()
+        probes.prefetch(5, sae)
+        _, embedding = probes.run(5, 50, sae, EvalOutput({}, density, density, None, None))
+        np.testing.assert_array_equal(embedding["xy"], expected["xy"])
+        probes.prefetch(5, sae)  # the pool is broken now: submitting fails, and run() fits here
+        _, embedding = probes.run(5, 50, sae, EvalOutput({}, density, density, None, None))
+        np.testing.assert_array_equal(embedding["xy"], expected["xy"])
+    finally:
+        workers.shutdown(wait=False, cancel_futures=True)

@@ -4,7 +4,8 @@ import torch
 
 from models.sae import SAEConfig, build_sae
 from models.sae import kernels
-from models.sae.kernels import SparseActs, batch_top_k, encoder_pre_acts, selected_pre_acts, sparse_decode
+from models.sae.kernels import (SparseActs, batch_top_k, encoder_pre_acts, selected_pre_acts,
+                               sparse_decode)
 
 
 def params64(seed: int, d_in: int = 6, d_sae: int = 10):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from config.schema import SAEArmConfig, TrainConfig
+from config.schema import ProbeConfig, SAEArmConfig, TrainConfig
 from experiments.data.activation_cache import ActivationCache
 from experiments.train.trainer import EvalContext, StopFlag, Trainer, train_arms
 from models.sae.catalog import ARCHITECTURE_DEFAULTS
@@ -127,3 +127,33 @@ def test_adam_over_all_of_an_arms_tensors_at_once_gives_the_per_tensor_loops_num
     for key, t in runs[0].items():
         other = runs[1][key]
         assert all(torch.equal(a, b) for a, b in zip(t.sae.state_dict().values(), other.sae.state_dict().values()))
+
+
+class RecordingProbes:
+    """Probes that only record when an eval's work is started elsewhere and when the eval runs."""
+    cfg, needs_firing = ProbeConfig(), False
+
+    def __init__(self, name: str, log: list):
+        self.name, self.log = name, log
+
+    def resume_at(self, step: int) -> None:
+        pass
+
+    def prefetch(self, step: int, sae) -> None:
+        self.log.append(("prefetch", self.name, step))
+
+    def run(self, step: int, tokens: int, sae, out):
+        self.log.append(("eval", self.name, step))
+        return {}, None
+
+
+def test_every_arms_umap_fit_starts_before_the_first_arm_is_evaluated_at_that_step(tmp_path):
+    """The fits run in a helper process while the arms are evaluated one after another."""
+    log = []
+    group = lockstep_group(tmp_path, "prefetch")
+    group = {key: group[key] for key in ("topk", "relu")}
+    for key, t in group.items():
+        t.probes = RecordingProbes(key, log)
+    list(train_arms(group, False, StopFlag(), {key: key for key in group}, at_once=2))
+    assert log == [(kind, key, step) for step in (10, 20, 30) for kind in ("prefetch", "eval")
+                   for key in ("topk", "relu")]

@@ -1,12 +1,6 @@
 """Matplotlib figures for SAE diagnostics (headless: Agg backend, no W&B)."""
 
-import ctypes
-import multiprocessing
-import os
-import signal
-import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -16,6 +10,8 @@ matplotlib.use("Agg")  # headless training boxes have no display
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+
+from config.processes import forked_pool
 
 N_BINS = 60
 
@@ -92,16 +88,11 @@ def save_figures(jobs: list[FigureJob]) -> Iterator[Path]:
     figures, so on a Linux machine with several cores they are drawn in forked processes, one core
     each; elsewhere, or for a single figure, one after another here."""
     global _jobs
-    # Linux: the processes die with their parent through prctl, which only Linux has.
-    processes = min(len(jobs), len(os.sched_getaffinity(0)), MAX_FIGURE_PROCESSES) if sys.platform == "linux" else 1
-    if processes < 2:
+    _jobs = jobs  # before the fork: the processes inherit it
+    pool = forked_pool(min(len(jobs), MAX_FIGURE_PROCESSES)) if len(jobs) > 1 else None
+    if pool is None:
         yield from _save_here(jobs)
         return
-    _jobs = jobs
-    # A process pool, unlike multiprocessing.Pool, fails (BrokenProcessPool) when a worker dies
-    # instead of waiting for its figure forever.
-    pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("fork"),
-                               initializer=_figure_process, initargs=(os.getpid(),))
     saved = 0
     try:
         for i in pool.map(_save_job, range(len(jobs))):
@@ -124,16 +115,3 @@ def _save_job(i: int) -> int:
     draw, path = _jobs[i]
     save_figure(draw(), path)
     return i
-
-
-def _figure_process(parent: int) -> None:
-    """A figure process dies with the process that forked it: one killed while its report is half
-    drawn must not leave them behind, holding its terminal or its caller's pipes open. Ctrl-C is
-    left to that process (whose handlers it would otherwise inherit); SIGTERM ends it (the pool's
-    own way to stop a worker), and its figures are then drawn by that process."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent:  # it died before the line above took effect
-        os._exit(0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)

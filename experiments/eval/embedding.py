@@ -27,14 +27,23 @@ asks numba to cache almost none of them, so every run of the harness paid that a
 imported here with numba's on-disk cache switched on for its functions (`_import_umap`): the first
 process compiles and stores them (beside umap's sources, or in NUMBA_CACHE_DIR), later ones load
 them in well under a second. Same machine code, same layouts.
+
+A study fits its embeddings in helper processes (`embedding_workers`): forked before the subject
+model loads, they import umap (about 2 s) on the core that loading leaves idle, and at an eval step
+every arm's fit starts at once (`ArmProbes.prefetch`), to run while the arms are evaluated one after
+another. A fit is a pure function of its decoder and seed, so where it runs changes nothing.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
+
+from config.processes import forked_pool
 
 N_NEIGHBORS = 15
 MIN_DIST = 0.1
@@ -103,6 +112,23 @@ def decoder_embedding(w_dec: np.ndarray, seed: int) -> np.ndarray:
         rng = np.random.default_rng(seed)
         out[zero] = centre + rng.normal(scale=0.015 * span, size=(n_zero, 2))
     return out.astype(np.float32)
+
+
+def embedding_workers(workers: int = 1) -> ProcessPoolExecutor | None:
+    """Processes for decoder_embedding, started now, umap imported in each as it starts; None where
+    helper processes are not used (one core, not Linux)."""
+    return forked_pool(workers, warm_up=_import_umap)
+
+
+def embedding_of(fit: Future | None, w_dec: np.ndarray, seed: int) -> np.ndarray:
+    """decoder_embedding(w_dec, seed): what a worker computed (`fit`), or computed here, without a
+    worker or when one died."""
+    if fit is not None:
+        try:
+            return fit.result()
+        except BrokenProcessPool:
+            pass
+    return decoder_embedding(w_dec, seed)
 
 
 def _import_umap():

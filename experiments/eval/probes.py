@@ -13,6 +13,8 @@ Studies and `--report` read these files; nothing is recomputed.
 """
 from __future__ import annotations
 
+from concurrent.futures import Executor, Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 from config.schema import ProbeConfig
 from experiments.eval.concepts import ConceptSet, score_concepts
+from experiments.eval.embedding import decoder_embedding, embedding_of
 from experiments.eval.metrics import frequency_stats, rank_stability
 from experiments.eval.recovery import abs_cosine
 from experiments.data.synthetic import SyntheticTruth
@@ -90,8 +93,12 @@ def matched_categories(fired: torch.Tensor, labels: torch.Tensor, kinds: list[st
 
 class ArmProbes:
     def __init__(self, arm_dir: Path, kinds: set[str], cfg: ProbeConfig, concept_data: ConceptData | None,
-                 umap_at: set[int], seed: int, n_eval_tokens: int, truth: SyntheticTruth | None = None):
+                 umap_at: set[int], seed: int, n_eval_tokens: int, truth: SyntheticTruth | None = None,
+                 workers: Executor | None = None):
+        """`workers`: processes for the UMAP fits (embedding_workers), or None to fit them here."""
         self.arm_dir, self.kinds, self.cfg, self.seed = arm_dir, kinds, cfg, seed
+        self.workers = workers
+        self._fits: dict[int, Future] = {}  # step: its UMAP fit, started by prefetch
         self.n_eval_tokens = n_eval_tokens
         self.concepts = concept_data if "concepts" in kinds or "umap" in kinds else None
         self.truth = truth if "concepts" in kinds or "umap" in kinds else None
@@ -107,6 +114,15 @@ class ArmProbes:
                               {"names": roles, "kinds": ["role"] * len(roles), "skipped": [],
                                "feature_probability": self.truth.probability.tolist(),
                                "feature_role": self.truth.roles})
+
+    def prefetch(self, step: int, sae) -> None:
+        """Start the UMAP fit of the eval at `step` (the SAE as it now is) in a worker, if there is
+        one: it runs while the arms ahead of this one are evaluated."""
+        if self.workers is not None and step in self.umap_at and step not in self._fits:
+            try:
+                self._fits[step] = self.workers.submit(decoder_embedding, sae.W_dec.detach().cpu().numpy(), self.seed)
+            except BrokenProcessPool:  # a worker died earlier: run() fits it here
+                pass
 
     @property
     def needs_firing(self) -> bool:
@@ -144,11 +160,9 @@ class ArmProbes:
             metrics.update(self._recovery_by_frequency(rec.best_cos))
         embedding = None
         if step in self.umap_at:
-            from experiments.eval.embedding import decoder_embedding
-
             W_dec = sae.W_dec.detach().cpu().numpy()
             with phase("umap"):
-                xy = decoder_embedding(W_dec, self.seed)
+                xy = embedding_of(self._fits.pop(step, None), W_dec, self.seed)
             if self.truth is not None:
                 cos = abs_cosine(W_dec, self.truth.dictionary)
                 names = self.role_names

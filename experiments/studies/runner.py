@@ -15,6 +15,8 @@ import textwrap
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import Executor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -23,6 +25,7 @@ import numpy as np
 from config.schema import ArmSpec, RunConfig, SAEArmConfig, TrainConfig, UsageError, flatten, stable_hash
 from experiments import faults
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES
+from experiments.eval.embedding import embedding_workers
 from experiments.eval.baselines import baselines_file, concept_baselines, read_baselines, write_baselines
 from experiments.eval.features import features_done, save_features
 from experiments.eval.probes import PROBE_KINDS, ArmProbes, umap_steps
@@ -263,33 +266,47 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     record.status = "running"
     record.write(study_json)  # before the harvest, so a run killed there can be resumed
 
-    sources = _open_sources(cfg, study_dir, stop)
-    planned = plan_arms(cfg, sources)
-    _record_plan(record, planned, sources)
-    record.write(study_json)
-    if "emergence" in record.spec["study"]["names"]:
-        for source in (s for s in sources if s.concepts is not None):
-            _measure_baselines(study_dir, source)
-
-    wandb = _wandb_sink(cfg)
-    try:
-        if cfg.study.executor == "ray":
-            from experiments.studies.ray_executor import train_on_ray
-
-            at_hook = {s.hook: s.cache for s in sources}
-            steps = {p.arm_id: total_steps(p.spec.train, at_hook[p.hook]) for p in planned}
-            failed = train_on_ray(cfg, study_dir, record, planned, steps, wandb, stop)
-        else:
-            trainers = _build_trainers(cfg, study_dir, record, planned, sources, wandb, stop)
-            failed = _train(cfg, study_dir, record, planned, trainers, stop)
-        _describe_latents(study_dir, record, sources, stop)
-    except StopRequested as stopped:
-        stopped.study_id = study_dir.name
-        record.status = "interrupted"  # resumable, as "running" is, but no process is at work on it
+    with _embedding_workers(cfg) as workers:
+        sources = _open_sources(cfg, study_dir, stop)
+        planned = plan_arms(cfg, sources)
+        _record_plan(record, planned, sources)
         record.write(study_json)
-        print_sync_command(wandb)
-        raise
+        if "emergence" in record.spec["study"]["names"]:
+            for source in (s for s in sources if s.concepts is not None):
+                _measure_baselines(study_dir, source)
+
+        wandb = _wandb_sink(cfg)
+        try:
+            if cfg.study.executor == "ray":
+                from experiments.studies.ray_executor import train_on_ray
+
+                at_hook = {s.hook: s.cache for s in sources}
+                steps = {p.arm_id: total_steps(p.spec.train, at_hook[p.hook]) for p in planned}
+                failed = train_on_ray(cfg, study_dir, record, planned, steps, wandb, stop)
+            else:
+                trainers = _build_trainers(cfg, study_dir, record, planned, sources, wandb, stop, workers)
+                failed = _train(cfg, study_dir, record, planned, trainers, stop)
+            _describe_latents(study_dir, record, sources, stop)
+        except StopRequested as stopped:
+            stopped.study_id = study_dir.name
+            record.status = "interrupted"  # resumable, as "running" is, but no process is at work on it
+            record.write(study_json)
+            print_sync_command(wandb)
+            raise
     return _write_outputs(study_dir, record, failed, wandb, _shared_config(cfg))
+
+
+@contextlib.contextmanager
+def _embedding_workers(cfg: RunConfig) -> Iterator[Executor | None]:
+    """Processes for the arms' UMAP fits while they train, when the study fits any here. Started
+    before the subject model loads, which leaves a core idle (experiments/eval/embedding.py)."""
+    fits = cfg.probes.umap_evals > 0 and "umap" in _probe_kinds(cfg.study.names)
+    workers = embedding_workers() if fits and cfg.study.executor == "local" else None
+    try:
+        yield workers
+    finally:
+        if workers is not None:
+            workers.shutdown(wait=False, cancel_futures=True)
 
 
 def _wandb_sink(cfg: RunConfig, root_dir: Path | None = None):
@@ -380,9 +397,10 @@ def unfinished(record: StudyRecord, planned: list[PlannedArm]) -> list[PlannedAr
 
 
 def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planned: list[PlannedArm],
-                    sources: list[OpenedSource], wandb, stop: StopFlag) -> dict[str, Trainer]:
+                    sources: list[OpenedSource], wandb, stop: StopFlag,
+                    workers: Executor | None = None) -> dict[str, Trainer]:
     """A trainer per arm of `planned` not yet complete, in plan order, with its sinks and the probes its
-    studies need."""
+    studies need (their UMAP fits in `workers`, when given)."""
     needs_concepts = any("concepts" in _probe_kinds(p.studies) for p in planned)
     at_hook, shared_config = {s.hook: s for s in sources}, _shared_config(cfg)
     trainers: dict[str, Trainer] = {}
@@ -400,7 +418,7 @@ def _build_trainers(cfg: RunConfig, study_dir: Path, record: StudyRecord, planne
         n_steps = total_steps(spec.train, cache)
         probes = ArmProbes(arm_dir, _probe_kinds(p.studies), cfg.probes, concept_data,
                            umap_steps(eval_steps(spec.train, n_steps), cfg.probes.umap_evals), spec.train.seed,
-                           cache.n_eval_rows, truth=ctx.truth)
+                           cache.n_eval_rows, truth=ctx.truth, workers=workers)
         trained_on = {"study_id": study_dir.name, "arm_id": p.arm_id, "arm_name": p.name, **source.about,
                       "normalize": cfg.data.normalize, "norm_scale": scale, "commit": code_commit()}
         trainers[p.arm_id] = Trainer(arm_dir, spec.sae, spec.train, cache, scale, ctx, sinks, stop, probes, trained_on)

@@ -378,6 +378,12 @@ class Trainer:
     def done(self) -> bool:
         return self.step >= self.n_steps
 
+    def prefetch_eval(self) -> None:
+        """Start the work of this step's eval that can run elsewhere (UMAP fits, in helper
+        processes), so that it overlaps the evals of the arms ahead of this one."""
+        if self.probes is not None and self.step in self._eval_at:
+            self.probes.prefetch(self.step, self.sae)
+
     def after_step(self, stats: dict[str, torch.Tensor | float]) -> dict[str, float] | None:
         """What follows a training step (`stats`, from train_step): logs, eval, checkpoint. Returns
         the logged training statistics, when this step logs them."""
@@ -501,7 +507,11 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
             step = min(t.step for t in active.values())
             level = [key for key, t in active.items() if t.step == step]
             x = active[level[0]].batch(step)
-            for key, stats in zip(level, take_steps(level, x)):
+            taken = take_steps(level, x)
+            for key, stats in zip(level, taken):
+                if not isinstance(stats, Exception):
+                    active[key].prefetch_eval()
+            for key, stats in zip(level, taken):
                 trainer = active[key]
                 try:
                     if isinstance(stats, Exception):
