@@ -48,6 +48,36 @@ LABELS = {
 TARGETS = {"default study": 240.0, "--quick": 20.0}
 
 
+def machine_speed() -> str:
+    """How fast this machine is at what a small study spends its time on, measured before the studies
+    run: Python's interpreter, torch's per-op overhead and its matmuls. The same code has taken 1.6x
+    as long on one day as on another on the "same" 2-core machine, nearly all of it in the first two
+    (the matmul rate barely moved): compare timings between days through these figures."""
+    import torch
+
+    def best(work, repeat: int = 5) -> float:
+        times = []
+        for _ in range(repeat):
+            start = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    def python_loop() -> None:
+        total = 0
+        for i in range(1_000_000):
+            total += i
+
+    small = torch.zeros(512, 128)
+    a, b = torch.randn(4096, 768), torch.randn(768, 6144)
+    a @ b  # warm-up
+    ns_per_iteration = best(python_loop) * 1e3
+    us_per_op = best(lambda: [small.add_(1.0) for _ in range(2000)]) / 2000 * 1e6
+    gflops = 2 * 4096 * 768 * 6144 / best(lambda: a @ b) / 1e9
+    return (f"This machine, before the runs: {ns_per_iteration:.0f} ns per Python loop iteration, {us_per_op:.1f} µs "
+            f"per small torch op ([512, 128] add_), {gflops:.0f} GFLOP/s in a 4096 x 768 x 6144 float32 matmul.")
+
+
 def run_study(flags: list[str], tmp: Path) -> tuple[dict[str, float], float]:
     """The study's phase clock (summary.json's "timing") and the process's wall time."""
     tmp.mkdir()
@@ -74,6 +104,7 @@ def main() -> None:
     a = p.parse_args()
     check_docs(a, "bench_study")
     studies = {" ".join(a.flags): a.flags} if a.flags else {"default study": [], "--quick": ["--quick"]}
+    speed = machine_speed()
     tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
     runs = {name: run_study(flags, tmp / f"run-{i}") for i, (name, flags) in enumerate(studies.items())}
     print()
@@ -90,7 +121,7 @@ def main() -> None:
         verdicts.append(f"{name}: {wall:.1f} s{aim}; the largest phase besides training is {LABELS[worst]} "
                         f"({timing[worst] / timing['total']:.0%}).")
     finding = ("Seconds per phase (share of the study's clock); the process wall time adds Python's start-up and "
-               "the imports before the clock starts. " + " ".join(verdicts))
+               "the imports before the clock starts. " + " ".join(verdicts) + " " + speed)
     print(f"\n{finding}")
     write_docs(a, "bench_study", [table.markdown(), finding])
     if a.keep:
