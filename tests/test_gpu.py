@@ -1,15 +1,20 @@
 """The GPU path (`--device cuda`): the SAEs train on the GPU, what they write loads on a CPU, a
-study killed mid-arm resumes on the GPU, and the results stay near the CPU's (TF32 matmuls and
-other kernels: not bit for bit). Skipped without CUDA; benchmarks/gpu_check.sh runs them on a GPU
-machine with the GPU benchmarks."""
+study killed mid-arm resumes on the GPU, the results stay near the CPU's (TF32 matmuls and
+other kernels: not bit for bit), and a training step never waits for the GPU. Skipped without
+CUDA; benchmarks/gpu_check.sh runs them on a GPU machine with the GPU benchmarks."""
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from config.schema import SAEArmConfig, TrainConfig
+from experiments.data.activation_cache import ActivationCache
+from experiments.train.trainer import EvalContext, StopFlag, Trainer
 from models.sae import SAE
+from models.sae.catalog import ARCHITECTURE_DEFAULTS
 from run_experiments import main
 from tests.forked import run_forked
 from tests.test_flags import ckpt  # noqa: F401  (fixture: tinylm, W&B off)
@@ -53,3 +58,26 @@ def test_a_gpu_study_killed_mid_arm_resumes_on_the_gpu(ckpt):  # noqa: F811
     whole, cut = finals(ckpt / "whole"), finals(ckpt / "cut")
     for name in whole:
         assert cut[name]["explained_variance"] == pytest.approx(whole[name]["explained_variance"], abs=0.01), name
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURE_DEFAULTS))
+def test_a_training_step_never_makes_the_host_wait_for_the_gpu(tmp_path, arch):
+    """A step queues its work and returns: no op that reads a GPU value on the host (a count, a size,
+    the loss check), with dead latents for AuxK. torch raises on such an op in sync-debug mode."""
+    acts = np.random.default_rng(0).standard_normal((4096, 64), dtype=np.float32)
+    cache = ActivationCache(tmp_path, {"split": {"n_train_rows": 4096}, "normalization": {"scale": 1.0}}, acts, None)
+    k = {"k": 8} if "k" in ARCHITECTURE_DEFAULTS[arch] else {}
+    sae = SAEArmConfig.for_architecture(arch, hidden_dim=512, **k)
+    cfg = TrainConfig(batch_size=256, steps=20, warmup_steps=1, dead_window=512, device="cuda")
+    t = Trainer(tmp_path / "arm", sae, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag())
+    t.sae.train()
+    for _ in range(3):  # Adam's state and the dead-latent window set up; dead latents from here on
+        t.train_step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            t.train_step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    t.check_finite()

@@ -4,7 +4,7 @@ import torch
 
 from models.sae import SAEConfig, build_sae
 from models.sae import kernels
-from models.sae.kernels import (SparseActs, batch_top_k, encoder_pre_acts, selected_pre_acts,
+from models.sae.kernels import (SparseActs, bag_offsets, batch_top_k, encoder_pre_acts, selected_pre_acts,
                                sparse_decode)
 
 
@@ -189,3 +189,45 @@ def test_eval_mode_loss_uses_the_inference_selection():
     a, b = dense.loss(x), sparse.loss(x)
     assert torch.equal(sparse.threshold, before)
     assert torch.equal(a["loss"], b["loss"]) and torch.equal(a["firing_counts"], b["firing_counts"])
+
+
+@pytest.mark.parametrize("arch", ["topk", "batchtopk", "matryoshka"])
+@pytest.mark.parametrize("path", ["dense", "sparse"])
+@pytest.mark.parametrize("n_dead", [0, 5, 40])  # none, fewer than aux_k (12), more
+def test_auxk_with_its_dead_count_left_on_the_device_is_the_same_loss(arch, path, n_dead, monkeypatch):
+    """On a GPU AuxK selects aux_k latents and zeroes the alive ones that fill the selection, so the
+    host never reads how many are dead: the same loss and gradients as the CPU's exact count."""
+    runs = []
+    for on_host in (True, False):
+        torch.manual_seed(0)
+        sae = build_sae(SAEConfig(arch, d_in=16, d_sae=128, k=4, aux_k=12, **({"matryoshka_levels": 4}
+                                                                              if arch == "matryoshka" else {})))
+        sae.training_path = path
+        monkeypatch.setattr("models.sae.topk.count_on_host", lambda t, on_host=on_host: on_host)
+        dead = torch.zeros(128, dtype=torch.bool)
+        dead[torch.randperm(128, generator=torch.Generator().manual_seed(3))[:n_dead]] = True
+        out = sae.loss(torch.randn(64, 16, generator=torch.Generator().manual_seed(2)), 100, dead_mask=dead)
+        out["loss"].backward()
+        runs.append((out, [p.grad.clone() for p in sae.parameters()]))
+    (host, host_grads), (device, device_grads) = runs
+    assert float(device["aux"]) == pytest.approx(float(host["aux"]), rel=1e-5, abs=0)
+    assert (float(device["aux"]) > 0) == (n_dead > 0)
+    assert float(device["loss"].detach()) == pytest.approx(float(host["loss"].detach()), rel=1e-6)
+    for a, b in zip(host_grads, device_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_bag_offsets_are_the_exclusive_cumulative_counts_empty_bags_included():
+    bags = torch.tensor([0, 0, 2, 2, 2, 3, 5])  # bags 1 and 4 are empty, 6 and 7 after the last entry
+    assert bag_offsets(bags, 8).tolist() == [0, 2, 2, 5, 6, 6, 7, 7]
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        bags = torch.randint(0, 50, (400,), generator=rng).sort().values
+        counts = torch.bincount(bags, minlength=60)
+        assert torch.equal(bag_offsets(bags, 60), torch.cumsum(counts, 0) - counts)
+
+
+def test_firing_counts_count_the_rows_where_a_latent_is_positive():
+    acts = SparseActs.from_topk(torch.tensor([[0, 3], [3, 1], [3, 0]]))
+    values = torch.tensor([1.0, 0.5, 2.0, 0.0, -1.0, 0.25])  # row 1's latent 1 is zero, row 2's latent 3 negative
+    assert acts.firing_counts(values, 5).tolist() == [2, 0, 0, 2, 0]

@@ -9,7 +9,7 @@ import torch
 
 from config.schema import ProbeConfig, SAEArmConfig, TrainConfig
 from experiments.data.activation_cache import ActivationCache
-from experiments.train.trainer import EvalContext, StopFlag, Trainer, train_arms
+from experiments.train.trainer import EvalContext, NonFiniteLoss, StopFlag, Trainer, train_arms
 from models.sae.catalog import ARCHITECTURE_DEFAULTS
 from visualization.sinks import ArmSinks
 
@@ -54,6 +54,29 @@ def test_dead_means_no_firing_in_the_last_window_counted_every_step(tmp_path):
     t._update_dead(fired, 64)  # one firing revives a latent at once
     assert not t.dead_mask[:5].any() and t.dead_mask[5:].all()
     assert (t.tokens_since_fired[:5] == 0).all() and (t.tokens_since_fired[5:] == 11 * 64).all()
+
+
+def test_a_non_finite_step_is_reported_at_the_next_check_with_its_own_step_and_values(tmp_path):
+    """The loss check is not read after every step (the host would wait for each step on a GPU): a
+    NaN/inf at step 3 lets steps go on until a log, eval or checkpoint reads it, and is then reported
+    as step 3 with step 3's loss, not a later step's."""
+    t = trainer(tmp_path, "relu")
+    t.sae.init_b_dec_(t.batch(0))
+    t.train_step(), t.train_step()
+    t.check_finite()  # two good steps: nothing to report
+    real = t.sae.loss
+
+    def poisoned(x, step, dead_mask):  # step 3's loss is inf; its update makes later ones NaN
+        out = real(x, step, dead_mask)
+        return {**out, "loss": out["loss"] * float("inf")} if step == 2 else out
+
+    t.sae.loss = poisoned
+    for _ in range(4):
+        t.train_step()  # no check here
+    with pytest.raises(NonFiniteLoss, match=r"^loss inf, gradient norm (nan|inf) at step 3; no checkpoint had been "
+                                            r"written$") as failed:
+        t.check_finite()
+    assert failed.value.good_steps == 2
 
 
 def lockstep_group(tmp_path: Path, name: str) -> dict[str, Trainer]:

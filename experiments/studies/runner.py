@@ -35,8 +35,8 @@ from experiments.studies.sources import SOURCES, OpenedSource, bars, source_of
 from experiments.data.activation_cache import BuildInterrupted
 from experiments.provenance import code_commit
 from experiments.timing import CLOCK, phase
-from experiments.train.trainer import (StopFlag, StopRequested, Trainer, check_device, eval_steps, lockstep_key,
-                                      total_steps, train_arms, use_fast_matmuls)
+from experiments.train.trainer import (NonFiniteLoss, StopFlag, StopRequested, Trainer, check_device, eval_steps,
+                                      lockstep_key, total_steps, train_arms, use_fast_matmuls)
 from config.files import read_json, write_json_atomic
 from config.records import ArmRecord, StudyRecord, hook_label
 from models.sae import SAE
@@ -465,7 +465,8 @@ def _settled(outcome, study_dir: Path, name: str) -> dict:
                 "weights": str(study_dir / outcome.arm_id / "sae.safetensors"), "wandb_run_id": r.wandb_run_id,
                 "seconds": round(r.seconds, 2)}
     if outcome.error is not None:
-        return {"status": "failed", "reason": _failure(outcome, study_dir, name), "steps": outcome.trainer.step}
+        good = outcome.error.good_steps if isinstance(outcome.error, NonFiniteLoss) else outcome.trainer.step
+        return {"status": "failed", "reason": _failure(outcome, study_dir, name), "steps": good}
     return {"status": "interrupted", "steps": outcome.trainer.step}
 
 

@@ -41,8 +41,12 @@ class StopRequested(Exception):
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or its gradient became NaN/inf; raised before the optimizer step, so the weights
-    and every checkpoint stay finite."""
+    """The loss or its gradient became NaN/inf at step `good_steps + 1`; raised at the next log, eval
+    or checkpoint, before it, so every checkpoint and logged figure stays finite."""
+
+    def __init__(self, message: str, good_steps: int):
+        super().__init__(message)
+        self.good_steps = good_steps
 
 
 class StopFlag:
@@ -218,6 +222,11 @@ class Trainer:
         # Tokens since each latent last fired: dead = none in the last dead_window tokens (the rule
         # of Gao et al. 2024, SAELens and sparsify), updated every step.
         self.tokens_since_fired = torch.zeros(d_sae, dtype=torch.int64, device=self.device)
+        # The first step whose loss or gradient was not finite (0: none) and those two values, kept on
+        # the device and read only where the host reads anyway (logs, evals, checkpoints): a check
+        # after every step would make the host wait for each step, which a GPU feels.
+        self._bad_step = torch.zeros((), dtype=torch.int64, device=self.device)
+        self._bad_values = torch.zeros(2, device=self.device)
         self.step = 0
         self.wandb_run_id: str | None = None
         self.last_eval: dict[str, float] = {}
@@ -285,6 +294,7 @@ class Trainer:
         if (self.arm.dead_handling != "resample" or self.tokens // window == (self.tokens - n_rows) // window
                 or self.step >= decay_start(self.cfg, self.n_steps)):
             return None
+        self.check_finite()  # resampling scores inputs by their loss: not with non-finite weights
         # Seeded by the step, so a resumed run draws the same inputs.
         gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + 7_919 * self.step + 1)
         rows = torch.randperm(self.cache.n_train_rows, generator=gen)[:self.cfg.resample_inputs].numpy()
@@ -319,11 +329,10 @@ class Trainer:
         # JumpReLU from L0 6 to 5 at the same coefficient, as in SAELens). At grad_clip itself it
         # never engaged.
         grad_norm = torch.nn.utils.clip_grad_norm_(self.sae.parameters(), self.cfg.grad_clip / self.cache.d_in)
-        if not bool(torch.isfinite(out["loss"]) & torch.isfinite(grad_norm)):
-            saved = list_checkpoints(self.arm_dir / "checkpoints")
-            kept = f"the last good checkpoint is {saved[-1].name}" if saved else "no checkpoint had been written"
-            raise NonFiniteLoss(f"loss {out['loss'].item():g}, gradient norm {grad_norm.item():g} at step "
-                                f"{self.step + 1}; {kept}")
+        loss = out["loss"].detach()
+        first_bad = ~torch.isfinite(loss + grad_norm) & (self._bad_step == 0)  # the sum: NaN/inf if either is
+        self._bad_step = torch.where(first_bad, self.step + 1, self._bad_step)
+        self._bad_values = torch.where(first_bad, torch.stack([loss, grad_norm]), self._bad_values)
         lr = lr_at(self.step, self.cfg, self.n_steps)
         for group in self.opt.param_groups:
             group["lr"] = lr
@@ -332,9 +341,19 @@ class Trainer:
         self.step += 1
         resampled = self._update_dead(out["firing_counts"], len(x))
         stats = {} if resampled is None else {"train/resampled": resampled}
-        return {**stats, "train/loss": out["loss"].detach(), "train/mse": out["mse"], "train/sparsity": out["sparsity"],
+        return {**stats, "train/loss": loss, "train/mse": out["mse"], "train/sparsity": out["sparsity"],
                 "train/aux": out["aux"], "train/l0": out["l0"], "train/lr": lr,
                 "train/grad_norm": grad_norm, "train/dead_frac": self.dead_mask.float().mean()}
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss if a step so far had a NaN/inf loss or gradient (the host waits for
+        the steps taken)."""
+        bad_step = int(self._bad_step)
+        if bad_step:
+            loss, grad_norm = self._bad_values.tolist()
+            saved = list_checkpoints(self.arm_dir / "checkpoints")  # each written after a check: all good
+            kept = f"the last good checkpoint is {saved[-1].name}" if saved else "no checkpoint had been written"
+            raise NonFiniteLoss(f"loss {loss:g}, gradient norm {grad_norm:g} at step {bad_step}; {kept}", bad_step - 1)
 
     @property
     def eval_steps(self) -> list[int]:
@@ -390,14 +409,18 @@ class Trainer:
         start = time.perf_counter()
         faults.reached(f"step:{self.step}")
         logs = None
-        if self.step % self.cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in stats:
+        log = self.step % self.cfg.log_every == 0 or self.step == self.n_steps or "train/resampled" in stats
+        save = self.step % self.cfg.checkpoint_every == 0 or self.step == self.n_steps
+        if log or save or self.step in self._eval_at:
+            self.check_finite()
+        if log:
             with phase("logging"):
                 logs = {k: float(v) for k, v in stats.items()}
                 self.sinks.log(self.step, self.tokens, logs)
         if self.step in self._eval_at:
             with phase("eval"):
                 self.run_eval()
-        if self.step % self.cfg.checkpoint_every == 0 or self.step == self.n_steps:
+        if save:
             with phase("checkpoints"):
                 self.save()
         self.seconds += time.perf_counter() - start
@@ -405,6 +428,7 @@ class Trainer:
 
     def interrupt(self) -> None:
         """Stop here: checkpoint the current step and close the logs."""
+        self.check_finite()
         self.save()
         self.sinks.finish({})
 
@@ -530,7 +554,11 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
                     arm_bar.close()  # before the messages the interruption prints
                 steps = sorted({t.step for t in active.values()})
                 for key, trainer in active.items():
-                    trainer.interrupt()
+                    try:
+                        trainer.interrupt()
+                    except Exception as err:
+                        yield ArmOutcome(key, trainer, error=err)
+                        continue
                     yield ArmOutcome(key, trainer)
                 where = (f"at step {steps[0]} with a checkpoint saved" if len(active) == 1 else
                          f"at step{'s' if len(steps) > 1 else ''} {', '.join(map(str, steps))} with checkpoints saved")

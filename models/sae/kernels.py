@@ -73,6 +73,13 @@ def batch_top_k(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values[indices], indices
 
 
+def bag_offsets(sorted_bags: Tensor, n_bags: int) -> Tensor:
+    """Where each bag starts in a sorted list of bag ids (embedding_bag's offsets): the exclusive
+    cumulative count, found by search so that no size is read on the host (bincount reads the
+    largest id, which on a GPU waits for the step)."""
+    return torch.searchsorted(sorted_bags, torch.arange(n_bags, device=sorted_bags.device))
+
+
 @dataclass
 class SparseActs:
     """Active latents of a batch in embedding_bag layout: row r's latents are
@@ -94,16 +101,16 @@ class SparseActs:
         """Selections anywhere in a [n_rows, width] matrix, given as flat (row-major) indices."""
         flat_idx = flat_idx.sort().values  # row-major order groups each row's entries together
         rows = flat_idx // width
-        counts = torch.bincount(rows, minlength=n_rows)
-        offsets = torch.cumsum(counts, 0) - counts
-        return cls(flat_idx % width, offsets, rows)
+        return cls(flat_idx % width, bag_offsets(rows, n_rows), rows)
 
     def gather(self, pre: Tensor) -> Tensor:
         return pre[self.rows, self.cols]
 
     def firing_counts(self, values: Tensor, d_sae: int) -> Tensor:
         """How many rows each latent fired on (value > 0), as int64 [d_sae]."""
-        return torch.bincount(self.cols[values > 0], minlength=d_sae)
+        # Not bincount over the firing entries: selecting them and bincount's output size are read
+        # on the host, which on a GPU waits for the step.
+        return torch.zeros(d_sae, dtype=torch.int64, device=values.device).index_add_(0, self.cols, (values > 0).long())
 
 
 def _scatter_rows(acts: SparseActs, weights: Tensor, rows_in: Tensor, n_latents: int) -> Tensor:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from models.sae.base import SAEConfig, register
 from models.sae.batchtopk import BatchTopKSAE
-from models.sae.kernels import firing_counts, selected_pre_acts
+from models.sae.kernels import bag_offsets, firing_counts, selected_pre_acts
 
 
 def prefix_widths(d_sae: int, levels: int) -> list[int]:
@@ -47,8 +47,7 @@ class MatryoshkaSAE(BatchTopKSAE):
             level = torch.bucketize(acts.cols, torch.tensor(self.widths, device=x.device), right=True)
             bag = acts.rows * levels + level
             order = torch.argsort(bag, stable=True)  # bags in order (from_flat's row-major order has them so)
-            counts = torch.bincount(bag, minlength=n_rows * levels)
-            parts = F.embedding_bag(acts.cols[order], self.W_dec, torch.cumsum(counts, 0) - counts, mode="sum",
+            parts = F.embedding_bag(acts.cols[order], self.W_dec, bag_offsets(bag[order], n_rows * levels), mode="sum",
                                     per_sample_weights=vals[order]).view(n_rows, levels, -1)
             firing = acts.firing_counts(vals.detach(), self.cfg.d_sae)
         else:

@@ -16,6 +16,12 @@ def topk_scatter(pre: Tensor, k: int) -> Tensor:
     return torch.zeros_like(pre).scatter(-1, idx, vals.relu())
 
 
+def count_on_host(t: Tensor) -> bool:
+    """Whether a count over `t` may be read on the host during a step: on the CPU it costs nothing;
+    on a GPU it waits for every op queued before it."""
+    return t.device.type == "cpu"
+
+
 @register("topk")
 class TopKSAE(SAE):
     # Training step: "sparse" (only the selected latents are decoded and receive gradients, see
@@ -62,18 +68,23 @@ class TopKSAE(SAE):
         return self._loss_terms(x, x_hat, x.new_zeros(()), self._sparse_aux_loss(x, x_hat, pre, dead_mask), step,
                                 acts.firing_counts(vals.detach(), self.cfg.d_sae))
 
-    def _aux_selection(self, pre: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, int, float] | None:
+    def _aux_selection(self, pre: Tensor, dead_mask: Tensor | None) -> tuple[Tensor, int, Tensor | float] | None:
         """(pre with alive latents at -inf, k_aux, scale), or None when AuxK has nothing to do.
 
-        k_aux is min(aux_k, number dead), so only dead latents are ever selected, and the loss is
-        scaled by min(dead / aux_k, 1): a handful of dead latents should not pull as hard as many
-        (SAELens and sparsify do the same)."""
+        The loss is scaled by min(dead / aux_k, 1): a handful of dead latents should not pull as hard
+        as many (SAELens and sparsify do the same). Only dead latents may contribute. On the CPU k_aux
+        is min(aux_k, number dead), read from the mask. Elsewhere that read would make the host wait
+        for every step, so k_aux is aux_k and any alive latents that fill the selection come out at
+        -inf, which the callers zero: the same loss, with the count left on the device."""
         if not self.cfg.auxk or dead_mask is None:
             return None
+        dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
+        if not count_on_host(dead_mask):
+            return dead_pre, min(self.aux_k, pre.shape[-1]), (dead_mask.sum() / self.aux_k).clamp(max=1.0)
         n_dead = int(dead_mask.sum())
         if n_dead == 0:
             return None
-        return pre.masked_fill(~dead_mask, float("-inf")), min(self.aux_k, n_dead), min(n_dead / self.aux_k, 1.0)
+        return dead_pre, min(self.aux_k, n_dead), min(n_dead / self.aux_k, 1.0)
 
     @staticmethod
     def _normalised_residual_mse(e: Tensor, e_hat: Tensor) -> Tensor:
@@ -89,6 +100,7 @@ class TopKSAE(SAE):
         dead_pre, k_aux, scale = selection
         acts = SparseActs.from_topk(dead_pre.topk(k_aux, dim=-1, sorted=False).indices)
         vals = selected_pre_acts(dead_pre, acts, x, self.W_enc, self.b_enc, self.b_dec)
+        vals = vals.masked_fill(vals.isneginf(), 0.0)  # alive latents that filled the selection
         return scale * self._normalised_residual_mse((x - x_hat).detach(), sparse_decode(acts, vals, self.W_dec))
 
     def aux_loss(self, x: Tensor, x_hat: Tensor, pre: Tensor, dead_mask: Tensor | None) -> Tensor:
@@ -106,5 +118,5 @@ class TopKSAE(SAE):
             return x.new_zeros(())
         dead_pre, k_aux, scale = selection
         vals, idx = dead_pre.topk(k_aux, dim=-1, sorted=False)
-        z = torch.zeros_like(pre).scatter(-1, idx, vals)
+        z = torch.zeros_like(pre).scatter(-1, idx, vals.masked_fill(vals.isneginf(), 0.0))
         return scale * self._normalised_residual_mse((x - x_hat).detach(), z @ self.W_dec)
