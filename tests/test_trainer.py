@@ -1,6 +1,7 @@
 """The training step's rules, on an in-memory activation cache: gradient clipping in the
 references' units, the dead-latent counters, and arms in lockstep taking their steps in threads."""
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 
 from config.schema import ProbeConfig, SAEArmConfig, TrainConfig
 from experiments.data.activation_cache import ActivationCache
-from experiments.train.trainer import EvalContext, NonFiniteLoss, StopFlag, Trainer, train_arms
+from experiments.train.trainer import EvalContext, NonFiniteLoss, ReadAhead, StopFlag, Trainer, train_arms
 from models.sae.catalog import ARCHITECTURE_DEFAULTS
 from visualization.sinks import ArmSinks
 
@@ -129,6 +130,51 @@ def test_arms_stepping_in_threads_end_where_arms_stepping_in_turn_do(tmp_path):
         assert (done.trainer.arm_dir / "metrics.csv").read_text() == (other.trainer.arm_dir / "metrics.csv").read_text()
     resampled = (outcomes[2]["resample"].trainer.arm_dir / "metrics.csv").read_text()
     assert "train/resampled" in resampled
+
+
+def test_batches_read_ahead_in_a_thread_train_what_a_plain_loop_trains(tmp_path, monkeypatch):
+    """train_arms reads each step's batch once, a step ahead, in its read-ahead thread; every arm ends
+    at the weights of a plain loop that reads each batch itself when it needs it."""
+    reads = []
+    real_batch = Trainer.batch
+
+    def batch(t, step):
+        reads.append((step, threading.current_thread().name.split("_")[0]))
+        return real_batch(t, step)
+
+    monkeypatch.setattr(Trainer, "batch", batch)
+    group = lockstep_group(tmp_path, "read-ahead")
+    outcomes = {o.arm_id: o for o in train_arms(group, False, StopFlag(), {key: key for key in group}, at_once=2)}
+    # each arm's b_dec starts at batch 0's median, then step 0 is read where nothing is ahead yet
+    assert reads == [(0, "MainThread")] * (len(group) + 1) + [(step, "read-ahead") for step in range(1, 30)]
+
+    monkeypatch.setattr(Trainer, "batch", real_batch)
+    plain = lockstep_group(tmp_path, "plain")
+    for key, t in plain.items():
+        t.sae.init_b_dec_(t.batch(0))
+        while not t.done:
+            t.train_step()
+        ahead = outcomes[key].trainer
+        assert all(torch.equal(a, b) for a, b in zip(t.sae.state_dict().values(), ahead.sae.state_dict().values())), key
+
+
+def test_a_read_ahead_that_guessed_wrong_is_waited_for_and_reads_never_overlap():
+    running, overlaps, reads = [0], [], []
+
+    def read(step):
+        running[0] += 1
+        overlaps.append(running[0] > 1)
+        time.sleep(0.01)
+        reads.append(step)
+        running[0] -= 1
+        return torch.full((2,), float(step))
+
+    reader = ReadAhead(read)
+    assert reader.batch(0, 1).tolist() == [0, 0]
+    assert reader.batch(5, 6).tolist() == [5, 5]  # arms at another step than guessed (a resume)
+    assert reader.batch(6, None).tolist() == [6, 6]
+    reader.close()
+    assert reads == [0, 1, 5, 6] and not any(overlaps)
 
 
 def test_adam_over_all_of_an_arms_tensors_at_once_gives_the_per_tensor_loops_numbers(tmp_path):

@@ -8,10 +8,10 @@ reproduces an uninterrupted one bit for bit on CPU.
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -449,6 +449,35 @@ def lockstep_key(trainer: Trainer) -> tuple:
     return id(trainer.cache), trainer.cfg.batch_size, trainer.cfg.seed, trainer.scale
 
 
+class ReadAhead:
+    """Training batches read one step ahead in a background thread, while the current step trains:
+    the gather from the activation cache (from disk, for a cache larger than memory) and, on a GPU,
+    the pinned copy are off the training thread's path. A batch depends only on (seed, step), so
+    reading it early changes nothing. Reads never overlap (a guess that missed is waited for before
+    the step asked for is read), since `read` keeps the epoch's permutation between calls."""
+
+    def __init__(self, read: Callable[[int], torch.Tensor]):
+        self._read = read
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+        self._ahead: tuple[int, Future] | None = None
+
+    def batch(self, step: int, next_step: int | None) -> torch.Tensor:
+        """The batch of `step`; the read of `next_step`'s starts at once."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == step:
+            x = ahead[1].result()
+        else:
+            if ahead is not None:
+                wait([ahead[1]])
+            x = self._read(step)
+        if next_step is not None:
+            self._ahead = next_step, self._pool.submit(self._read, next_step)
+        return x
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 @dataclass
 class ArmOutcome:
     """How an arm's training ended, as train_arms reports it: finished (`result`), failed (`error`),
@@ -484,6 +513,8 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
     pool = (ThreadPoolExecutor(min(at_once, len(trainers)), thread_name_prefix="arm-step",
                                initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
             if on_cpu and at_once > 1 and len(trainers) > 1 else None)
+    # Arms in lockstep read the same batches: any one of them reads for all.
+    reader = ReadAhead(next(iter(trainers.values())).batch) if trainers else None
 
     def take_step(key: str, x: torch.Tensor) -> tuple[dict | Exception, float]:
         start = time.perf_counter()
@@ -530,7 +561,7 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
         while active:
             step = min(t.step for t in active.values())
             level = [key for key, t in active.items() if t.step == step]
-            x = active[level[0]].batch(step)
+            x = reader.batch(step, step + 1 if any(t.n_steps > step + 1 for t in active.values()) else None)
             taken = take_steps(level, x)
             for key, stats in zip(level, taken):
                 if not isinstance(stats, Exception):
@@ -568,3 +599,5 @@ def train_arms(trainers: dict[str, Trainer], resume: bool, stop: StopFlag, label
             arm_bar.close()
         if pool is not None:
             pool.shutdown()
+        if reader is not None:
+            reader.close()
