@@ -41,7 +41,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed-$(shell cksum benchmarks/requirements-pe
 
 $(PEERS_STAMP): benchmarks/requirements-peers.txt
 	test -x $(PEERS_PY) || $(PYTHON_SYSTEM) -m venv $(PEERS_VENV)
-	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0
+	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PEERS_PY) -m pip install --quiet --disable-pip-version-check -r benchmarks/requirements-peers.txt
 	rm -f $(PEERS_VENV)/.installed-* && touch $(PEERS_STAMP)
 

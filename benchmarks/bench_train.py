@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config.schema import SAEArmConfig, TrainConfig, UsageError  # noqa: E402
+from config.schema import DTYPES, SAEArmConfig, TrainConfig, UsageError  # noqa: E402
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.data.activation_cache import ActivationCache  # noqa: E402
@@ -57,13 +57,13 @@ def in_memory_cache(d_in: int, rows: int, seed: int = 0) -> ActivationCache:
 
 
 @contextmanager
-def trainer_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int,
-                 training_path: str | None = None, device: str = "cpu") -> Iterator[Callable[[], object]]:
+def trainer_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int, training_path: str | None = None,
+                 device: str = "cpu", dtype: str = "float32") -> Iterator[Callable[[], object]]:
     """`Trainer.train_step` for these shapes on an in-memory cache, to be called steps + 1 times.
     `training_path` forces the TopK family's sparse or dense path (default: its own choice)."""
     cache = in_memory_cache(d_in, batch * (steps + 1))
     sae_cfg = SAEArmConfig.for_architecture(arch, hidden_dim=d_sae, **({"k": k} if "k" in ARCHITECTURE_DEFAULTS[arch] else {}))
-    cfg = TrainConfig(batch_size=batch, steps=steps + 1, warmup_steps=1, device=device)
+    cfg = TrainConfig(batch_size=batch, steps=steps + 1, warmup_steps=1, device=device, dtype=dtype)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(Path(tmp), sae_cfg, cfg, cache, 1.0, EvalContext(), sinks=None, stop=StopFlag())
         trainer.sae.train()
@@ -78,9 +78,9 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int,
-              training_path: str | None = None, device: str = "cpu") -> list[float]:
-    with trainer_step(arch, d_in, d_sae, batch, steps, k, training_path, device) as step:
+def time_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int, training_path: str | None = None,
+              device: str = "cpu", dtype: str = "float32") -> list[float]:
+    with trainer_step(arch, d_in, d_sae, batch, steps, k, training_path, device, dtype) as step:
         step()  # warm-up: allocator, thread pool, first Adam state
         times = []
         for _ in range(steps):
@@ -92,15 +92,16 @@ def time_step(arch: str, d_in: int, d_sae: int, batch: int, steps: int, k: int,
     return times
 
 
-def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int, device: str = "cpu") -> dict[str, float]:
+def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int, device: str = "cpu",
+                 dtype: str = "float32") -> dict[str, float]:
     """Median times of the products of a dense step, in the layouts autograd uses: "dense" (the
     5 every architecture does) and "gated" (those plus Gated's auxiliary decoder product and its
-    input gradient)."""
+    input gradient); in bfloat16 for --dtype bfloat16 (the operands already converted: the peak)."""
     g = torch.Generator().manual_seed(0)
     x, grad_out = torch.randn(batch, d_in, generator=g), torch.randn(batch, d_in, generator=g)
     w_enc, w_dec = torch.randn(d_in, d_sae, generator=g), torch.randn(d_sae, d_in, generator=g)
     f = torch.randn(batch, d_sae, generator=g)
-    x, grad_out, w_enc, w_dec, f = (t.to(device) for t in (x, grad_out, w_enc, w_dec, f))
+    x, grad_out, w_enc, w_dec, f = (t.to(device, getattr(torch, dtype)) for t in (x, grad_out, w_enc, w_dec, f))
 
     def dense():
         x @ w_enc  # encoder forward
@@ -128,6 +129,20 @@ def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int, device: str = 
     return out
 
 
+def set_up_device(device: str) -> str:
+    """A benchmark's --device as run_experiments.py sets it up (a device that cannot work: one line,
+    exit 2; on a GPU, TF32 matmuls); returns the device as the output names it."""
+    if device == "cpu":
+        return f"{torch.get_num_threads()} threads"
+    try:
+        check_device(device)
+    except UsageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    use_fast_matmuls(device)
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+
+
 def duration(seconds: float) -> str:
     return f"{seconds * 1e3:.1f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
@@ -140,31 +155,26 @@ def main() -> None:
     p.add_argument("--k", type=int, default=32, help="k of the TopK family (default: 32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]; on a GPU float32 matmuls use TF32, as "
                    "run_experiments.py --device cuda does, in the steps and the peak alike (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="the steps' precision, as run_experiments.py "
+                   "--dtype sets it; the peak is measured in the same precision (default: float32)")
     add_docs_flag(p, "bench_train")
     a = p.parse_args()
     check_docs(a, "bench_train")
-    if a.device != "cpu":
-        try:
-            check_device(a.device)
-        except UsageError as err:
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
-        use_fast_matmuls(a.device)
+    where = set_up_device(a.device)
     retain_freed_memory()
     torch.manual_seed(0)
-    on_gpu = a.device.startswith("cuda")
-    where = torch.cuda.get_device_name(a.device) if on_gpu else f"{torch.get_num_threads()} threads"
-    print(f"torch {torch.__version__}, {where}, k {a.k}")
+    print(f"torch {torch.__version__}, {where}, k {a.k}, {a.dtype}")
     table = Table(["architecture", "d_in", "d_sae", "batch", "step", "tokens/s", "GFLOP/s", "matmul GFLOP/s",
                    "of matmul peak", "sparse ÷ dense"], [18, 5, 6, 5, 9, 9, 8])
     for shape_set in a.shapes.split(","):
         for d_in, d_sae, batch in SHAPES[shape_set]:
-            matmul_s = time_matmuls(d_in, d_sae, batch, repeats=max(3, a.steps), device=a.device)
+            matmul_s = time_matmuls(d_in, d_sae, batch, repeats=max(3, a.steps), device=a.device, dtype=a.dtype)
             for arch in a.architectures.split(","):
                 paths = ["sparse", "dense"] if arch in OPTION_ARCHITECTURES["k"] else [None]
                 dense_s = None
                 for path in reversed(paths):  # dense first, so the sparse row can show its speed-up
-                    step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k, path, a.device))
+                    step_s = statistics.median(time_step(arch, d_in, d_sae, batch, a.steps, a.k, path, a.device,
+                                                         a.dtype))
                     products = "gated" if arch == "gated" else "dense"
                     flops = (14 if arch == "gated" else 10) * batch * d_in * d_sae
                     table.add(arch if path is None else f"{arch} ({path})", d_in, d_sae, batch, duration(step_s),
@@ -174,8 +184,9 @@ def main() -> None:
                               "" if path == "sparse" else f"{matmul_s[products] / step_s:.0%}",
                               f"{dense_s / step_s:.2f}×" if path == "sparse" else "")
                     dense_s = step_s
-    write_docs(a, "bench_train", [table.markdown(), f"Median of {a.steps} steps after a warm-up, k {a.k}. \\* "
-                                  "dense-equivalent: the FLOPs a dense step would need, over the sparse step's time."])
+    write_docs(a, "bench_train", [table.markdown(), f"Median of {a.steps} steps after a warm-up, k {a.k}, "
+                                  f"{a.dtype}. \\* dense-equivalent: the FLOPs a dense step would need, over the "
+                                  "sparse step's time."])
 
 
 if __name__ == "__main__":

@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("probe_k", "f1_threshold", "cos_threshold"):
         _flag(probes, ProbeConfig, name)
     train = p.add_argument_group("training")
-    for name in ("lr", "batch_size", "epochs", "steps", "device"):
+    for name in ("lr", "batch_size", "epochs", "steps", "device", "dtype"):
         _flag(train, TrainConfig, name)
     cluster = p.add_argument_group("executor (docs/cluster.md)")
     for name in CLUSTER_FLAGS:
@@ -237,7 +237,7 @@ TRANSFORMER_FLAGS = ("model_name", "layer", "hook", "hook_point", "n_samples", "
 DATA_FLAGS = (*TRANSFORMER_FLAGS, "source", "normalize")
 SYNTHETIC_FLAGS = {"n_features": "n_features", "d_in": "d_in", "n_tokens": "n_tokens", "mean_l0": "mean_l0",
                    "feature_frequency": "frequency", "noise_std": "noise_std"}
-TRAIN_FLAGS = ("lr", "batch_size", "epochs", "steps", "seed", "dead_window", "device")
+TRAIN_FLAGS = ("lr", "batch_size", "epochs", "steps", "seed", "dead_window", "device", "dtype")
 SAE_FLAGS = ("expansion_factor", "hidden_dim", "k", "aux_k", "matryoshka_levels", "l1_coefficient", "l0_coefficient",
              "target_l0")
 PROBE_FLAGS = ("concepts", "probe_k", "f1_threshold", "cos_threshold")

@@ -36,7 +36,7 @@ GROUPS = {"data": DataConfig, "synthetic": SyntheticConfig, "train": TrainConfig
 SOURCE_PRESET_KEYS = ("description", "synthetic", "sae", "train", "probes", "studies")
 STUDY_KEYS = ("study", "study_id")
 # Settings that must stay the same for every arm of a run (one cache, one device).
-RUN_WIDE_TRAIN = ("seed", "device", "ce_eval_sequences")
+RUN_WIDE_TRAIN = ("seed", "device", "dtype", "ce_eval_sequences")
 # The SAE settings a preset or --config file takes: SAEArmConfig's fields, the penalty coefficient under
 # the names the flags give it.
 SAE_KEYS = (*[f.name for f in dataclasses.fields(SAEArmConfig) if f.name not in ("architecture", "sparsity_coef")],

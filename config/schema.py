@@ -273,6 +273,9 @@ class SAEArmConfig:
         return cls(**{**ARCHITECTURE_DEFAULTS[architecture], "architecture": architecture, **overrides})
 
 
+DTYPES = ("float32", "bfloat16")
+
+
 @dataclass
 class TrainConfig:
     lr: float = option(3e-3, "positive", help="Adam learning rate")
@@ -293,9 +296,22 @@ class TrainConfig:
     checkpoint_every: int = 100
     ce_eval_sequences: int = 64  # eval sequences used for CE loss recovered / KL
     device: str = option("cpu", help="torch device of the subject model and the SAEs' training: cpu, cuda, cuda:N")
+    dtype: str = option("float32", choices=DTYPES, help="precision of the SAEs' training steps and the evals during "
+                        "training: bfloat16 runs matmuls in bfloat16 (torch.autocast) with float32 weights, Adam "
+                        "state and activation cache")
 
     def __post_init__(self) -> None:
         validate_fields(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as an arm's folder hash and a study's spec hold them: a setting added after
+        studies were run is left out while at its default, so those studies keep their arm folders
+        and still resume."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+
+
+# TrainConfig settings that came after the first studies, at their defaults (see TrainConfig.identity).
+LATER_DEFAULTS = {"dtype": "float32"}
 
 
 @dataclass
@@ -420,6 +436,10 @@ class RunConfig:
         """Everything that changes a study's results (not where or how it is logged)."""
         spec = self.to_dict()
         del spec["log"]
+        spec["train"] = self.train.identity()
+        for plan, stored in zip(self.plans, spec["plans"]):
+            for arm, arm_stored in zip(plan.arms, stored["arms"]):
+                arm_stored["train"] = arm.train.identity()
         if self.data.source != "synthetic":
             spec["synthetic"] = None
         spec["study"] = {"names": list(self.study.names), "quick": self.study.quick}

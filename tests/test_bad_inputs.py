@@ -176,6 +176,8 @@ CASES = [
     Case("missing-concepts-file", ("--concepts", "{tmp}/none.yaml"), "/none.yaml: no such file"),
     Case("unknown-device", ("--device", "tpu"), "unknown --device 'tpu'"),
     Case("malformed-gpu-index", ("--device", "cuda:"), "unknown --device 'cuda:'; use cpu, cuda or cuda:N"),
+    Case("unknown-dtype", ("--dtype", "float16"), "argument --dtype: invalid choice: 'float16' (choose from 'float32', "
+         "'bfloat16')"),
     Case("unknown-flag", ("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
     Case("study-id-escapes", ("--study-id", "../escape"), "--study-id '../escape' is not a usable folder name"),
     Case("study-id-reserved", ("--study-id", "models"), "--study-id 'models' is not a usable folder name"),

@@ -108,6 +108,9 @@ def test_defaults():
     (["--no-progress"], "log.progress", False),
     ([], "study.parallel_arms", 2),
     (["--parallel-arms", "1"], "study.parallel_arms", 1),
+    ([], "train.dtype", "float32"),
+    (["--dtype", "bfloat16"], "train.dtype", "bfloat16"),
+    (["--dtype", "bfloat16"], "arms.0.train.dtype", "bfloat16"),
 ])
 def test_flag_sets_its_field(argv, path, expected):
     obj = parse_args(["--study", "activations", *argv] if "--study" not in argv else argv)

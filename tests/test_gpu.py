@@ -30,9 +30,10 @@ def finals(study_dir) -> dict[str, dict]:
     return {a["name"]: a["final"] for a in json.loads((study_dir / "summary.json").read_text())["arms"]}
 
 
-def test_a_study_on_the_gpu_is_near_the_cpu_and_its_files_load_on_a_cpu(ckpt):  # noqa: F811
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_study_on_the_gpu_is_near_the_cpu_and_its_files_load_on_a_cpu(ckpt, dtype):  # noqa: F811
     assert main([*STUDY, "--checkpoint-dir", str(ckpt), "--study-id", "cpu"]) == 0
-    assert main([*STUDY, "--checkpoint-dir", str(ckpt), "--study-id", "gpu", "--device", "cuda"]) == 0
+    assert main([*STUDY, "--checkpoint-dir", str(ckpt), "--study-id", "gpu", "--device", "cuda", "--dtype", dtype]) == 0
     cpu, gpu = finals(ckpt / "cpu"), finals(ckpt / "gpu")
     assert cpu.keys() == gpu.keys() and len(gpu) == 9
     for name in gpu:

@@ -191,7 +191,7 @@ def plan_arms(cfg: RunConfig, sources: list[OpenedSource]) -> list[PlannedArm]:
         for plan in cfg.plans:
             for spec in plan.arms:
                 identity = {"data": source.data_spec, "normalize": cfg.data.normalize, "sae": asdict(spec.sae),
-                            "train": asdict(spec.train)}
+                            "train": spec.train.identity()}
                 name = arm_name(spec.sae, spec.train, common) + (f"@{hook_label(source.hook)}" if len(sources) > 1
                                                                  else "")
                 arm_id = f"{name}-{stable_hash(identity, 8)}"  # the folder: readable, and unique to the settings

@@ -120,6 +120,13 @@ def use_fast_matmuls(device: str) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def precision(device: torch.device, dtype: str) -> torch.autocast:
+    """The context of a training step's forward and of an eval: with bfloat16, torch.autocast runs
+    matmuls (and the ops it lists) in bfloat16 on float32 weights; the backward pass, Adam, the
+    weights and the activation cache stay float32. With float32 it does nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
 def check_device(device: str) -> None:
     """--device cuda[:N] where it cannot work: one line saying whether torch or the machine lacks it."""
     if not device.startswith("cuda"):
@@ -178,8 +185,8 @@ def evaluate(sae: SAE, cache: ActivationCache, scale: float, ctx: EvalContext, k
     row = 0
     for x in cache.eval_batches(EVAL_BATCH):
         x = x.to(device)
-        f = sae.encode(x * scale)
-        acc.update(x, sae.decode(f) / scale, f)
+        f = sae.encode(x * scale).float()  # bfloat16 under --dtype bfloat16: the metrics sum in float32
+        acc.update(x, sae.decode(f).float() / scale, f)
         if keep_firing or firing is not None:
             on = (f > 0).cpu()  # copied from a GPU once for both
             if keep_firing:
@@ -319,7 +326,11 @@ class Trainer:
         """One optimizer step on x (default: this step's batch). Returns the step's training
         statistics as tensors, so nothing waits on them unless they are logged."""
         x = self.batch(self.step) if x is None else x
-        out = self.sae.loss(x, self.step, self.dead_mask)
+        # Until a dead window has passed no latent can be dead: AuxK is told so without a look at the
+        # mask (on a GPU it would otherwise run its selection, see TopKSAE._aux_selection).
+        dead = self.dead_mask if self.tokens >= self.cfg.dead_window else None
+        with precision(self.device, self.cfg.dtype):
+            out = self.sae.loss(x, self.step, dead)
         self.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.sae.remove_gradient_parallel_to_decoder_()
@@ -362,8 +373,9 @@ class Trainer:
     def run_eval(self) -> None:
         probes = self.probes
         dense_threshold = probes.cfg.dense_threshold if probes is not None else ProbeConfig.dense_threshold
-        out = evaluate(self.sae, self.cache, self.scale, self.ctx, keep_firing=probes is not None and probes.needs_firing,
-                       dense_threshold=dense_threshold)
+        with precision(self.device, self.cfg.dtype):
+            out = evaluate(self.sae, self.cache, self.scale, self.ctx,
+                           keep_firing=probes is not None and probes.needs_firing, dense_threshold=dense_threshold)
         self.last_eval = out.metrics
         logs = {f"eval/{k}": v for k, v in out.metrics.items()}
         embedding = None
