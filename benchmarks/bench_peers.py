@@ -2,11 +2,15 @@
 
     make bench-peers                                  # builds .venv-peers/ on first use, then runs this
     .venv-peers/bin/python benchmarks/bench_peers.py --steps 3
+    .venv-peers/bin/python benchmarks/bench_peers.py --device cuda --steps 10   # all of them on one GPU
 
 Shape: d_in 768, d_sae 6144, batch 4096 rows, k 32; float32 rows drawn from a standard normal; CPU,
-torch's default thread count. Six rows are one library's training step each, as that library's own
-trainer does it, with the defaults of that trainer; four "floor" rows are parts of a TopK step
-(below). All are set up side by side, each gets one warm-up
+torch's default thread count, or with --device cuda every library on that GPU, float32 matmuls in
+TF32 for all of them (as run_experiments.py --device cuda sets it) and sparsify with its Triton
+decoder kernels, which it uses where Triton is installed (on the CPU its eager embedding_bag path).
+Six rows are one library's training step each, as that library's own trainer does it, with the
+defaults of that trainer; four "floor" rows are parts of a TopK step (below). All are set up side
+by side, each gets one warm-up
 step (allocator, thread pool, first optimizer state), then --steps rounds in which every row takes
 one timed step in turn (round-robin, so a change in machine load hits all rows alike, not just
 whichever ran during it); each row's median is reported. "ours ÷ theirs" is our tokens/s over theirs
@@ -22,9 +26,9 @@ ours topk / ours relu: `Trainer.train_step` (experiments/train/trainer.py), set 
     k_aux d_in/2; MSE + decoder-norm-weighted L1 for ReLU, coefficient 0.015), backward, for TopK
     the removal of the decoder-parallel gradient component and, after Adam, decoder
     renormalisation (both no-ops for ReLU, whose decoder norm is free), gradient-norm clipping at
-    1.0 (with a finiteness check, one sync), the LR schedule, Adam, the dead-latent window update.
-    The timed steps have no dead latents yet, so AuxK does no work (its early exit) and ReLU's
-    resampling does not fire.
+    1.0 (the finiteness check noted on the device, read at log steps), the LR schedule, Adam, the
+    dead-latent window update. The timed steps come before a dead window has passed, so AuxK does
+    no work and ReLU's resampling does not fire.
 
 SAELens TopK (`TopKTrainingSAE`, its defaults: rescale_acts_by_decoder_norm=True,
     use_sparse_activations=False, i.e. dense decode, aux_loss_coefficient 1.0) and SAELens Standard
@@ -80,15 +84,13 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Callable
 
-os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # CPU: sparsify's eager embedding_bag decoder
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_train import duration, trainer_step  # noqa: E402
+from benchmarks.bench_train import duration, set_up_device, synchronize, trainer_step  # noqa: E402
 from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 
@@ -96,36 +98,37 @@ D_IN, D_SAE, BATCH, K = 768, 6144, 4096, 32
 TARGETS = {("topk", "SAELens"): 2.0, ("topk", "sparsify"): 1.5, ("relu", "SAELens"): 1.2}
 
 
-def batches(n: int, seed: int = 1) -> list[torch.Tensor]:
+def batches(n: int, device: str, seed: int = 1) -> list[torch.Tensor]:
     rng = np.random.default_rng(seed)
-    return [torch.from_numpy(rng.standard_normal((BATCH, D_IN), dtype=np.float32)) for _ in range(n)]
+    return [torch.from_numpy(rng.standard_normal((BATCH, D_IN), dtype=np.float32)).to(device) for _ in range(n)]
 
 
-def on_batches(step: Callable[[torch.Tensor], object], steps: int) -> Callable[[], object]:
-    """`step` as a no-argument call that takes its next batch (made beforehand) each time."""
-    xs = iter(batches(steps + 1))
+def on_batches(step: Callable[[torch.Tensor], object], steps: int, device: str) -> Callable[[], object]:
+    """`step` as a no-argument call that takes its next batch (made beforehand, on the device) each time."""
+    xs = iter(batches(steps + 1, device))
     return lambda: step(next(xs))
 
 
-def floor_parts() -> dict[str, Callable[[], object]]:
+def floor_parts(device: str) -> dict[str, Callable[[], object]]:
     """Four parts of a TopK step at these shapes that every exact TopK trainer with Adam does, with
     torch's kernels: the dense encoder product x @ W_enc (every latent is a candidate for the top
     k), top-k over its [BATCH, D_SAE] result, the sparse decode (embedding_bag with per-sample
     weights, as ours and sparsify's eager path do) with its backward to W_dec and the activations,
     and an Adam update of W_enc and W_dec (torch.optim.Adam with its defaults, as our trainer and
     sparsify's adam row use)."""
-    g = torch.Generator().manual_seed(2)
+    g = torch.Generator().manual_seed(2)  # drawn on the CPU, then moved: the same numbers on any device
     x, w_enc = torch.randn(BATCH, D_IN, generator=g), torch.randn(D_IN, D_SAE, generator=g)
-    pre = torch.empty(BATCH, D_SAE)
-    params = [torch.nn.Parameter(torch.randn(D_IN, D_SAE, generator=g)),
-              torch.nn.Parameter(torch.randn(D_SAE, D_IN, generator=g))]
+    params = [torch.nn.Parameter(torch.randn(D_IN, D_SAE, generator=g).to(device)),
+              torch.nn.Parameter(torch.randn(D_SAE, D_IN, generator=g).to(device))]
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g)
+        p.grad = torch.randn(p.shape, generator=g).to(device)
     adam = torch.optim.Adam(params, lr=1e-4)
     idx = torch.randint(D_SAE, (BATCH * K,), generator=g)
-    acts = torch.rand(BATCH * K, generator=g).requires_grad_()
+    acts = torch.rand(BATCH * K, generator=g).to(device).requires_grad_()
     w_dec, grad_out = params[1], torch.randn(BATCH, D_IN, generator=g)
-    offsets = torch.arange(0, BATCH * K, K)
+    x, w_enc, idx, grad_out = (t.to(device) for t in (x, w_enc, idx, grad_out))
+    pre = torch.empty(BATCH, D_SAE, device=device)
+    offsets = torch.arange(0, BATCH * K, K, device=device)
 
     def sparse_decode() -> object:
         out = F.embedding_bag(idx, w_dec, offsets, mode="sum", per_sample_weights=acts)
@@ -137,22 +140,24 @@ def floor_parts() -> dict[str, Callable[[], object]]:
             "Adam update alone": adam.step}
 
 
-def timed(call: Callable[[], object]) -> float:
+def timed(call: Callable[[], object], device: str) -> float:
+    synchronize(device)
     start = time.perf_counter()
     call()
+    synchronize(device)
     return time.perf_counter() - start
 
 
-def saelens_step(arch: str) -> Callable[[torch.Tensor], object]:
+def saelens_step(arch: str, device: str) -> Callable[[torch.Tensor], object]:
     from sae_lens import (LanguageModelSAERunnerConfig, LoggingConfig, StandardTrainingSAE,
                           StandardTrainingSAEConfig, TopKTrainingSAE, TopKTrainingSAEConfig)
     from sae_lens.training.sae_trainer import SAETrainer
 
     if arch == "topk":
-        sae_cfg, cls = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K), TopKTrainingSAE
+        sae_cfg, cls = TopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=K, device=device), TopKTrainingSAE
     else:
-        sae_cfg, cls = StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE), StandardTrainingSAE
-    runner_cfg = LanguageModelSAERunnerConfig(sae=sae_cfg, train_batch_size_tokens=BATCH, device="cpu",
+        sae_cfg, cls = StandardTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, device=device), StandardTrainingSAE
+    runner_cfg = LanguageModelSAERunnerConfig(sae=sae_cfg, train_batch_size_tokens=BATCH, device=device,
                                               logger=LoggingConfig(log_to_wandb=False), checkpoint_path=None,
                                               output_path=None, verbose=False)
     trainer = SAETrainer(runner_cfg.to_sae_trainer_config(), cls(sae_cfg), data_provider=iter(()))
@@ -165,14 +170,14 @@ def saelens_step(arch: str) -> Callable[[torch.Tensor], object]:
     return step
 
 
-def sparsify_step(optimizer: str) -> Callable[[torch.Tensor], object]:
+def sparsify_step(optimizer: str, device: str) -> Callable[[torch.Tensor], object]:
     from sparsify import SparseCoder, SparseCoderConfig
     from sparsify.config import TrainConfig
 
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     auxk_alpha, dead_threshold = defaults["auxk_alpha"], defaults["dead_feature_threshold"]
     torch.manual_seed(0)
-    sae = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K), device="cpu", dtype=torch.float32)
+    sae = SparseCoder(D_IN, SparseCoderConfig(num_latents=D_SAE, k=K), device=device, dtype=torch.float32)
     schedulers = []
     if optimizer == "adam":  # sparsify's Trainer: torch Adam (no bitsandbytes) + linear warm-up/decay
         from transformers import get_linear_schedule_with_warmup
@@ -186,8 +191,8 @@ def sparsify_step(optimizer: str) -> Callable[[torch.Tensor], object]:
         opt = ScheduleFreeWrapper(SignSGD([dict(params=sae.parameters(), lr=5e-3 / (D_SAE / 2**14) ** 0.5)]),
                                   momentum=0.95)
         opt.train()
-    tokens_since_fired = torch.zeros(D_SAE, dtype=torch.long)
-    did_fire = torch.zeros(D_SAE, dtype=torch.bool)
+    tokens_since_fired = torch.zeros(D_SAE, dtype=torch.long, device=device)
+    did_fire = torch.zeros(D_SAE, dtype=torch.bool, device=device)
 
     def step(x: torch.Tensor) -> object:
         sae.set_decoder_norm_to_unit_norm()
@@ -215,32 +220,40 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 epilog="What each row times is in this script's docstring.")
     p.add_argument("--steps", type=int, default=3, help="timed steps per row after one warm-up (default: 3)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every library trains (default: cpu)")
     add_docs_flag(p, "bench_peers")
     a = p.parse_args()
     check_docs(a, "bench_peers")
+    if a.device == "cpu":
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # read when sparsify is imported: its eager decoder
+    where = set_up_device(a.device)
     retain_freed_memory()  # as run_experiments.py does; in this one process it serves every library alike
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, sae-lens {version('sae-lens')}, eai-sparsify {version('eai-sparsify')}, "
-          f"{torch.get_num_threads()} threads; d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}, "
+          f"{where}; d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}, "
           f"median of {a.steps} steps after 1 warm-up; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} CPUs", flush=True)
 
     with contextlib.ExitStack() as stack:
-        ours = {arch: stack.enter_context(trainer_step(arch, D_IN, D_SAE, BATCH, a.steps, K))
+        ours = {arch: stack.enter_context(trainer_step(arch, D_IN, D_SAE, BATCH, a.steps, K, device=a.device))
                 for arch in ("topk", "relu")}
+
+        def peer(step: Callable[[torch.Tensor], object]) -> Callable[[], object]:
+            return on_batches(step, a.steps, a.device)
+
         rows = [("ours", "topk", "topk", ours["topk"]),
-                ("SAELens", "TopKTrainingSAE", "topk", on_batches(saelens_step("topk"), a.steps)),
-                ("sparsify", "SparseCoder, adam", "topk", on_batches(sparsify_step("adam"), a.steps)),
-                ("sparsify", "SparseCoder, signum (default)", "topk", on_batches(sparsify_step("signum"), a.steps)),
-                *[("floor", name, "topk", part) for name, part in floor_parts().items()],
+                ("SAELens", "TopKTrainingSAE", "topk", peer(saelens_step("topk", a.device))),
+                ("sparsify", "SparseCoder, adam", "topk", peer(sparsify_step("adam", a.device))),
+                ("sparsify", "SparseCoder, signum (default)", "topk", peer(sparsify_step("signum", a.device))),
+                *[("floor", name, "topk", part) for name, part in floor_parts(a.device).items()],
                 ("ours", "relu", "relu", ours["relu"]),
-                ("SAELens", "StandardTrainingSAE", "relu", on_batches(saelens_step("relu"), a.steps))]
+                ("SAELens", "StandardTrainingSAE", "relu", peer(saelens_step("relu", a.device)))]
         for *_, step in rows:
             step()  # warm-up: allocator, thread pool, first optimizer state
         times: list[list[float]] = [[] for _ in rows]
         for _ in range(a.steps):  # round-robin, so a change in machine load hits every row alike
             for i, (*_, step) in enumerate(rows):
-                times[i].append(timed(step))
+                times[i].append(timed(step, a.device))
     medians = [statistics.median(t) for t in times]
     ours_s = {arch: m for (lib, _, arch, _), m in zip(rows, medians) if lib == "ours"}
 
@@ -258,7 +271,7 @@ def main() -> None:
                f"{needed_s * 1e3:.0f} ms; the floor rows alone take {floor_s * 1e3:.0f} ms. Load average at the end "
                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
     print(finding)
-    write_docs(a, "bench_peers", [f"torch {torch.__version__}, sae-lens {version('sae-lens')}, eai-sparsify "
+    write_docs(a, "bench_peers", [f"{where}, torch {torch.__version__}, sae-lens {version('sae-lens')}, eai-sparsify "
                                   f"{version('eai-sparsify')}; d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}; median "
                                   f"of {a.steps} round-robin steps after one warm-up.", table.markdown(), finding])
 
