@@ -92,6 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_train import duration, set_up_device, synchronize, trainer_step  # noqa: E402
 from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
+from experiments.train.trainer import CUDA_TORCH_INDEX  # noqa: E402
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 
 D_IN, D_SAE, BATCH, K = 768, 6144, 4096, 32
@@ -226,7 +227,7 @@ def main() -> None:
     check_docs(a, "bench_peers")
     if a.device == "cpu":
         os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")  # read when sparsify is imported: its eager decoder
-    where = set_up_device(a.device)
+    where = set_up_device(a.device, f"rm -rf .venv-peers, then make bench-peers TORCH_INDEX={CUDA_TORCH_INDEX}")
     retain_freed_memory()  # as run_experiments.py does; in this one process it serves every library alike
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, sae-lens {version('sae-lens')}, eai-sparsify {version('eai-sparsify')}, "

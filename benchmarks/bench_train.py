@@ -129,13 +129,14 @@ def time_matmuls(d_in: int, d_sae: int, batch: int, repeats: int, device: str = 
     return out
 
 
-def set_up_device(device: str) -> str:
+def set_up_device(device: str, reinstall: str | None = None) -> str:
     """A benchmark's --device as run_experiments.py sets it up (a device that cannot work: one line,
-    exit 2; on a GPU, TF32 matmuls); returns the device as the output names it."""
+    exit 2, with `reinstall` saying how its venv gets torch's CUDA build; on a GPU, TF32 matmuls);
+    returns the device as the output names it."""
     if device == "cpu":
         return f"{torch.get_num_threads()} threads"
     try:
-        check_device(device)
+        check_device(device, *([reinstall] if reinstall else []))
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from config.schema import UsageError
+from experiments.train.trainer import check_device
 from benchmarks.bench_parity import parity_table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,6 +30,16 @@ def test_parity_table_pivots_rows_per_reference_and_counts_parity():
     assert lines[2] == "| topk | SAELens TopKTrainingSAE | 5.00 / 5.00, 0.970 / 0.740 | 5.00 / 5.00, 0.900 / 0.950 | 1 of 2 |"
     assert lines[3] == "| topk | sparsify SparseCoder | 5.00 / 4.99, 0.970 / 0.900 | 5.00 / 7.00, 0.900 / 0.800 | 1 of 2 |"
     assert len(lines) == 4
+
+
+def test_a_torch_without_cuda_is_told_how_its_own_venv_gets_the_cuda_build(monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    with pytest.raises(UsageError, match=r"^--device cuda: this torch \(.*\) is built without CUDA; reinstall "
+                                         r"it from PyTorch's CUDA index \(make clean-venv, then make run "
+                                         r"TORCH_INDEX="):
+        check_device("cuda")
+    with pytest.raises(UsageError, match=r"CUDA index \(rebuild the peers' venv\) or use --device cpu$"):
+        check_device("cuda", "rebuild the peers' venv")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="here --device cuda would run the benchmark")

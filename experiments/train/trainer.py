@@ -127,14 +127,18 @@ def precision(device: torch.device, dtype: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
-def check_device(device: str) -> None:
-    """--device cuda[:N] where it cannot work: one line saying whether torch or the machine lacks it."""
+CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
+
+
+def check_device(device: str,
+                 reinstall: str = f"make clean-venv, then make run TORCH_INDEX={CUDA_TORCH_INDEX}") -> None:
+    """--device cuda[:N] where it cannot work: one line saying whether torch or the machine lacks it
+    (`reinstall`: how the venv in use gets torch's CUDA build)."""
     if not device.startswith("cuda"):
         return
     if torch.version.cuda is None:
         raise UsageError(f"--device {device}: this torch ({torch.__version__}) is built without CUDA; reinstall it "
-                         f"from PyTorch's CUDA index (make clean-venv, then make run TORCH_INDEX="
-                         f"https://download.pytorch.org/whl/cu128) or use --device cpu")
+                         f"from PyTorch's CUDA index ({reinstall}) or use --device cpu")
     if not torch.cuda.is_available():
         raise UsageError(f"--device {device}: torch has CUDA {torch.version.cuda} but sees no GPU here (driver, "
                          f"CUDA_VISIBLE_DEVICES); use --device cpu")
