@@ -272,8 +272,8 @@ def main() -> None:
                f"{needed_s * 1e3:.0f} ms; the floor rows alone take {floor_s * 1e3:.0f} ms. Load average at the end "
                f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs.")
     print(finding)
-    write_docs(a, "bench_peers", [f"{where}, torch {torch.__version__}, sae-lens {version('sae-lens')}, eai-sparsify "
-                                  f"{version('eai-sparsify')}; d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}; median "
+    write_docs(a, "bench_peers", [f"{where}, torch {torch.__version__}, sae-lens {version('sae-lens')}, "
+                                  f"eai-sparsify {version('eai-sparsify')}; d_in {D_IN}, d_sae {D_SAE}, batch {BATCH}, k {K}; median "
                                   f"of {a.steps} round-robin steps after one warm-up.", table.markdown(), finding])
 
 

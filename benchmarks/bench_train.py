@@ -136,7 +136,7 @@ def set_up_device(device: str, reinstall: str | None = None) -> str:
     if device == "cpu":
         return f"{torch.get_num_threads()} threads"
     try:
-        check_device(device, *([reinstall] if reinstall else []))
+        check_device(device, reinstall)
     except UsageError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

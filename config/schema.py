@@ -307,7 +307,8 @@ class TrainConfig:
         """The settings as an arm's folder hash and a study's spec hold them: a setting added after
         studies were run is left out while at its default, so those studies keep their arm folders
         and still resume."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 # TrainConfig settings that came after the first studies, at their defaults (see TrainConfig.identity).

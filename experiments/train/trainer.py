@@ -130,13 +130,13 @@ def precision(device: torch.device, dtype: str) -> torch.autocast:
 CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
 
 
-def check_device(device: str,
-                 reinstall: str = f"make clean-venv, then make run TORCH_INDEX={CUDA_TORCH_INDEX}") -> None:
+def check_device(device: str, reinstall: str | None = None) -> None:
     """--device cuda[:N] where it cannot work: one line saying whether torch or the machine lacks it
-    (`reinstall`: how the venv in use gets torch's CUDA build)."""
+    (`reinstall`: how the venv in use gets torch's CUDA build; default: the harness's .venv)."""
     if not device.startswith("cuda"):
         return
     if torch.version.cuda is None:
+        reinstall = reinstall or f"make clean-venv, then make run TORCH_INDEX={CUDA_TORCH_INDEX}"
         raise UsageError(f"--device {device}: this torch ({torch.__version__}) is built without CUDA; reinstall it "
                          f"from PyTorch's CUDA index ({reinstall}) or use --device cpu")
     if not torch.cuda.is_available():

@@ -78,13 +78,13 @@ class TopKSAE(SAE):
         -inf, which the callers zero: the same loss, with the count left on the device."""
         if not self.cfg.auxk or dead_mask is None:
             return None
-        dead_pre = pre.masked_fill(~dead_mask, float("-inf"))
         if not count_on_host(dead_mask):
-            return dead_pre, min(self.aux_k, pre.shape[-1]), (dead_mask.sum() / self.aux_k).clamp(max=1.0)
+            return (pre.masked_fill(~dead_mask, float("-inf")), min(self.aux_k, pre.shape[-1]),
+                    (dead_mask.sum() / self.aux_k).clamp(max=1.0))
         n_dead = int(dead_mask.sum())
         if n_dead == 0:
             return None
-        return dead_pre, min(self.aux_k, n_dead), min(n_dead / self.aux_k, 1.0)
+        return pre.masked_fill(~dead_mask, float("-inf")), min(self.aux_k, n_dead), min(n_dead / self.aux_k, 1.0)
 
     @staticmethod
     def _normalised_residual_mse(e: Tensor, e_hat: Tensor) -> Tensor:
