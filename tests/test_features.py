@@ -17,11 +17,13 @@ from experiments.eval.features import (
     FeatureAnalysis,
     analyse_features,
     analyse_synthetic_features,
-    auto_label,
+    auto_labels,
     load_features,
     render_context,
     save_features,
     search_features,
+    token_shares,
+    top_tokens,
 )
 from models.sae.base import SAEConfig, build_sae
 
@@ -261,17 +263,35 @@ def contexts(rows: list[list[int]]) -> np.ndarray:
     return np.array(rows, dtype=np.int32)
 
 
+def test_token_shares_sum_each_rows_weight_by_token():
+    tokens = np.array([[7, 3, 7, 5], [2, 2, 2, 2], [4, 9, 4, 1], [-1, 6, 6, 8]])
+    weight = np.array([[1.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [2.0, 1.0, 1.0, 0.0]])
+    ids, shares = token_shares(tokens, weight)
+    # row 0: 3 and 7 tie at 2 of 4 (lower id first), 5 has no weight; row 1: nothing fired; row 2: 4
+    # holds 2 of 4, then 1 and 9 at 1 of 4 each; row 3: -1 is a token like any other (2 of 4)
+    np.testing.assert_array_equal(ids, [[3, 7, -1, -1], [-1, -1, -1, -1], [4, 1, 9, -1], [-1, 6, -1, -1]])
+    np.testing.assert_allclose(shares, [[0.5, 0.5, 0, 0], [0, 0, 0, 0], [0.5, 0.25, 0.25, 0], [0.5, 0.5, 0, 0]])
+    empty_ids, empty_shares = token_shares(tokens, np.zeros_like(weight))
+    assert (empty_ids == -1).all() and (empty_shares == 0).all()
+
+
 def test_auto_label_is_a_function_of_the_top_contexts():
-    decode = TEXT.__getitem__
+    def label(rows: list[list[int]], acts: list[float]) -> str:
+        return auto_labels(contexts([rows]), np.array([acts]), TEXT.__getitem__)[0]
+
     # window 1: [previous, firing, next]; weights are the activations
-    assert auto_label(contexts([[4, 1, 5], [5, 1, 6]]), np.array([2.0, 1.0]), decode) == "the"
-    mixed = contexts([[4, 1, 5], [4, 2, 5], [5, 3, 6], [5, 1, 6], [6, 6, 6]])
-    assert auto_label(mixed, np.array([3.0, 2.0, 2.0, 1.0, 0.5]), decode) == "the / a / an"  # time's share < 0.1
-    after = contexts([[4, 1, 5], [4, 2, 5], [4, 3, 6], [4, 5, 6], [-1, -1, -1]])
-    assert auto_label(after, np.array([1.0, 1.0, 1.0, 1.0, 0.0]), decode) == "after 'once'"
-    assert auto_label(contexts([[-1, -1, -1]]), np.array([0.0]), decode) == ""  # never fired
+    assert label([[4, 1, 5], [5, 1, 6]], [2.0, 1.0]) == "the"
+    mixed = [[4, 1, 5], [4, 2, 5], [5, 3, 6], [5, 1, 6], [6, 6, 6]]
+    assert label(mixed, [3.0, 2.0, 2.0, 1.0, 0.5]) == "the / a / an"  # time's share < 0.1
+    after = [[4, 1, 5], [4, 2, 5], [4, 3, 6], [4, 5, 6], [-1, -1, -1]]
+    assert label(after, [1.0, 1.0, 1.0, 1.0, 0.0]) == "after 'once'"
+    assert label([[-1, -1, -1]], [0.0]) == ""  # never fired
     # A constant previous token does not override a dominant firing token.
-    assert auto_label(contexts([[4, 1, 5], [4, 1, 6], [4, 2, 6]]), np.ones(3), decode) == "the / a"
+    assert label([[4, 1, 5], [4, 1, 6], [4, 2, 6]], [1.0, 1.0, 1.0]) == "the / a"
+    # Many latents at once give what each gives alone.
+    batch = [[[4, 1, 5], [5, 1, 6], [6, 6, 6]], [[4, 1, 5], [4, 2, 5], [4, 3, 6]], [[-1, -1, -1]] * 3]
+    acts = [[2.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert auto_labels(contexts(batch), np.array(acts), TEXT.__getitem__) == [label(b, a) for b, a in zip(batch, acts)]
 
 
 def hand_analysis() -> FeatureAnalysis:
@@ -299,6 +319,15 @@ def test_search_ranks_labels_then_firing_tokens_then_contexts():
     assert [h[1] for h in hits] == pytest.approx([1.0, 2 / 3, 0.5, 1 / 3])
     assert search_features(hand, "category")[0][0] == 4 and search_features(hand, "dog") == []
     assert search_features(hand, "cat") == hits  # deterministic
+
+
+def test_top_tokens_weigh_firing_tokens_by_activation():
+    hand = hand_analysis()
+    # latent 1 fires on " the", " a", " an" with weight 1 each: ties go to the lower id; latent 4 on
+    # " category" twice and " the" once
+    assert top_tokens(hand, np.array([0, 1, 4, 1]), n=2) == [["cat"], ["the", "a"], ["category", "the"], ["the", "a"]]
+    assert top_tokens(hand, np.array([2]))[0] == ["upon", "cat"]  # a tie: " upon" (5) before " cat" (9)
+    assert top_tokens(FeatureAnalysis({}, {}, [""]), np.array([0])) == [[]]  # a synthetic arm has no contexts
 
 
 def test_render_context_marks_the_firing_token_and_escapes_markdown():

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import rankdata, spearmanr
 
 from experiments.eval.concepts import ConceptSet
-from experiments.eval.metrics import EvalAccumulator, frequency_stats, rank_stability
+from experiments.eval.metrics import EvalAccumulator, average_ranks, frequency_stats, rank_stability
 from experiments.eval.embedding import embedding_workers
 from experiments.eval.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
 from experiments.studies.emergence import _first_reach, _nanmax, _settled_reach, median_by_kind
@@ -71,6 +71,13 @@ def test_frequency_stats_and_rank_stability():
     assert rank_stability(a, b) == pytest.approx(spearmanr(a, b).statistic)
     assert rank_stability(a, a * 3) == pytest.approx(1.0)
     assert np.isnan(rank_stability(np.zeros(4), a[:4]))  # all dead: no ranking at all
+
+
+def test_average_ranks_share_ties_as_scipy_does():
+    # by hand: 0.1 is lowest; the two 0.5s share ranks 2 and 3; the three 2.0s share 4, 5 and 6
+    np.testing.assert_array_equal(average_ranks(np.array([2.0, 0.5, 0.1, 2.0, 0.5, 2.0])), [5, 2.5, 1, 5, 2.5, 5])
+    values = np.random.default_rng(1).integers(0, 7, 200).astype(np.float64)  # many ties
+    np.testing.assert_array_equal(average_ranks(values), rankdata(values))
 
 
 def test_mean_activation_counts_only_firing_tokens():

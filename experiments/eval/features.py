@@ -335,8 +335,7 @@ def analyse_features(sae: SAE, cache: ActivationCache, scale: float, *, top_n: i
     shown = [arrays[k].ravel() for k in ("top_context_tokens", "quantile_context_tokens", "logit_top_ids",
                                          "logit_bottom_ids") if k in arrays]
     token_text = {int(t): decode(int(t)) for t in np.unique(np.concatenate(shown)) if t >= 0}
-    labels = [auto_label(arrays["top_context_tokens"][i], arrays["top_acts"][i], token_text.__getitem__)
-              for i in range(d)]
+    labels = auto_labels(arrays["top_context_tokens"], arrays["top_acts"], token_text.__getitem__)
     return FeatureAnalysis(arrays, settings, labels, names, token_text)
 
 
@@ -389,45 +388,55 @@ def _text(decode: Callable[[int], str], token: int) -> str:
     return raw.strip() or repr(raw)  # a whitespace token stays visible
 
 
-def _shares(tokens: np.ndarray, weight: np.ndarray) -> list[tuple[int, float]]:
-    """(token, share of the total weight), largest share first, then lowest id."""
-    ids, inv = np.unique(tokens, return_inverse=True)
-    share = np.bincount(inv, weights=weight) / weight.sum()
-    order = np.lexsort((ids, -share))
-    return [(int(ids[j]), float(share[j])) for j in order]
+def token_shares(tokens: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of `tokens` [L, K] (ids, -1 included), each distinct token's share of the row's
+    `weight` [L, K] (entries with weight <= 0 left out): ids [L, K] and shares [L, K], each row
+    largest share first, then lowest id, padded with id -1 and share 0. One sort for every row:
+    a report describes every latent of every arm."""
+    ids, shares = np.full(tokens.shape, -1, dtype=np.int64), np.zeros(tokens.shape)
+    rows, cols = np.nonzero(weight > 0)
+    if not rows.size:
+        return ids, shares
+    tok, w = tokens[rows, cols].astype(np.int64), weight[rows, cols].astype(np.float64)
+    order = np.lexsort((tok, rows))  # stable: a token's entries keep their order, as they are summed
+    rows, tok, w = rows[order], tok[order], w[order]
+    first = np.flatnonzero(np.r_[True, (rows[1:] != rows[:-1]) | (tok[1:] != tok[:-1])])  # of each token's run
+    g_row, g_tok = rows[first], tok[first]
+    g_share = np.add.reduceat(w, first) / np.bincount(rows, weights=w)[g_row]
+    order = np.lexsort((g_tok, -g_share, g_row))
+    g_row, g_tok, g_share = g_row[order], g_tok[order], g_share[order]
+    place = np.arange(g_row.size) - np.searchsorted(g_row, g_row)  # within its row
+    ids[g_row, place], shares[g_row, place] = g_tok, g_share
+    return ids, shares
 
 
-def auto_label(context_tokens: np.ndarray, top_acts: np.ndarray, decode: Callable[[int], str]) -> str:
-    """A short label from one latent's top contexts ([k, W] ids, [k] activations), weighting each
-    context by its activation: "after 'x'" when the token before the firing one is x in at least
-    AFTER_SHARE of the weight while no firing token holds VARIED_SHARE; else the firing tokens
-    holding at least MIN_SHARE (at most MAX_TOKENS, always the first), as "the / a / an". "" if the
-    latent never fired."""
-    valid = top_acts > 0
-    if not valid.any():
-        return ""
-    w, weight = context_tokens.shape[1] // 2, top_acts[valid].astype(np.float64)
-    firing = _shares(context_tokens[valid, w], weight)
-    if w > 0:
-        before, before_share = _shares(context_tokens[valid, w - 1], weight)[0]
-        if before >= 0 and before_share >= AFTER_SHARE and firing[0][1] < VARIED_SHARE:
-            return f"after '{_text(decode, before)}'"
-    picks = [t for j, (t, s) in enumerate(firing[:MAX_TOKENS]) if j == 0 or s >= MIN_SHARE]
-    return " / ".join(_text(decode, t) for t in picks)
+def auto_labels(context_tokens: np.ndarray, top_acts: np.ndarray, decode: Callable[[int], str]) -> list[str]:
+    """A short label per latent from its top contexts ([L, k, W] ids, [L, k] activations), weighting
+    each context by its activation: "after 'x'" when the token before the firing one is x in at
+    least AFTER_SHARE of the weight while no firing token holds VARIED_SHARE; else the firing tokens
+    holding at least MIN_SHARE (at most MAX_TOKENS, always the first), as "the / a / an". "" for a
+    latent that never fired."""
+    w = context_tokens.shape[2] // 2
+    firing, firing_share = token_shares(context_tokens[:, :, w], top_acts)
+    before, before_share = (token_shares(context_tokens[:, :, w - 1], top_acts) if w > 0 else
+                            (np.full_like(firing, -1), np.zeros_like(firing_share)))
+    after = (before[:, 0] >= 0) & (before_share[:, 0] >= AFTER_SHARE) & (firing_share[:, 0] < VARIED_SHARE)
+    picked = firing_share[:, :MAX_TOKENS] >= MIN_SHARE
+    picked[:, 0] = firing[:, 0] >= 0  # the first always, if the latent fired
+    return [f"after '{_text(decode, before[i, 0])}'" if after[i] else
+            " / ".join(_text(decode, t) for t in firing[i, :MAX_TOKENS][picked[i]]) for i in range(len(firing))]
 
 
-def top_tokens(analysis: FeatureAnalysis, latent: int, n: int = 5) -> list[str]:
-    """The tokens a latent fires on most in its top contexts (weighted by activation), at most n."""
+def top_tokens(analysis: FeatureAnalysis, latents: np.ndarray, n: int = 5) -> list[list[str]]:
+    """Per latent of `latents`, the tokens it fires on most in its top contexts (weighted by
+    activation), at most n."""
     a = analysis.arrays
     if "top_context_tokens" not in a:
-        return []
-    acts = a["top_acts"][latent]
-    valid = acts > 0
-    if not valid.any():
-        return []
+        return [[] for _ in latents]
     centre = a["top_context_tokens"].shape[2] // 2
-    shares = _shares(a["top_context_tokens"][latent, valid, centre], acts[valid].astype(np.float64))
-    return [_text(lambda t: analysis.token_text.get(t, ""), t) for t, _ in shares[:n]]
+    ids, _ = token_shares(a["top_context_tokens"][latents, :, centre], a["top_acts"][latents])
+    decode = lambda token: analysis.token_text.get(token, "")  # noqa: E731
+    return [[_text(decode, t) for t in row[:n] if t >= 0] for row in ids]
 
 
 def features_done(arm_dir: Path) -> bool:

@@ -239,7 +239,7 @@ class Explorer:
         state, fa = self._state(arm), self._features(arm)
         with self._load_lock:
             if state.top_tokens is None:
-                state.top_tokens = [top_tokens(fa, i, 3) for i in range(len(fa.labels))]
+                state.top_tokens = top_tokens(fa, np.arange(len(fa.labels)), 3)
             return state.top_tokens
 
     def _latent(self, arm: ArmRecord, latent: Any) -> int:

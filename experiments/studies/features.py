@@ -65,8 +65,8 @@ def latent_rows(fa: FeatureAnalysis, latents: np.ndarray) -> tuple[list[str], li
     headers = ["latent", "label", "density", "mean act (firing)", "top tokens", "top context", "promotes",
                "suppresses", "concept", "F1"]
     rows = [[int(i), fa.labels[i], rounded(a["density"][i], 6), rounded(a["mean_firing_act"][i], 4),
-             " / ".join(top_tokens(fa, i)), strongest_context(fa, i), _logits(fa, i, "top"), _logits(fa, i, "bottom"),
-             *_concept(fa, i)] for i in latents]
+             " / ".join(tokens), strongest_context(fa, i), _logits(fa, i, "top"), _logits(fa, i, "bottom"),
+             *_concept(fa, i)] for i, tokens in zip(latents, top_tokens(fa, latents))]
     return headers, rows
 
 
