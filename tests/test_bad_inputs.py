@@ -277,6 +277,9 @@ CASES = [
          "nothing to resume: there is no study 'ghost'", runs=True),
     Case("resume-other-settings", (*TINY, "--resume", "--study-id", "done", "--lr", "0.5"),
          "cannot resume 'done' with different settings: plans.0.arms.0.train.lr was 0.003, now 0.5", runs=True),
+    Case("resume-other-dtype", (*TINY, "--resume", "--study-id", "done", "--dtype", "bfloat16"),
+         "cannot resume 'done' with different settings: plans.0.arms.0.train.dtype was 'float32' (the default), "
+         "now 'bfloat16'", runs=True),
     Case("resume-broken-record", (*TINY, "--resume", "--study-id", "broken"), "study.json is not valid JSON",
          setup=broken_record, runs=True),
     Case("study-id-exists", (*TINY, "--study-id", "done"), "study 'done' already exists", runs=True),

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from config.schema import ArmSpec, RunConfig, SAEArmConfig, TrainConfig, UsageError, flatten, stable_hash
+from config.schema import (LATER_DEFAULTS, ArmSpec, RunConfig, SAEArmConfig, TrainConfig, UsageError, flatten,
+                           stable_hash)
 from experiments import faults
 from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES
 from experiments.eval.embedding import embedding_workers
@@ -98,9 +99,16 @@ class StudyLock:
 
 def _first_difference(a: dict, b: dict) -> str:
     fa, fb = flatten(a, lists=True), flatten(b, lists=True)
+
+    def shown(flat: dict, key: str) -> str:
+        if key in flat:
+            return repr(flat[key])
+        name = key.rsplit(".", 1)[-1]  # a spec leaves out a later setting at its default (TrainConfig.identity)
+        return f"{LATER_DEFAULTS[name]!r} (the default)" if name in LATER_DEFAULTS else "unset"
+
     for key in sorted(set(fa) | set(fb)):
-        if fa.get(key, "<unset>") != fb.get(key, "<unset>"):
-            return f"{key} was {fa.get(key, '<unset>')!r}, now {fb.get(key, '<unset>')!r}"
+        if shown(fa, key) != shown(fb, key):
+            return f"{key} was {shown(fa, key)}, now {shown(fb, key)}"
     return "no difference"
 
 
