@@ -2,6 +2,7 @@
 
     python benchmarks/bench_study.py                         # the default study and --quick, side by side
     python benchmarks/bench_study.py -- --quick --study activations
+    python benchmarks/bench_study.py --repeats 3              # each study 3 times, the median run shown
 
 Runs `run_experiments.py` in a fresh process per study, into an empty temporary checkpoint folder
 (so the activation cache is harvested anew), with the cached subject model reused from
@@ -95,18 +96,33 @@ def run_study(flags: list[str], tmp: Path) -> tuple[dict[str, float], float]:
     return json.loads((tmp / "bench" / "summary.json").read_text())["timing"], wall
 
 
+def median_run(runs: list[tuple[dict[str, float], float]]) -> tuple[dict[str, float], float]:
+    """Of a study's runs (phase clock, wall time), the one with the median wall time (of an even
+    number, the slower of the middle two: a benchmark should not flatter)."""
+    return sorted(runs, key=lambda run: run[1])[len(runs) // 2]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("flags", nargs="*", help="flags for run_experiments.py, after `--` (default: none: the default "
                    "study, then --quick)")
     p.add_argument("--keep", action="store_true", help="keep the temporary checkpoint folders and print their path")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each study, taken in turns; the table shows "
+                   "the run with the median wall time and the finding all of them (default: 1)")
     add_docs_flag(p, "bench_study")
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {a.repeats}")
     check_docs(a, "bench_study")
     studies = {" ".join(a.flags): a.flags} if a.flags else {"default study": [], "--quick": ["--quick"]}
     speed = machine_speed()
     tmp = Path(tempfile.mkdtemp(prefix="bench-study-"))
-    runs = {name: run_study(flags, tmp / f"run-{i}") for i, (name, flags) in enumerate(studies.items())}
+    # In turns, so that a machine that slows down or speeds up during the runs weighs on every study.
+    repeated = {name: [] for name in studies}
+    for r in range(a.repeats):
+        for i, (name, flags) in enumerate(studies.items()):
+            repeated[name].append(run_study(flags, tmp / f"run-{i}-{r}"))
+    runs = {name: median_run(done) for name, done in repeated.items()}
     print()
     table = Table(["phase", *studies], [50, *(max(14, len(n)) for n in studies)])
     for phase, label in LABELS.items():
@@ -118,10 +134,14 @@ def main() -> None:
         worst = max((n for n in LABELS if n != "training"), key=lambda n: timing[n])
         target = TARGETS.get(name)
         aim = f" against a target of {target:.0f} s: {'met' if wall <= target else 'not met'}" if target else ""
-        verdicts.append(f"{name}: {wall:.1f} s{aim}; the largest phase besides training is {LABELS[worst]} "
+        walls = sorted(w for _, w in repeated[name])
+        spread = (f" (the median of {len(walls)} runs: {', '.join(f'{w:.1f}' for w in walls)} s)"
+                  if len(walls) > 1 else "")
+        verdicts.append(f"{name}: {wall:.1f} s{spread}{aim}; the largest phase besides training is {LABELS[worst]} "
                         f"({timing[worst] / timing['total']:.0%}).")
-    finding = ("Seconds per phase (share of the study's clock); the process wall time adds Python's start-up and "
-               "the imports before the clock starts. " + " ".join(verdicts) + " " + speed)
+    shown = "the run with the median wall time of each study: " if a.repeats > 1 else ""
+    finding = (f"Seconds per phase ({shown}share of the study's clock); the process wall time adds Python's start-up "
+               "and the imports before the clock starts. " + " ".join(verdicts) + " " + speed)
     print(f"\n{finding}")
     write_docs(a, "bench_study", [table.markdown(), finding])
     if a.keep:

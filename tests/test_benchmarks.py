@@ -48,3 +48,18 @@ def test_bench_train_without_cuda_says_so_in_one_line():
                            "--shapes", "tinylm"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.startswith("error: --device cuda: this torch (") and len(done.stderr.splitlines()) == 1
+
+
+def test_bench_study_reports_the_run_with_the_median_wall_time():
+    from benchmarks.bench_study import median_run
+
+    runs = [({"total": 30.0}, 31.0), ({"total": 20.0}, 21.5), ({"total": 25.0}, 26.0)]
+    assert median_run(runs) == ({"total": 25.0}, 26.0)
+    assert median_run(runs[:2]) == ({"total": 30.0}, 31.0)  # of two, the slower
+    assert median_run(runs[1:2]) == ({"total": 20.0}, 21.5)
+
+
+def test_bench_study_refuses_fewer_than_one_repeat():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--repeats", "0"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "--repeats must be at least 1, got 0" in done.stderr
