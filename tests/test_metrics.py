@@ -8,6 +8,7 @@ from torch.distributions import Categorical, kl_divergence
 from experiments.eval.metrics import (
     CleanRuns,
     EvalAccumulator,
+    count_per_column,
     density_stats,
     feature_density,
     spliced_lm_metrics,
@@ -217,3 +218,10 @@ def test_clean_runs_are_made_once_per_tokens_and_give_the_same_numbers(model, to
     other = tokens.flip(0)
     runs.get(model, other, HOOK, skip_bos=True)
     assert len(calls) == (4 if keep else 6) + 2  # new tokens: made again
+
+
+def test_count_per_column_counts_true_entries_as_int64():
+    mask = torch.tensor([[True, False, True], [True, False, False], [True, True, False], [False, False, False]])
+    counts = count_per_column(mask)
+    assert counts.dtype == torch.int64 and counts.tolist() == [3, 1, 1]
+    assert count_per_column(torch.zeros(0, 2, dtype=torch.bool)).tolist() == [0, 0]

@@ -41,6 +41,7 @@ from config.files import read_json, write_json_atomic
 from experiments.data.activation_cache import ActivationCache
 from experiments.data.synthetic import SyntheticTruth
 from experiments.eval.concepts import ConceptSet, f1_score
+from experiments.eval.metrics import count_per_column
 from experiments.eval.recovery import abs_cosine
 from experiments.progress import BarFactory, silent_bar
 from models.sae.base import SAE
@@ -140,9 +141,8 @@ class _Moments:
         self.max_act = torch.zeros(d, dtype=torch.float32, device=device)
 
     def update(self, f: Tensor) -> None:
-        # amax, not max(0).values, and int32 counts: the same numbers, but torch's CPU kernels for a
-        # column max with indices and for a bool sum into int64 take 20x and 2x as long.
-        self.n_fired += (f > 0).sum(0, dtype=torch.int32)
+        # amax, not max(0).values: the same numbers, but torch's CPU column max with indices takes 20x as long.
+        self.n_fired += count_per_column(f > 0)
         self.act_sum += f.sum(0, dtype=torch.float64)
         torch.maximum(self.max_act, f.amax(0), out=self.max_act)
 
@@ -364,9 +364,9 @@ def analyse_synthetic_features(sae: SAE, cache: ActivationCache, scale: float, t
         for start, f in _batches(sae, cache, scale, batch_size, bar, "features: statistics"):
             moments.update(f)
             active = truth.eval_active[start:start + len(f)].to(dev).index_select(1, match_t)
-            both += ((f > 0) & active).sum(0)
+            both += count_per_column((f > 0) & active)
         hist, _ = _binned_pass(sae, cache, scale, moments.max_act, hist_bins, None, batch_size, bar)
-    feature_fires = truth.eval_active.sum(0).to(dev)[match_t]
+    feature_fires = count_per_column(truth.eval_active).to(dev)[match_t]
     out = {**moments.arrays(cache.n_eval_rows), **hist,
            **_decoder_arrays(sae, scale, None), "true_feature": torch.from_numpy(match).long(),
            "true_cos": torch.from_numpy(cos[np.arange(d), match]),

@@ -24,7 +24,7 @@ import torch
 from config.schema import ProbeConfig
 from experiments.eval.concepts import ConceptSet, score_concepts
 from experiments.eval.embedding import decoder_embedding, embedding_of
-from experiments.eval.metrics import frequency_stats, rank_stability
+from experiments.eval.metrics import count_per_column, frequency_stats, rank_stability
 from experiments.eval.recovery import abs_cosine
 from experiments.data.synthetic import SyntheticTruth
 from experiments.timing import phase
@@ -86,7 +86,7 @@ def matched_categories(fired: torch.Tensor, labels: torch.Tensor, kinds: list[st
     if not cats:
         return np.full(fired.shape[1], -1, dtype=np.int64)
     tp = labels[:, cats].T.float() @ fired.float()  # [n_cat, d_sae], exact counts below 2**24
-    n_fire = fired.sum(0).float().clamp_min(1)
+    n_fire = count_per_column(fired).float().clamp_min(1)
     best, idx = (tp / n_fire).max(0)
     return torch.where(best >= MATCH_PRECISION, torch.tensor(cats)[idx], -1).numpy()
 

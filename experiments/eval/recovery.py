@@ -34,6 +34,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from experiments.eval.metrics import count_per_column
+
 
 def _as_f64_2d(x: np.ndarray | Tensor, name: str) -> np.ndarray:
     if isinstance(x, Tensor):
@@ -164,9 +166,9 @@ class FiringMatch:
             )
         assert self._both is not None and self._latent is not None and self._feature is not None
         pair = lat.index_select(1, self._index)  # [B, n_features]: feature j's matched latent
-        self._both += (pair & tru).sum(0)
-        self._latent += pair.sum(0)
-        self._feature += tru.sum(0)
+        self._both += count_per_column(pair & tru)
+        self._latent += count_per_column(pair)
+        self._feature += count_per_column(tru)
 
     def counts(self) -> dict[str, np.ndarray]:
         """int64 [n_features] counts on CPU: both, latent, feature. Where the feature is unmatched,
