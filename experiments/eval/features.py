@@ -96,6 +96,10 @@ class FeatureAnalysis:
     concept_names: list[str] = field(default_factory=list)
     token_text: dict[int, str] = field(default_factory=dict)  # id -> text, for the ids in arrays
 
+    def text(self, token: int) -> str:
+        """A token's text; "" for an id this analysis holds no text for (-1 padding, say)."""
+        return self.token_text.get(int(token), "")
+
 
 # --- streaming -------------------------------------------------------------------------------
 
@@ -437,8 +441,7 @@ def top_tokens(analysis: FeatureAnalysis, latents: np.ndarray, n: int = 5) -> li
         return [[] for _ in latents]
     centre = a["top_context_tokens"].shape[2] // 2
     ids, _ = token_shares(a["top_context_tokens"][latents, :, centre], a["top_acts"][latents])
-    decode = lambda token: analysis.token_text.get(token, "")  # noqa: E731
-    return [[_text(decode, t) for t in row[:n] if t >= 0] for row in ids]
+    return [[_text(analysis.text, t) for t in row[:n] if t >= 0] for row in ids]
 
 
 def features_done(arm_dir: Path) -> bool:
@@ -463,7 +466,7 @@ def search_features(analysis: FeatureAnalysis, query: str,
     label matches first (score: density), then latents whose firing token is the word in some top
     contexts, then latents with the word anywhere in a top context (score: fraction of the valid top
     contexts); ties by latent index. `decode` defaults to the stored token_text."""
-    decode = decode or (lambda t: analysis.token_text.get(t, ""))
+    decode = decode or analysis.text
     word = re.compile(rf"(?<!\w){re.escape(query.strip())}(?!\w)", re.IGNORECASE)
     a = analysis.arrays
     # A synthetic analysis has labels but no contexts: every latent then has 0 valid contexts.

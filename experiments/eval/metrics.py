@@ -49,15 +49,14 @@ class EvalAccumulator:
         x_norm = x.norm(dim=-1)
         x_hat_norm = x_hat.norm(dim=-1)
         nonzero = x_norm > 0
-        # Per-latent sums over the batch in float32 (0/1 counts are exact below 2**24 rows, a batch is far
-        # smaller), accumulated in float64: converting [B, d_sae] to float64 first costs more than the SAE.
-        fired = (f > 0).float()
-        counts = fired.sum(0)
+        # Per-latent activation sums over the batch in float32, accumulated in float64: converting
+        # [B, d_sae] to float64 first costs more than the SAE.
+        counts = count_per_column(f > 0)
         act_sum = f.float().sum(0)
         batch = {
             "sq_err": (x - x_hat).pow(2).sum(),
             "x_sq": x.pow(2).sum(),
-            "l0": counts.double().sum(),
+            "l0": counts.sum(dtype=torch.float64),
             "l1": f.abs().sum(dtype=torch.float64),
             # Over non-zero rows; the clamp makes a zero x_hat give cos 0 rather than NaN.
             "cos": ((x * x_hat).sum(-1)[nonzero] / (x_norm * x_hat_norm)[nonzero].clamp_min(_EPS)).sum(),
@@ -67,7 +66,7 @@ class EvalAccumulator:
         for k, v in batch.items():
             self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._sum_x += x.sum(0)
-        self._fire += counts.long()
+        self._fire += counts
         self._act_sum += act_sum.double()
         self.n_tokens += x.shape[0]
 

@@ -25,24 +25,20 @@ def load_arm_features(study_dir: Path, arms: list[ArmRecord]) -> dict[str, Featu
     return {a.name: load_features(study_dir / a.arm_id) for a in arms if features_done(study_dir / a.arm_id)}
 
 
-def _decode(fa: FeatureAnalysis):
-    return lambda token: fa.token_text.get(token, "")
-
-
 def strongest_context(fa: FeatureAnalysis, latent: int) -> str:
     """The latent's strongest context, the firing token marked; "" without contexts."""
     a = fa.arrays
     if "top_context_tokens" not in a or a["top_acts"][latent, 0] <= 0:
         return ""
     tokens = a["top_context_tokens"][latent, 0]
-    return render_context(tokens, a["top_context_acts"][latent, 0], len(tokens) // 2, _decode(fa))
+    return render_context(tokens, a["top_context_acts"][latent, 0], len(tokens) // 2, fa.text)
 
 
 def _logits(fa: FeatureAnalysis, latent: int, end: str) -> str:
     ids = fa.arrays.get(f"logit_{end}_ids")
     if ids is None:
         return ""
-    return " ".join(fa.token_text.get(int(t), "").strip() or "·" for t in ids[latent][:5])
+    return " ".join(fa.text(t).strip() or "·" for t in ids[latent][:5])
 
 
 def _concept(fa: FeatureAnalysis, latent: int) -> tuple[str, float | None]:
