@@ -111,8 +111,9 @@ def main() -> None:
                    "the run with the median wall time and the finding all of them (default: 1)")
     add_docs_flag(p, "bench_study")
     a = p.parse_args()
-    if a.repeats < 1:
-        p.error(f"--repeats must be at least 1, got {a.repeats}")
+    if a.repeats < 1:  # one clear line and exit code 2, as run_experiments.py answers
+        print(f"error: --repeats must be at least 1, got {a.repeats}", file=sys.stderr)
+        sys.exit(2)
     check_docs(a, "bench_study")
     studies = {" ".join(a.flags): a.flags} if a.flags else {"default study": [], "--quick": ["--quick"]}
     speed = machine_speed()
