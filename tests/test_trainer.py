@@ -177,6 +177,16 @@ def test_a_read_ahead_that_guessed_wrong_is_waited_for_and_reads_never_overlap()
     assert reads == [0, 1, 5, 6] and not any(overlaps)
 
 
+def test_a_read_ahead_runs_torch_on_one_thread_and_leaves_the_callers_count():
+    """Its ops would otherwise start an OpenMP team of their own, spinning on the step's cores."""
+    before = torch.get_num_threads()
+    reader = ReadAhead(lambda step: torch.full((1,), float(torch.get_num_threads())))
+    reader.batch(0, 1)
+    assert reader.batch(1, None).tolist() == [1.0]  # read in the thread
+    reader.close()
+    assert torch.get_num_threads() == before
+
+
 def test_adam_over_all_of_an_arms_tensors_at_once_gives_the_per_tensor_loops_numbers(tmp_path):
     """The trainer's Adam runs foreach (one op for all tensors); the per-tensor loop, the CPU's default,
     is what the results in docs/ were trained with: every architecture and a resampling arm end at
