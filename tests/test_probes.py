@@ -1,6 +1,7 @@
 """Probe and study building blocks on hand-computed inputs."""
 import os
 import sys
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,6 +11,7 @@ from scipy.stats import rankdata, spearmanr
 
 from experiments.eval.concepts import ConceptSet
 from experiments.eval.metrics import EvalAccumulator, average_ranks, frequency_stats, rank_stability
+from experiments.eval import embedding
 from experiments.eval.embedding import embedding_workers
 from experiments.eval.probes import ArmProbes, ConceptData, matched_categories, read_evals, umap_steps
 from experiments.studies.emergence import _first_reach, _nanmax, _settled_reach, median_by_kind
@@ -122,6 +124,31 @@ def test_arm_probes_write_readable_evals_and_resume_their_spearman(tmp_path):
     resumed.resume_at(15)
     m3, _ = resumed.run(20, 200, None, EvalOutput({}, np.array([0.9, 0.1]), np.ones(2), None, None))
     assert m3["freq/rank_spearman"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,
+                    reason="helper processes run on Linux with 2+ cores")
+def test_the_embedding_workers_import_umap_one_after_the_other(tmp_path, monkeypatch):
+    """Two workers, whose imports take turns on the core the subject model's loading leaves idle."""
+    log = tmp_path / "imports.txt"
+
+    def slow_import():
+        start = time.time()
+        time.sleep(0.3)
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {start} {time.time()}\n")
+
+    monkeypatch.setattr(embedding, "_import_umap", slow_import)  # before the fork: the workers inherit it
+    workers = embedding_workers(2)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and len(log.read_text().splitlines() if log.exists() else []) < 2:
+            time.sleep(0.05)
+        (pid_a, start_a, end_a), (pid_b, start_b, end_b) = [map(float, line.split()) for line in
+                                                          log.read_text().splitlines()]
+        assert pid_a != pid_b and pid_a != os.getpid() and end_a <= start_b
+    finally:
+        workers.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.mark.skipif(sys.platform != "linux" or len(os.sched_getaffinity(0)) < 2,

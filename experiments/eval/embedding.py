@@ -29,17 +29,23 @@ process compiles and stores them (beside umap's sources, or in NUMBA_CACHE_DIR),
 them in well under a second. Same machine code, same layouts.
 
 A study fits its embeddings in helper processes (`embedding_workers`): forked before the subject
-model loads, they import umap (about 2 s) on the core that loading leaves idle, and at an eval step
-every arm's fit starts at once (`ArmProbes.prefetch`), to run while the arms are evaluated one after
-another. A fit is a pure function of its decoder and seed, so where it runs changes nothing.
+model loads, they import umap (about 1.5 s each) one after the other on the core that loading leaves
+idle, and at an eval step every arm's fit starts at once (`ArmProbes.prefetch`), to run while the
+arms are evaluated one after another. One process where fits are made during training, beside it:
+a second took a core from the arms' steps (the default study, 3 UMAP evals: 9 s slower, 171 s
+against 162 s). Two where every fit is at the final eval (--quick), with nothing to run beside but
+the evals: its 6 fits of 0.4 s left the evals waiting 1.7 s with one, 0.8 s with two. A fit is a
+pure function of its decoder and seed, so where it runs changes nothing.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
 import warnings
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 
 import numpy as np
 
@@ -115,9 +121,16 @@ def decoder_embedding(w_dec: np.ndarray, seed: int) -> np.ndarray:
 
 
 def embedding_workers(workers: int = 1) -> ProcessPoolExecutor | None:
-    """Processes for decoder_embedding, started now, umap imported in each as it starts; None where
-    helper processes are not used (one core, not Linux)."""
-    return forked_pool(workers, warm_up=_import_umap)
+    """Processes for decoder_embedding, started now, each importing umap as it starts, one after
+    the other (see the module docstring); None where helper processes are not used (one core, not
+    Linux)."""
+    turn = multiprocessing.get_context("fork").Lock()
+    return forked_pool(workers, warm_up=partial(_import_umap_in_turn, turn))
+
+
+def _import_umap_in_turn(turn) -> None:
+    with turn:
+        _import_umap()
 
 
 def embedding_of(fit: Future | None, w_dec: np.ndarray, seed: int) -> np.ndarray:

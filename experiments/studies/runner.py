@@ -309,7 +309,9 @@ def _embedding_workers(cfg: RunConfig) -> Iterator[Executor | None]:
     """Processes for the arms' UMAP fits while they train, when the study fits any here. Started
     before the subject model loads, which leaves a core idle (experiments/eval/embedding.py)."""
     fits = cfg.probes.umap_evals > 0 and "umap" in _probe_kinds(cfg.study.names)
-    workers = embedding_workers() if fits and cfg.study.executor == "local" else None
+    # Two where the fits are all at the final eval, with no training beside them (the module's docstring).
+    workers = (embedding_workers(2 if cfg.probes.umap_evals == 1 else 1)
+               if fits and cfg.study.executor == "local" else None)
     try:
         yield workers
     finally:
