@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from config.cli import QUICK_DEFAULTS
 from models.tinylm.model import SPEC_ENV
 from tests.forked import run_forked
 from tests.wandb_readback import read_offline_runs
@@ -20,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # A small but real run: 48 sequences of 33 tokens, TopK with 256 latents.
 TINY = ["--study", "activations", "--activation", "topk", "--n-samples", "64", "--seq-len", "33", "--batch-size", "128", "--expansion-factor", "2", "--k", "8",
         "--no-progress"]
+BATCH = QUICK_DEFAULTS["batch_size"]  # tokens per --quick step
 
 
 @pytest.fixture
@@ -79,7 +81,7 @@ def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     (arm,) = s["arms"]
     assert set(arm) >= {"arm_id", "name", "architecture", "dead_handling", "status", "steps", "tokens", "final",
                         "weights", "wandb_run_id"}
-    assert arm["architecture"] == "topk" and arm["steps"] == 120 and arm["tokens"] == 120 * 512
+    assert arm["architecture"] == "topk" and arm["steps"] == 120 and arm["tokens"] == 120 * BATCH
     final = arm["final"]
     for metric in ("mse", "fvu", "explained_variance", "l0", "l1", "cos", "l2_ratio", "dead_frac", "dense_frac",
                    "ce_loss_recovered", "kl"):
@@ -102,7 +104,7 @@ def test_quick_topk_with_wandb_offline(ckpt, wandb_env):
     assert wb.config["sae.k"] == 32 and wb.config["arm_id"] == arm["arm_id"]
     assert wb.steps("train/loss") == list(range(5, 121, 5))
     assert wb.steps("eval/explained_variance") == [60, 120]
-    assert [r["tokens"] for r in wb.history if "eval/fvu" in r] == [60 * 512, 120 * 512]
+    assert [r["tokens"] for r in wb.history if "eval/fvu" in r] == [60 * BATCH, 120 * BATCH]
     hist = wb.values("density/hist")
     assert len(hist) == 2 and hist[0]["_type"] == "histogram" and sum(hist[-1]["values"]) == 32 * 8 * 4
     assert wb.summary["final/explained_variance"] == pytest.approx(final["explained_variance"])
