@@ -246,8 +246,9 @@ def test_save_load_round_trip(cache, tmp_path):
     assert (back.labels, back.concept_names, back.settings) == (analysis.labels, analysis.concept_names,
                                                                 analysis.settings)
     assert back.token_text == analysis.token_text and all(isinstance(k, int) for k in back.token_text)
-    ids = np.concatenate([analysis.arrays["top_context_tokens"].ravel(), analysis.arrays["logit_top_ids"].ravel()])
-    assert set(ids[ids >= 0].tolist()) <= set(back.token_text)  # every shown token can be rendered
+    ids = np.concatenate([analysis.arrays[k].ravel() for k in ("top_context_tokens", "quantile_context_tokens",
+                                                               "logit_top_ids", "logit_bottom_ids")])
+    assert list(analysis.token_text) == sorted(set(ids[ids >= 0].tolist()))  # every shown token, and no other
     meta = json.loads((folder / "features.json").read_text())
     assert set(meta["format"]) == set(analysis.arrays) and all(meta["format"][k] == FORMAT[k] for k in meta["format"])
     meta["version"] = 99

@@ -53,6 +53,24 @@ def _as_points(xs, ys) -> set[tuple[float, float]]:
     return {(round(float(x), 6), round(float(y), 6)) for x, y in zip(xs, ys) if np.isfinite(x) and np.isfinite(y)}
 
 
+def test_save_figure_writes_the_bytes_savefig_writes(tmp_path):
+    """save_figure draws a constrained-layout figure once where savefig draws it twice: same PNG."""
+    import matplotlib.pyplot as plt
+
+    def draw() -> Figure:
+        fig, axs = plt.subplots(1, 2, figsize=(8, 3), layout="constrained")
+        for i, ax in enumerate(axs):
+            ax.plot([1, 2, 3], [3, 1, 2 + i], label=f"arm {i}")
+            ax.set_title(f"panel {i}")
+        fig.legend(loc="outside right upper", title="arms")
+        fig.suptitle("a long title that the layout has to make room for")
+        return fig
+
+    draw().savefig(tmp_path / "savefig.png", dpi=120, format="png")
+    save_figure(draw(), tmp_path / "ours.png")
+    assert (tmp_path / "ours.png").read_bytes() == (tmp_path / "savefig.png").read_bytes()
+
+
 def test_format_tokens_and_palette():
     assert sp.format_tokens(0) == "0"
     assert sp.format_tokens(500) == "500"

@@ -340,9 +340,16 @@ def analyse_features(sae: SAE, cache: ActivationCache, scale: float, *, top_n: i
         return FeatureAnalysis(arrays, settings, [""] * d, names)
     shown = [arrays[k].ravel() for k in ("top_context_tokens", "quantile_context_tokens", "logit_top_ids",
                                          "logit_bottom_ids") if k in arrays]
-    token_text = {int(t): decode(int(t)) for t in np.unique(np.concatenate(shown)) if t >= 0}
+    token_text = {int(t): decode(int(t)) for t in _distinct_tokens(np.concatenate(shown))}
     labels = auto_labels(arrays["top_context_tokens"], arrays["top_acts"], token_text.__getitem__)
     return FeatureAnalysis(arrays, settings, labels, names, token_text)
+
+
+def _distinct_tokens(tokens: np.ndarray) -> np.ndarray:
+    """The token ids in `tokens`, ascending, padding (-1) left out. Ids are below the vocabulary
+    size, so counting them is a single pass where np.unique sorts (a few times faster)."""
+    tokens = tokens.ravel()
+    return np.flatnonzero(np.bincount(tokens[tokens >= 0]))
 
 
 def _best_concepts(tp: Tensor, n_fired: Tensor, n_pos: Tensor) -> dict[str, Tensor]:
@@ -472,7 +479,7 @@ def search_features(analysis: FeatureAnalysis, query: str,
     # A synthetic analysis has labels but no contexts: every latent then has 0 valid contexts.
     tokens = a.get("top_context_tokens", np.full((len(analysis.labels), 1, 1), -1, dtype=np.int32))
     valid_rows = a["top_acts"] > 0 if "top_acts" in a else np.zeros(tokens.shape[:2], dtype=bool)
-    text = {int(t): decode(int(t)) for t in np.unique(tokens[tokens >= 0])}
+    text = {int(t): decode(int(t)) for t in _distinct_tokens(tokens)}
     matching = np.array([t for t in text if word.search(text[t])], dtype=np.int64)
     w = tokens.shape[2] // 2
     hits = []
