@@ -1,5 +1,6 @@
 """The benchmarks' own arithmetic: what they write into the docs is what they measured; and what
 they say to bad input."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,38 @@ def test_bench_study_reports_the_run_with_the_median_wall_time():
     assert median_run(runs) == ({"total": 25.0}, 26.0)
     assert median_run(runs[:2]) == ({"total": 30.0}, 31.0)  # of two, the slower
     assert median_run(runs[1:2]) == ({"total": 20.0}, 21.5)
+
+
+def test_bench_study_refuses_a_baseline_that_is_no_commit():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--baseline", "no-such-commit",
+                           "--", "--quick"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and done.stderr == "error: --baseline no-such-commit: not a commit of this repository\n"
+
+
+@pytest.mark.slow
+def test_bench_study_runs_a_baseline_commit_from_its_own_worktree_in_turns(tinylm_models_dir):
+    """--baseline HEAD: each turn runs the study from a worktree of HEAD, then from this checkout;
+    the table has a column for each, the finding their ratio, and the worktree is gone after."""
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                          check=True).stdout.strip()
+    tiny = ["--study", "activations", "--activation", "topk", "--n-samples", "48", "--seq-len", "33", "--batch-size",
+            "128", "--expansion-factor", "2", "--k", "8"]
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_study.py"), "--repeats", "2",
+                           "--baseline", "HEAD", "--", *tiny], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "TINYLM_MODELS_DIR": str(tinylm_models_dir)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    ran = [line.split()[1] for line in done.stdout.splitlines() if line.startswith("$ ")]
+    here = str(ROOT / "run_experiments.py")
+    assert len(ran) == 4 and ran[1] == ran[3] == here  # in turns: the baseline, then this checkout
+    baseline = Path(ran[0]).parent
+    assert ran[2] == ran[0] != here and baseline.name == "baseline"
+    name = " ".join(tiny)
+    header = next(line for line in done.stdout.splitlines() if line.startswith("phase"))
+    assert f"{name} at {head}" in header and f"{name} here" in header
+    assert f"{name} here, in turns with {head}: " in done.stdout and " times its wall time." in done.stdout
+    assert not baseline.exists()
+    listed = subprocess.run(["git", "worktree", "list"], capture_output=True, text=True, cwd=ROOT).stdout
+    assert str(baseline) not in listed
 
 
 def test_bench_study_refuses_fewer_than_one_repeat():
