@@ -59,7 +59,8 @@ def test_figures_in_the_docs_are_generated_by_a_script_and_not_edited():
     results = (ROOT / "docs" / "results.md").read_text()
     benchmarks = (ROOT / "benchmarks" / "README.md").read_text()
     assert check_blocks(results), "docs/results.md has no generated block"
-    assert check_blocks(benchmarks) == ["bench_train", "bench_peers", "bench_harvest", "bench_study"]
+    assert check_blocks(benchmarks) == ["bench_train", "bench_peers", "bench_harvest", "bench_study",
+                                        "bench_study_baseline"]
     for page in PAGES:
         check_blocks(page.read_text())
     stamps = re.findall(r"from study `[^`]+`, which ran at commit ([^;]+); do not edit by hand", results)
