@@ -100,6 +100,20 @@ def lockstep_group(tmp_path: Path, name: str) -> dict[str, Trainer]:
     return group
 
 
+def test_checkpoints_are_the_same_bytes_whatever_rng_state_the_process_started_with(tmp_path):
+    """A checkpoint holds the process's torch RNG, which torch may seed at random at start-up; an
+    arm that starts afresh seeds it, so two runs write the same checkpoint files."""
+    written = []
+    for run in ("a", "b"):
+        torch.seed()  # a process's random start
+        group = lockstep_group(tmp_path, run)
+        list(train_arms(group, False, StopFlag(), {key: key for key in group}))
+        written.append({p.relative_to(tmp_path / run): p.read_bytes()
+                        for p in sorted((tmp_path / run).glob("*/checkpoints/*/*.safetensors"))})
+    assert len(written[0]) == 2 * len(ARCHITECTURE_DEFAULTS) + 2  # the last two checkpoints of every arm
+    assert written[0] == written[1]
+
+
 def test_arms_stepping_in_threads_end_where_arms_stepping_in_turn_do(tmp_path):
     """train_arms with two arms taking their step at once (threads) and with one at a time: the same
     weights bit for bit, and the same curves, for every architecture and for an arm that resamples;

@@ -399,6 +399,10 @@ class Trainer:
         self.sae.train()
         restored = resume and self.restore()
         if not restored:
+            # Checkpoints save the process's torch RNG (restore() puts it back). Nothing of ours draws
+            # from it, but torch seeds it at random at start-up: seeded, checkpoints are the same
+            # bytes run after run.
+            torch.manual_seed(self.cfg.seed)
             self.sae.init_b_dec_(self.batch(0))
         else:
             print(f"resuming {self.arm_dir.name} at step {self.step:,} of {self.n_steps:,}", flush=True)
