@@ -149,7 +149,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs of each study, taken in turns; the table shows "
                    "the run with the median wall time and the finding all of them (default: 1)")
     p.add_argument("--baseline", metavar="COMMIT", help="also run each study with the code of COMMIT, in turns with "
-                   "this checkout's, and compare (default: off)")
+                   "this checkout's, and compare; --docs then writes the block of benchmark bench_study_baseline "
+                   "(default: off)")
     add_docs_flag(p, "bench_study")
     a = p.parse_args()
     if a.repeats < 1:
