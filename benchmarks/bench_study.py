@@ -32,12 +32,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
+from benchmarks.table import Table, add_docs_flag, check_docs, refuse, write_docs  # noqa: E402
 
 LABELS = {
     "model": "load the subject model",
@@ -110,12 +110,6 @@ def median_run(runs: list[tuple[dict[str, float], float]]) -> tuple[dict[str, fl
     """Of a study's runs (phase clock, wall time), the one with the median wall time (of an even
     number, the slower of the middle two: a benchmark should not flatter)."""
     return sorted(runs, key=lambda run: run[1])[len(runs) // 2]
-
-
-def refuse(message: str) -> NoReturn:
-    """One clear line and exit code 2, as run_experiments.py answers."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 def commit_of(name: str) -> str:

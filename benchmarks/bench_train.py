@@ -41,7 +41,7 @@ from models.sae.catalog import ARCHITECTURE_DEFAULTS, OPTION_ARCHITECTURES  # no
 from experiments.host_memory import retain_freed_memory  # noqa: E402
 from experiments.data.activation_cache import ActivationCache  # noqa: E402
 from experiments.train.trainer import EvalContext, StopFlag, Trainer, check_device, use_fast_matmuls  # noqa: E402
-from benchmarks.table import Table, add_docs_flag, check_docs, write_docs  # noqa: E402
+from benchmarks.table import Table, add_docs_flag, check_docs, refuse, write_docs  # noqa: E402
 
 SHAPES = {  # name: [(d_in, d_sae, batch)]
     "paper": [(768, 6144, 4096), (768, 24576, 4096)],
@@ -138,8 +138,7 @@ def set_up_device(device: str, reinstall: str | None = None) -> str:
     try:
         check_device(device, reinstall)
     except UsageError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        refuse(str(err))
     use_fast_matmuls(device)
     return torch.cuda.get_device_name(device) if device.startswith("cuda") else device
 

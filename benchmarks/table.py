@@ -9,6 +9,7 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -23,14 +24,19 @@ def add_docs_flag(parser: argparse.ArgumentParser, block: str) -> None:
                              f"-->' and '<!-- end of generated -->', stamped and sealed (default: print only)")
 
 
+def refuse(message: str) -> NoReturn:
+    """A benchmark's answer to bad input: one clear line and exit code 2, as run_experiments.py's."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def check_docs(args: argparse.Namespace, block: str) -> None:
     """Refuse a --docs page without the block before the benchmark runs, not after."""
     if args.docs is not None:
         try:
             block_kinds(Path(args.docs), "benchmark", block, "--docs")
-        except UsageError as err:  # one clear line and exit code 2, as run_experiments.py answers
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(2)
+        except UsageError as err:
+            refuse(str(err))
 
 
 class Table:
