@@ -11,10 +11,9 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-import torch
 
 from config.schema import UsageError
-from experiments.provenance import REPO_ROOT, code_commit
+from experiments.provenance import REPO_ROOT, code_commit, machine
 from visualization.generated import block_kinds, fill_blocks, markdown_table
 
 
@@ -81,6 +80,6 @@ def write_docs(args: argparse.Namespace, block: str, parts: list[str]) -> None:
     if args.docs is None:
         return
     stamp = (f"*Generated on {time.strftime('%Y-%m-%d')} by `{_command()}` at commit {code_commit()}, on "
-             f"{os.cpu_count()} CPU cores with torch {torch.__version__}; do not edit by hand.*")
+             f"{os.cpu_count()} CPU cores of {machine()}; do not edit by hand.*")
     fill_blocks(Path(args.docs), "benchmark", block, lambda kind: "\n\n".join([stamp, *parts]), "--docs")
     print(f"docs: {args.docs}")

@@ -1,7 +1,8 @@
-"""Which code produced a result: the git commit of the checkout, so a report or a docs figure
-can say what it was measured on."""
+"""Which code and which machine produced a result: the git commit of the checkout and the processor
+with the kernels torch ran on it, so a report or a docs figure can say what it was measured on."""
 from __future__ import annotations
 
+import platform
 import subprocess
 from pathlib import Path
 
@@ -22,3 +23,27 @@ def code_commit(root: Path = REPO_ROOT) -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+changes" if changed else "")
+
+
+def machine(device: str = "cpu") -> str:
+    """The processor a result was computed on, as a report or a docs stamp names it: the CPU's model
+    and the vector instructions torch's kernels use there (AVX2, AVX512, ...), or the GPU's name.
+    Results equal bit for bit only where these agree: another instruction set rounds differently,
+    and training carries the difference on (docs/reliability.md)."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."); the architecture where the OS does not say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"

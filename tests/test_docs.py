@@ -1,5 +1,6 @@
 """The README and docs/ say what the code does: every command they show uses flags that exist, and
 the pages they link to are there."""
+import os
 import re
 import shlex
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from config.cli import build_parser
-from experiments.provenance import code_commit
+from experiments.provenance import code_commit, cpu_model, machine
 from visualization.generated import check_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,8 +64,9 @@ def test_figures_in_the_docs_are_generated_by_a_script_and_not_edited():
                                         "bench_study_baseline"]
     for page in PAGES:
         check_blocks(page.read_text())
-    stamps = re.findall(r"from study `[^`]+`, which ran at commit ([^;]+); do not edit by hand", results)
-    stamps += re.findall(r"at commit (\S+), on \d+ CPU cores with torch \S+; do not edit by hand", results + benchmarks)
+    stamps = re.findall(r"from study `[^`]+`, which ran at commit ([^;]+?)(?: on [^;]+)?; do not edit by hand", results)
+    stamps += re.findall(r"at commit (\S+), on \d+ CPU cores (?:with torch \S+|of [^;]+); do not edit by hand",
+                         results + benchmarks)
     assert len(stamps) >= 4 + 2 + 4
     for commit in stamps:  # a commit of this repository, with nothing uncommitted
         assert re.fullmatch(r"[0-9a-f]{7}", commit), commit
@@ -86,7 +88,7 @@ def test_a_benchmark_writes_its_table_into_the_page_block(tmp_path):
     text = page.read_text()
     assert check_blocks(text) == ["bench_train"] and "old" not in text and text.endswith("-->\n\nProse.\n")
     assert (f"by `python benchmarks/bench_train.py --shapes tinylm --architectures relu --steps 1` at commit "
-            f"{code_commit()}, on") in text
+            f"{code_commit()}, on {os.cpu_count()} CPU cores of {machine()}; do not edit by hand") in text
     printed = [line.split() for line in done.stdout.splitlines() if line.startswith("relu ")]
     (row,) = [line.strip("| ").split(" | ") for line in text.splitlines() if line.startswith("| relu |")]
     assert printed == [[*row[:4], *row[4].split(), *row[5:9]]]  # the printed row, as Markdown
@@ -111,3 +113,16 @@ def test_code_commit_names_the_commit_and_says_when_code_differs(tmp_path):
     assert code_commit(tmp_path) == head  # docs and untracked files do not change results
     (tmp_path / "a.py").write_text("x = 2\n")
     assert code_commit(tmp_path) == head + "+changes"
+
+
+def test_machine_names_the_cpu_and_the_kernels_torch_runs_there():
+    """Results equal bit for bit only on the same instruction set: the stamp says which ran."""
+    import torch
+
+    assert machine() == f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1] for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")] if cpuinfo.exists() else []
+    if names:  # Linux on x86: the first "model name" line, its whitespace collapsed
+        assert cpu_model() == " ".join(names[0].split())
+    assert cpu_model().strip() and "\n" not in cpu_model()

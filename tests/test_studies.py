@@ -17,7 +17,7 @@ from config.schema import UsageError
 from experiments.arms import TrainedArm
 from experiments.eval.features import load_features
 from models.sae import SAE
-from experiments.provenance import code_commit
+from experiments.provenance import code_commit, machine
 from safetensors.torch import load_file
 from tests.outcomes import assert_same_outcome
 from visualization.generated import check_blocks
@@ -144,7 +144,9 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     setup = {row["setting"]: row["value"] for row in markdown_table(head.split("## Setup", 1)[1])}
     assert setup["subject model"] == "tinylm, `blocks.0.hook_resid_post` (d_in 128)"
     assert setup["code"] == f"commit {code_commit()}" and "64 sequences of 33 tokens" in setup["text"]
-    arm_table = markdown_table(head.split("| code |", 1)[1])
+    recorded = json.loads((study_dir / "study.json").read_text())["setup"]
+    assert setup["machine"] == machine() and recorded["machines"] == [machine()]
+    arm_table = markdown_table(head.split("| machine |", 1)[1])
     assert [(row["arm"], row["d_sae"], row["sparsity"]) for row in arm_table][:2] == [
         ("topk-k8-auxk", "256", "k 8"), ("batchtopk-k8", "256", "k 8")]
     assert {row["sparsity"].split(" coef ")[0] for row in arm_table} == {"k 8", "L1", "L0"}
@@ -180,7 +182,7 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     assert check_blocks(text) == ["all", "all"] and text.endswith("<!-- end of generated -->\n\nProse.\n")
     summary_block = text.split("<!-- generated results", 1)[0]
     assert "STALE TEXT" not in summary_block and "- **resampling**: " in summary_block and "| arm |" not in summary_block
-    assert f"from study `all`, which ran at commit {code_commit()}; do not edit by hand" in text
+    assert f"from study `all`, which ran at commit {code_commit()} on {machine()}; do not edit by hand" in text
     excerpt_rows = markdown_table(text.split("**activations: Final metrics on the eval split**", 1)[1])
     assert excerpt_rows == shown  # the report's table, as the report shows it
     with pytest.raises(ValueError, match="edited by hand"):

@@ -110,6 +110,8 @@ def setup_section(record: StudyRecord, source_rows: list[list[str]]) -> list[str
                                  f"{train['decay_fraction']:.0%}), seed {train['seed']}"])
     commits = setup.get("commits")
     rows.append(["code", f"commit {', then '.join(commits)}" if commits else "commit not recorded"])
+    if setup.get("machines"):  # studies recorded before it was kept have no row
+        rows.append(["machine", ", then ".join(setup["machines"])])
     arm_rows = [[a.name, a.arm_id, a.architecture, a.d_sae, a.sparsity, a.dead_handling, ", ".join(a.studies),
                  a.status + (f" ({a.reason})" if a.reason else ""), a.steps, a.tokens, a.seconds] for a in record.arms]
     return ["## Setup", "", _md_table(["setting", "value"], rows), "",
@@ -126,8 +128,10 @@ def docs_excerpt(record: StudyRecord, results: list, kind: str, source_rows: lis
     setup and its tables of at most EXCERPT_ROWS rows, as Markdown stamped with the commit the study
     ran at and today's date."""
     commits = ", then ".join(record.setup.get("commits") or ["(not recorded)"])
+    machines = record.setup.get("machines")
+    on = f" on {', then '.join(machines)}" if machines else ""
     lines = [f"*Generated on {time.strftime('%Y-%m-%d')} by `python run_experiments.py --report {record.study_id} "
-             f"--docs FILE` from study `{record.study_id}`, which ran at commit {commits}; do not edit by hand.*",
+             f"--docs FILE` from study `{record.study_id}`, which ran at commit {commits}{on}; do not edit by hand.*",
              "", *summary_lines(results), ""]
     if kind == "results":
         if timing:

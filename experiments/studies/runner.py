@@ -34,7 +34,7 @@ from experiments.studies import features, hook_points
 from experiments.studies.results import StudyInputs, StudyResult, load_arm
 from experiments.studies.sources import SOURCES, OpenedSource, bars, source_of
 from experiments.data.activation_cache import BuildInterrupted
-from experiments.provenance import code_commit
+from experiments.provenance import code_commit, machine
 from experiments.timing import CLOCK, phase
 from experiments.train.trainer import (NonFiniteLoss, StopFlag, StopRequested, Trainer, check_device, eval_steps,
                                       lockstep_key, total_steps, train_arms, use_fast_matmuls)
@@ -277,7 +277,7 @@ def _run_locked(cfg: RunConfig, study_dir: Path, stop: StopFlag) -> int:
     with _embedding_workers(cfg) as workers:
         sources = _open_sources(cfg, study_dir, stop)
         planned = plan_arms(cfg, sources)
-        _record_plan(record, planned, sources)
+        _record_plan(record, planned, sources, cfg.train.device)
         record.write(study_json)
         if "emergence" in record.spec["study"]["names"]:
             for source in (s for s in sources if s.concepts is not None):
@@ -384,18 +384,19 @@ def _measure_baselines(study_dir: Path, source: OpenedSource) -> None:
         write_baselines(path, data.concepts.names, measured)
 
 
-def _record_plan(record: StudyRecord, planned: list[PlannedArm], sources: list[OpenedSource]) -> None:
+def _record_plan(record: StudyRecord, planned: list[PlannedArm], sources: list[OpenedSource], device: str) -> None:
     """The arms in study.json (those of an earlier run of this study as they were), and what a reader
-    of the report needs to know about the data and the code each run of the study used."""
+    of the report needs to know about the data, and the code and machine each run of the study used."""
     previous, d_in = {a.arm_id: a for a in record.arms}, {s.hook: s.cache.d_in for s in sources}
     record.arms = [previous.get(p.arm_id) or p.record(d_in[p.hook]) for p in planned]
     for arm, p in zip(record.arms, planned):
         arm.hook = p.hook  # also on arms recorded before study.json named it
-    commits = record.setup.get("commits", [])
+    commits, machines = record.setup.get("commits", []), record.setup.get("machines", [])
     record.setup = {"hooks": {s.hook: {"cache": str(s.cache.path), "d_in": s.cache.d_in,
                                        "train_tokens": s.cache.n_train_rows, "eval_tokens": s.cache.n_eval_rows,
                                        "norm_scale": s.scale} for s in sources},
-                    "commits": commits + [c for c in [code_commit()] if c not in commits]}
+                    "commits": commits + [c for c in [code_commit()] if c not in commits],
+                    "machines": machines + [m for m in [machine(device)] if m not in machines]}
 
 
 def unfinished(record: StudyRecord, planned: list[PlannedArm]) -> list[PlannedArm]:
