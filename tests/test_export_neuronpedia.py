@@ -187,3 +187,14 @@ def test_refuses_a_synthetic_analysis_and_an_arm_without_one(tmp_path):
     with pytest.raises(ValueError, match="no feature analysis"):
         export_neuronpedia(tmp_path / "empty", tmp_path / "np", META)
     assert not (tmp_path / "np").exists()
+
+
+def test_an_arm_id_becomes_a_source_set_neuronpedia_takes_and_a_given_one_is_checked(arm, tmp_path):
+    # Neuronpedia's names are letters, digits and hyphens; arm ids hold dots (coefficients) and, at
+    # several hook points, "@L1.resid_post"
+    meta = {**META, "arm_id": "relu-coef0.0065@L1.resid_post-0123abcd", "hook_name": "blocks.1.hook_resid_post"}
+    (batch, *_) = _batches(export_neuronpedia(arm, tmp_path / "np", meta))
+    assert batch["source"] == "1-relu-coef0-0065-L1-resid-post-0123abcd"
+    with pytest.raises(ValueError, match="letters, digits and hyphens"):
+        export_neuronpedia(arm, tmp_path / "np2", {**META, "neuronpedia_source_set": "my.sae"})
+    assert not (tmp_path / "np2").exists()

@@ -31,7 +31,7 @@ SMALL = ["--quick", "--n-samples", "64", "--seq-len", "33", "--batch-size", "128
 STUDIES = ("activations", "emergence", "frequency", "resampling")
 
 
-def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_env, capsys):  # noqa: F811
+def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_env, capsys, monkeypatch):  # noqa: F811
     out = run_forked([*SMALL, "--checkpoint-dir", str(ckpt), "--study-id", "all", "--use-wandb"], env=wandb_env)
     assert out.returncode == 0, out.stderr[-3000:]
     study_dir = ckpt / "all"
@@ -128,6 +128,35 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     cfg = json.loads((exported / topk["name"] / "cfg.json").read_text())
     assert (cfg["architecture"], cfg["k"], cfg["metadata"]["hook_name"], cfg["metadata"]["context_size"]) == (
         "topk", 8, "blocks.0.hook_resid_post", 33)
+    # an export that fails at its second arm leaves none: a rerun would find the first and refuse
+    import experiments.export.neuronpedia as np_export
+    real, calls = np_export.export_neuronpedia, []
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ValueError("planted failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(np_export, "export_neuronpedia", second_fails)
+    assert main(["--export", "neuronpedia", "--study-id", "all", "--checkpoint-dir", str(ckpt)]) == 2
+    assert "planted failure" in capsys.readouterr().err and not list((study_dir / "exports" / "neuronpedia").iterdir())
+    monkeypatch.setattr(np_export, "export_neuronpedia", real)
+    # a folder that cannot be made, or a file where a folder should be: one line, exit 2
+    (ckpt / "a-file").write_text("")
+    for out, said in ((ckpt / "a-file" / "np", "a-file is a file, not a folder"),
+                      (Path("/proc/harness-test/np"), "cannot write /proc/harness-test/np")):
+        assert main(["--export", "neuronpedia", "--study-id", "all", "--checkpoint-dir", str(ckpt), "--arm",
+                     topk["name"], "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1, err
+    # every arm for Neuronpedia, whose names take no dots: a relu arm's id (relu-coef0.0065-<hash>) becomes
+    # the source set relu-coef0-0065-<hash>
+    assert main(["--export", "neuronpedia", "--study-id", "all", "--checkpoint-dir", str(ckpt)]) == 0
+    for arm in arms:
+        batches = sorted((study_dir / "exports" / "neuronpedia" / arm["name"]).glob("batch-*.json"))
+        assert sum(len(json.loads(b.read_text())["features"]) for b in batches) == 256
+        assert json.loads(batches[0].read_text())["source"] == "0-" + re.sub(r"[._]+", "-", arm["arm_id"])
     out = ckpt / "np-topk"
     assert main(["--export", "neuronpedia", "--study-id", "all", "--checkpoint-dir", str(ckpt), "--arm", topk["name"],
                  "--out", str(out)]) == 0

@@ -31,7 +31,8 @@ round-tripping form.
 Neuronpedia names: modelId = meta["neuronpedia_model_id"] (default meta["model_name"]); source =
 "<layer>-<source set>" (Neuronpedia's naming of a source: one SAE on one layer), the layer from
 meta["layer"] or the hook name "blocks.<layer>.…", the source set from meta["neuronpedia_source_set"]
-(default the arm id). out/README.md says how to upload; out/meta.json records the provenance.
+(default the arm id, each run of characters other than letters, digits and hyphens made a hyphen).
+out/README.md says how to upload; out/meta.json records the provenance.
 """
 from __future__ import annotations
 
@@ -94,7 +95,9 @@ def _names(meta: dict[str, Any]) -> dict[str, Any]:
         if found is None:
             raise ValueError(f"hook {meta['hook_name']!r} names no layer: give meta['layer']")
         layer = int(found.group(1))
-    source_set = str(meta.get("neuronpedia_source_set") or meta["arm_id"])
+    # An arm id holds dots and underscores (relu-coef0.0065-dfbdd155, @L1.resid_post) that Neuronpedia's
+    # names do not: each run of them becomes a hyphen. A name given in meta is taken as it is, or refused.
+    source_set = str(meta.get("neuronpedia_source_set") or re.sub(r"[^A-Za-z0-9-]+", "-", str(meta["arm_id"])))
     if not re.fullmatch(r"[A-Za-z0-9-]+", source_set):
         raise ValueError(f"source set {source_set!r}: Neuronpedia takes letters, digits and hyphens")
     return {"model_id": str(meta.get("neuronpedia_model_id") or meta["model_name"]), "source_set": source_set,

@@ -662,17 +662,28 @@ def export_study(cfg: RunConfig) -> int:
     taken = next((t for t in targets.values() if t.exists()), None)
     if taken is not None:
         raise UsageError(f"--export: {taken} exists; remove it, or write elsewhere with --out DIR")
+    blocking = next((p for t in targets.values() for p in t.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"--export: {blocking} is a file, not a folder; write elsewhere with --out DIR")
+    abouts = {a.arm_id: trained_on(study_dir / a.arm_id) for a in arms}
+    unrecorded = next((a for a in arms if not abouts[a.arm_id]), None)
+    if unrecorded is not None:
+        raise UsageError(f"--export: arm {unrecorded.name} was saved without a record of what it was trained on "
+                         f"(config.json's trained_on, written since this harness exports); run the study again")
     export = {"saelens": lambda arm_dir, out, about: export_saelens(arm_dir, out, saelens_metadata(about)),
               "neuronpedia": export_neuronpedia}[cfg.study.export]
+    written: list[Path] = []
     for arm in arms:
-        about = trained_on(study_dir / arm.arm_id)
-        if not about:
-            raise UsageError(f"--export: arm {arm.name} was saved without a record of what it was trained on "
-                             f"(config.json's trained_on, written since this harness exports); run the study again")
+        target = targets[arm.arm_id]
         try:
-            out = export(study_dir / arm.arm_id, targets[arm.arm_id], about)
-        except (ValueError, FileExistsError) as err:
-            raise UsageError(f"--export {cfg.study.export}, arm {arm.name}: {err}") from None
+            written.append(export(study_dir / arm.arm_id, target, abouts[arm.arm_id]))
+        except (ValueError, OSError) as err:
+            for done in written:  # all the arms or none: a rerun would otherwise find these and refuse
+                shutil.rmtree(done, ignore_errors=True)
+            plain_os = isinstance(err, OSError) and not isinstance(err, FileExistsError)  # whose str() is errno's
+            reason = f"cannot write {target}: {err.strerror}" if plain_os else str(err)
+            raise UsageError(f"--export {cfg.study.export}, arm {arm.name}: {reason}") from None
+    for arm, out in zip(arms, written):
         print(f"{cfg.study.export}: {arm.name} -> {out}")
     return 0
 
