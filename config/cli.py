@@ -313,6 +313,11 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     for name in CLUSTER_FLAGS[1:]:
         if getattr(a, name) is not None and study.executor != "ray":
             raise UsageError(f"--{name.replace('_', '-')} works with --executor ray: it says how arms run on Ray")
+    modes = [flag for flag, value in (("--report", a.report), ("--search", a.search), ("--export", a.export),
+                                      ("--serve", a.serve)) if value is not None]
+    if len(modes) > 1 or (modes and a.resume):
+        raise UsageError(f"{' and '.join(modes + ['--resume'] * a.resume)} do not combine: each is a command of its "
+                         f"own (--resume runs a study); give one")
     for flag, value in (("--search", a.search), ("--export", a.export)):
         if value is not None and a.study_id is None:
             raise UsageError(f"{flag} needs --study-id: the study whose arms to use")

@@ -189,6 +189,11 @@ CASES = [
     Case("unknown-export-format", ("--export", "csv", "--study-id", "done"), "argument --export: invalid choice: 'csv'"),
     Case("arm-without-search-or-export", ("--arm", "topk-k8"), "--arm works with --search WORD or --export FORMAT"),
     Case("out-without-export", ("--out", "x"), "--out works with --export FORMAT"),
+    Case("two-commands", ("--report", "done", "--search", "cat", "--study-id", "done"),
+         "--report and --search do not combine"),
+    Case("command-and-resume", ("--report", "done", "--resume"), "--report and --resume do not combine"),
+    Case("export-out-under-a-file", ("--export", "saelens", "--study-id", "done", "--out", "{ckpt}/notes.txt/sae"),
+         "notes.txt is a file, not a folder", setup=file_in_ckpt, runs=True),
     Case("empty-report", ("--report", ""), "argument --report: must not be empty"),
     Case("empty-checkpoint-dir", ("--checkpoint-dir", ""), "argument --checkpoint-dir: must not be empty"),
     # --config files
