@@ -253,3 +253,30 @@ def test_spec_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(SPEC_ENV, bad)
         with pytest.raises(ValueError, match=f"{SPEC_ENV}=.* is not a JSON object of TinyLMSpec fields"):
             configured_spec()
+
+
+def test_what_before_step_raises_stops_training_and_leaves_nothing(tmp_path: Path) -> None:
+    calls = []
+
+    def stop_at_the_third_step():
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("asked to stop")
+
+    with pytest.raises(RuntimeError, match="asked to stop"):
+        load_or_train_tinylm(tmp_path, TINY, progress=False, before_step=stop_at_the_third_step)
+    assert len(calls) == 3 and list(tmp_path.iterdir()) == []
+
+
+def test_a_signal_while_a_study_trains_tinylm_stops_the_study(tmp_path: Path) -> None:
+    """Ctrl-C on first use stops at the next step (it was ignored until the ~2 minutes of training ended)."""
+    from config.cli import parse_args
+    from experiments.studies.sources import TransformerSource
+    from experiments.train.trainer import StopFlag, StopRequested
+
+    cfg = parse_args(["--study", "activations", "--checkpoint-dir", str(tmp_path), "--no-progress"])
+    stop = StopFlag()
+    stop.requested = True  # as the SIGINT handler sets it
+    with pytest.raises(StopRequested, match="while training tinylm"):
+        TransformerSource().open(cfg, tmp_path, stop)
+    assert list((tmp_path / "models").iterdir()) == []

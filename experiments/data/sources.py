@@ -11,7 +11,7 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -84,7 +84,10 @@ def _boot_hf(name: str, device: str) -> SubjectModel:
     return SubjectModel(name, bridge, tok, int(bos), int(cfg.n_ctx), int(cfg.n_layers), f"hf:{name}")
 
 
-def load_subject_model(data: DataConfig, models_dir: Path, device: str = "cpu", progress: bool = True) -> SubjectModel:
+def load_subject_model(data: DataConfig, models_dir: Path, device: str = "cpu", progress: bool = True,
+                       before_step: Callable[[], None] = lambda: None) -> SubjectModel:
+    """The subject model; tinylm is trained first where it is not cached (`before_step` before each of
+    its steps: what it raises stops the training)."""
     if data.model_name != "tinylm":
         return _boot_hf(data.model_name, device)
     from models.tinylm import load_or_train_tinylm
@@ -94,7 +97,7 @@ def load_subject_model(data: DataConfig, models_dir: Path, device: str = "cpu", 
         spec = configured_spec()
     except ValueError as err:
         raise UsageError(str(err)) from None
-    lm = load_or_train_tinylm(models_dir, spec, progress=progress)
+    lm = load_or_train_tinylm(models_dir, spec, progress=progress, before_step=before_step)
     bridge = lm.bridge.to(device) if device != "cpu" else lm.bridge
     fingerprint = "tinylm:" + hashlib.sha256(
         json.dumps(lm.meta, sort_keys=True, default=str).encode()).hexdigest()[:16]

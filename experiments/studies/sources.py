@@ -22,7 +22,7 @@ from experiments.eval.features import FeatureAnalysis, analyse_features, analyse
 from experiments.eval.probes import ConceptData
 from experiments.studies import activations, emergence, frequency, resampling
 from experiments.timing import phase
-from experiments.train.trainer import EvalContext, StopFlag
+from experiments.train.trainer import EvalContext, StopFlag, StopRequested
 from models.sae import SAE
 from visualization.terminal import progress_bar, shortlist
 
@@ -65,7 +65,8 @@ class TransformerSource:
         per batch for all of them."""
         device = cfg.train.device
         with phase("model"):
-            model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress)
+            model = load_subject_model(cfg.data, root / "models", device=device, progress=cfg.log.progress,
+                                       before_step=partial(_stop_tinylm_training, stop))
         hook_names = resolve_hooks(model, cfg.data)
         sequences = token_sequences(model, cfg.data, cfg.train.seed)
         forward = SharedForward(hook_harvester(model, hook_names, device))
@@ -172,6 +173,11 @@ def _concept_data(cfg: RunConfig, model, cache) -> ConceptData:
              f"pass --concepts FILE with words your text and tokenizer use (a YAML of {{category: [words]}}), or "
              f"harvest more text (--n-samples)")
     return data
+
+
+def _stop_tinylm_training(stop: StopFlag) -> None:
+    if stop.requested:  # tinylm keeps no checkpoint: the next run trains it from the start (about 2 minutes)
+        raise StopRequested(0, "while training tinylm, which the next run trains again from the start")
 
 
 def _say(line: str) -> None:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,8 @@ def _lr_at(step: int, spec: TinyLMSpec) -> float:
     return spec.lr * (_MIN_LR_FRAC + (1 - _MIN_LR_FRAC) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def _train(spec: TinyLMSpec, texts: list[str], out_dir: Path, progress: bool) -> dict[str, Any]:
+def _train(spec: TinyLMSpec, texts: list[str], out_dir: Path, progress: bool,
+           before_step: Callable[[], None]) -> dict[str, Any]:
     """Train tokenizer + model into `out_dir` (config, weights, tokenizer); return the metrics."""
     t0 = time.time()
     tokenizer = train_tokenizer(texts, spec.vocab_size, out_dir / "tokenizer")
@@ -174,6 +175,7 @@ def _train(spec: TinyLMSpec, texts: list[str], out_dir: Path, progress: bool) ->
         cursor = 0
         bar = tqdm(range(spec.train_steps), desc="training tinylm", disable=not progress)
         for step in bar:
+            before_step()
             if cursor + spec.batch_size > len(order):  # new epoch
                 order, cursor = torch.randperm(len(train_rows), generator=gen), 0
             batch = train_rows[order[cursor : cursor + spec.batch_size]]
@@ -222,9 +224,11 @@ def _load(cache_dir: Path, spec: TinyLMSpec, meta: dict[str, Any]) -> TinyLM:
     return TinyLM(bridge=bridge, tokenizer=tokenizer, spec=spec, meta=meta)
 
 
-def load_or_train_tinylm(models_dir: Path, spec: TinyLMSpec | None = None, progress: bool = True) -> TinyLM:
+def load_or_train_tinylm(models_dir: Path, spec: TinyLMSpec | None = None, progress: bool = True,
+                         before_step: Callable[[], None] = lambda: None) -> TinyLM:
     """Load tinylm (`spec`, default: configured_spec()) from `models_dir`, training (and caching) it
-    first if needed."""
+    first if needed. `before_step` is called before each training step: what it raises stops the
+    training, which leaves nothing behind (a stop asked for by a signal, say)."""
     spec = configured_spec() if spec is None else spec
     models_dir = Path(models_dir)
     cache_dir = models_dir / cache_name(spec)
@@ -240,7 +244,7 @@ def load_or_train_tinylm(models_dir: Path, spec: TinyLMSpec | None = None, progr
     try:
         texts = generate_stories(spec.n_train_stories, spec.seed)
         meta = {"spec": asdict(spec), "corpus_hash": _corpus_hash(texts), "corpus_probe_hash": probe_hash,
-                **_train(spec, texts, tmp, progress)}
+                **_train(spec, texts, tmp, progress, before_step)}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
         if cache_dir.exists():  # a directory cannot be renamed over a non-empty one
             old = Path(tempfile.mkdtemp(prefix=".tinylm-old-", dir=models_dir))
