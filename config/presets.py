@@ -68,20 +68,28 @@ def _check_group(values: Any, cls, source: str, path: str) -> dict:
     return out
 
 
-def _check_sae(values: Any, source: str, path: str, nested: bool = True) -> dict:
-    """SAE settings; with `nested`, also `<architecture>: {settings}` for one architecture only."""
+def _check_sae(values: Any, source: str, path: str, architecture: str | None = None) -> dict:
+    """SAE settings shared by the architectures, with `<architecture>: {settings}` for one of them;
+    there (`architecture` given), a setting it has no use for is refused, as its flag would be,
+    where a shared one is left to the architectures it applies to."""
     values = _mapping(values, _where(source, path))
     out = {}
     for key, value in values.items():
-        if nested and key in ARCHITECTURE_DEFAULTS:
-            out[key] = _check_sae(value, source, f"{path}.{key}", nested=False)
+        where = _where(source, f"{path}.{key}")
+        if architecture is None and key in ARCHITECTURE_DEFAULTS:
+            out[key] = _check_sae(value, source, f"{path}.{key}", architecture=key)
             continue
         if key not in SAE_KEYS:
-            also = f", or an architecture ({', '.join(ARCHITECTURE_DEFAULTS)}) with settings of its own" if nested else ""
-            raise UsageError(f"{_where(source, f'{path}.{key}')}: unknown setting; {path} takes "
-                             f"{', '.join(SAE_KEYS)}{also}")
-        out[key] = check_setting(setting_of(SAEArmConfig, SAE_KEY_FIELD.get(key, key)), value,
-                                 _where(source, f"{path}.{key}"))
+            also = (f", or an architecture ({', '.join(ARCHITECTURE_DEFAULTS)}) with settings of its own"
+                    if architecture is None else "")
+            raise UsageError(f"{where}: unknown setting; {path} takes {', '.join(SAE_KEYS)}{also}")
+        out[key] = check_setting(setting_of(SAEArmConfig, SAE_KEY_FIELD.get(key, key)), value, where)
+        applies_to = OPTION_ARCHITECTURES.get(key, ())
+        if architecture is not None and applies_to and architecture not in applies_to:
+            raise UsageError(f"{where}: {key} applies to {', '.join(applies_to)}, not to {architecture}")
+        if architecture is not None and key == "dead_handling" and value not in DEAD_HANDLING[architecture]:
+            raise UsageError(f"{where}: {value} does not apply to {architecture}; it takes "
+                             f"{', '.join(DEAD_HANDLING[architecture])}")
     return out
 
 
@@ -241,6 +249,17 @@ def _arm_sae(architecture: str, layers: list[dict], mode: str | None, multiplier
     return sae
 
 
+def _user_mode(stack: list[dict], architecture: str) -> str | None:
+    """The dead-latent handling the user names for this architecture, which replaces a preset's list
+    of modes: from the highest sae layer that names one, its architecture section winning within it."""
+    for layer in reversed(stack):
+        sae = layer.get("sae", {})
+        mode = sae.get(architecture, {}).get("dead_handling") or sae.get("dead_handling")
+        if mode:
+            return mode
+    return None
+
+
 def _modes(architecture: str, user_mode: str | None, preset_modes: list[str] | None, where: str) -> list[str | None]:
     allowed = DEAD_HANDLING[architecture]
     if user_mode is not None:
@@ -266,9 +285,9 @@ def build_plans(studies: list[str], layers: list[dict], flags: dict) -> list[Stu
             stack += [layer, layer.get("studies", {}).get(study, {})]
         stack.append({**flags, "sparsity_sweep": flags.get("sparsity_sweep") if study == "activations" else None})
 
-        def last(key: str, group: str | None = None):
+        def last(key: str):
             for layer in reversed(stack):
-                value = layer.get(group, {}).get(key) if group else layer.get(key)
+                value = layer.get(key)
                 if value:
                     return value
             return None
@@ -276,11 +295,10 @@ def build_plans(studies: list[str], layers: list[dict], flags: dict) -> list[Stu
         arches = last("architectures") or ["topk"]
         sweep = last("sparsity_sweep") or [1.0]
         train = TrainConfig(**{k: v for layer in stack for k, v in layer.get("train", {}).items()})
-        # A handling mode the user names (in any sae layer) replaces the preset's list of modes.
-        user_mode = last("dead_handling", "sae")
         where = "--dead-handling" if "dead_handling" in flags.get("sae", {}) else f"{study}: dead_handling"
         arms = [ArmSpec(_arm_sae(arch, [layer.get("sae", {}) for layer in stack], mode, m), train)
-                for arch in arches for mode in _modes(arch, user_mode, last("dead_handling"), where) for m in sweep]
+                for arch in arches for mode in _modes(arch, _user_mode(stack, arch), last("dead_handling"), where)
+                for m in sweep]
         if not arms:
             raise UsageError(f"study {study}: no arm left (no dead-latent handling mode applies to "
                              f"{', '.join(arches)})")

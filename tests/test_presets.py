@@ -136,3 +136,15 @@ def test_a_bad_value_gets_the_same_message_by_flag_config_file_and_python(tmp_pa
         assert by_flag == f"error: argument {flag}: must be an integer, got '2.5' (see --help)\n"
     assert str(by_file.value) == f"{tmp_path / 'cfg.yaml'}: {group}.{name} {requirement}"
     assert str(by_python.value) == f"{cls.__name__}.{name} {requirement}"
+
+
+def test_an_architecture_section_sets_its_own_dead_latent_handling(tmp_path):
+    """sae.<architecture>.dead_handling is that architecture's (it was checked, then ignored); within a
+    layer it wins over the shared sae.dead_handling, which still holds for the others."""
+    path = write(tmp_path, "sae: {dead_handling: resample, topk: {dead_handling: none}}")
+    cfg = parse_args(["--study", "activations", "--activation", "topk,batchtopk,relu", "--config", path])
+    assert [(a.sae.architecture, a.sae.dead_handling) for a in cfg.plans[0].arms] == [
+        ("topk", "none"), ("batchtopk", "resample"), ("relu", "resample")]
+    # and it replaces the resampling study's list of modes, as the shared setting does
+    cfg = parse_args(["--study", "resampling", "--config", write(tmp_path, "sae: {topk: {dead_handling: auxk}}")])
+    assert [a.sae.dead_handling for a in cfg.plans[0].arms] == ["auxk"]
