@@ -367,7 +367,7 @@ def validate_static(cfg: RunConfig) -> None:
         raise UsageError(f"{flag} {n} is too small to split into train and eval {unit}")
     for arm in cfg.arms:
         if arm.sae.hidden_dim is not None:  # known before the model is: checked now, not after the harvest
-            arm.sae.check_k(arm.sae.hidden_dim, f"--hidden-dim {arm.sae.hidden_dim}")
+            arm.sae.check_sizes(arm.sae.hidden_dim, f"--hidden-dim {arm.sae.hidden_dim}")
     if cfg.study.study_id is not None and (not cfg.study.study_id or "/" in cfg.study.study_id
                                            or cfg.study.study_id.startswith(".")
                                            or cfg.study.study_id in ("models", "activations")):

@@ -254,10 +254,18 @@ class SAEArmConfig:
     def d_sae(self, d_in: int) -> int:
         return self.hidden_dim if self.hidden_dim is not None else self.expansion_factor * d_in
 
-    def check_k(self, d_sae: int, what: str) -> None:
-        """The TopK family keeps k of d_sae latents, so k <= d_sae; `what` names d_sae in the message."""
+    def check_sizes(self, d_sae: int, what: str) -> None:
+        """The settings counted in latents fit in d_sae (`what` names it in the message): the TopK
+        family's k and a given aux_k (the default, d_in/2, is capped at d_sae), and Matryoshka's
+        levels, whose smallest prefix, d_sae / 2^(levels-1), must hold a latent. An SAE would
+        otherwise run with fewer than its record says."""
         if self.architecture in OPTION_ARCHITECTURES["k"] and self.k > d_sae:
             raise UsageError(f"--k {self.k} exceeds {what}")
+        if self.architecture in OPTION_ARCHITECTURES["aux_k"] and self.aux_k is not None and self.aux_k > d_sae:
+            raise UsageError(f"--aux-k {self.aux_k} exceeds {what}")
+        if self.architecture in OPTION_ARCHITECTURES["matryoshka_levels"] and d_sae >> (self.matryoshka_levels - 1) < 1:
+            raise UsageError(f"--matryoshka-levels {self.matryoshka_levels} halves {what} below one latent; it takes "
+                             f"at most {d_sae.bit_length()} levels")
 
     def sparsity_setting(self) -> str:
         """What sets this arm's sparsity, as a report names it: "k 32", "L1 coef 0.0065", "target L0 40"."""

@@ -149,7 +149,7 @@ def check_device(device: str, reinstall: str | None = None) -> None:
 
 def build_arm_sae(arm: SAEArmConfig, train_cfg: TrainConfig, d_in: int, n_steps: int) -> SAE:
     d_sae = arm.d_sae(d_in)
-    arm.check_k(d_sae, f"the number of latents d_sae = {d_sae}")
+    arm.check_sizes(d_sae, f"the number of latents d_sae = {d_sae}")
     uses_k = arm.architecture in OPTION_ARCHITECTURES["k"]
     return build_sae(SAEConfig(
         architecture=arm.architecture, d_in=d_in, d_sae=d_sae, k=arm.k if uses_k else 1,
