@@ -218,8 +218,11 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
         check_blocks(text.replace("| topk-k8-auxk |", "| topk-k8-auxk (best) |"))
     # a page without the study's block is refused before the report is rebuilt
     report_written = (study_dir / "report" / "report.md").stat().st_mtime_ns
-    assert main(["--report", "all", "--checkpoint-dir", str(ckpt), "--docs", str(ckpt / "missing.md")]) == 2
-    assert "missing.md has no block for study all" in capsys.readouterr().err
+    (ckpt / "other.md").write_text("# Another page\n")
+    for page, said in (("other.md", "other.md has no block for study all"), ("missing.md", "missing.md is no such file"),
+                       (".", "is a folder")):
+        assert main(["--report", "all", "--checkpoint-dir", str(ckpt), "--docs", str(ckpt / page)]) == 2
+        assert said in capsys.readouterr().err
     assert (study_dir / "report" / "report.md").stat().st_mtime_ns == report_written
 
 

@@ -40,7 +40,10 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
 def block_kinds(path: Path, source: str, block_id: str, flag: str) -> list[str]:
     """The kinds of `source` `block_id`'s blocks in the page at `path`; UsageError when it has none,
     checked before the (possibly long) work that fills them."""
-    text = path.read_text() if path.is_file() else ""
+    if not path.is_file():
+        raise UsageError(f"{flag}: {path} is {'a folder' if path.is_dir() else 'no such file'}; name the page "
+                         f"(a Markdown file) whose block for {source} {block_id} to fill")
+    text = path.read_text()
     kinds = [m["kind"] for m in BLOCK.finditer(text) if m["source"] == source and m["id"] == block_id]
     if not kinds:
         kind, other = ("results", " (or 'summary')") if source == "study" else ("table", "")
