@@ -193,6 +193,8 @@ CASES = [
     Case("unknown-export-format", ("--export", "csv", "--study-id", "done"), "argument --export: invalid choice: 'csv'"),
     Case("arm-without-search-or-export", ("--arm", "topk-k8"), "--arm works with --search WORD or --export FORMAT"),
     Case("out-without-export", ("--out", "x"), "--out works with --export FORMAT"),
+    Case("resume-in-no-folder", ("--resume", "--checkpoint-dir", "{tmp}/none"),
+         "nothing to resume: --checkpoint-dir", runs=True),
     Case("two-commands", ("--report", "done", "--search", "cat", "--study-id", "done"),
          "--report and --search do not combine"),
     Case("command-and-resume", ("--report", "done", "--resume"), "--report and --resume do not combine"),

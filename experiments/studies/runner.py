@@ -213,6 +213,8 @@ def plan_arms(cfg: RunConfig, sources: list[OpenedSource]) -> list[PlannedArm]:
 def run_study(cfg: RunConfig, stop: StopFlag) -> int:
     check_device(cfg.train.device)
     root = Path(cfg.log.checkpoint_dir)
+    if cfg.study.resume and not root.is_dir():  # before it is made, which would leave an empty folder
+        raise UsageError(f"nothing to resume: --checkpoint-dir {root} is not a folder")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".write-test-{os.getpid()}"
