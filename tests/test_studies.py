@@ -365,7 +365,8 @@ def test_a_study_over_every_layer_trains_each_arm_at_each_hook_point_and_compare
         base, label = arm["name"].split("@")
         row = compared[(base, label)]
         for metric in ("l0", "explained_variance", "ce_loss_recovered", "kl"):
-            assert row[metric] == pytest.approx(arm["final"][metric], abs=5e-5), (arm["name"], metric)
+            # the table rounds to 4 decimals: within half a unit of the last, and float error
+            assert row[metric] == pytest.approx(arm["final"][metric], abs=5.01e-5), (arm["name"], metric)
         evals = np.load(sorted((study_dir / arm["arm_id"] / "probes").glob("eval-*.npz"))[-1])
         kinds = json.loads((study_dir / arm["arm_id"] / "probes" / "concepts.json").read_text())["kinds"]
         categories = evals["single_f1"][np.array(kinds) == "category"]

@@ -205,7 +205,8 @@ def test_bad_synthetic_input_is_one_line(args, message, capsys):
     ("synthetic: {frequency: pareto}", "must be one of uniform, zipf"),
     ("synthetic: {n_featurez: 3}", "unknown setting"),
     ("synthetic: {group_correlation: 1.0}", "must be in [0, 1)"),
-    ("sae: {relu: {k: 3, bogus: 1}}", "sae.relu.bogus: unknown setting"),
+    ("sae: {relu: {l1_coefficient: 0.1, bogus: 1}}", "sae.relu.bogus: unknown setting"),
+    ("sae: {relu: {k: 3}}", "sae.relu.k: k applies to topk, batchtopk, matryoshka, not to relu"),
 ])
 def test_bad_synthetic_config_is_one_line(tmp_path, yaml, message, capsys):
     config = tmp_path / "c.yaml"
