@@ -369,7 +369,7 @@ def validate_static(cfg: RunConfig) -> None:
         if arm.sae.hidden_dim is not None:  # known before the model is: checked now, not after the harvest
             arm.sae.check_sizes(arm.sae.hidden_dim, f"--hidden-dim {arm.sae.hidden_dim}")
     if cfg.study.study_id is not None and (not cfg.study.study_id or "/" in cfg.study.study_id
-                                           or cfg.study.study_id.startswith(".")
+                                           or cfg.study.study_id.startswith((".", "-"))
                                            or cfg.study.study_id in ("models", "activations")):
         raise UsageError(f"--study-id {cfg.study.study_id!r} is not a usable folder name")
     if cfg.study.study_id is not None and (Path(cfg.log.checkpoint_dir) / cfg.study.study_id).is_file():

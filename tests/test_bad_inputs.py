@@ -184,6 +184,8 @@ CASES = [
          "'bfloat16')"),
     Case("unknown-flag", ("--no-such-flag",), "unrecognized arguments: --no-such-flag"),
     Case("study-id-escapes", ("--study-id", "../escape"), "--study-id '../escape' is not a usable folder name"),
+    # a command naming it would read it as a flag: the run's own resume and search hints would fail
+    Case("study-id-like-a-flag", ("--study-id=-x",), "--study-id '-x' is not a usable folder name"),
     Case("study-id-reserved", ("--study-id", "models"), "--study-id 'models' is not a usable folder name"),
     Case("study-id-is-a-file", ("--study-id", "notes.txt"), "--study-id 'notes.txt' names a file in",
          setup=file_in_ckpt),
