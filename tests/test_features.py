@@ -380,3 +380,16 @@ def test_the_docs_describe_every_stored_array():
     page = (Path(__file__).resolve().parents[1] / "docs" / "features.md").read_text()
     for name, description in FORMAT.items():
         assert f"| `{name}` | {description.replace('|', chr(92) + '|')} |" in page, name
+
+
+def test_a_context_for_the_terminal_has_no_markdown_and_fits_its_width():
+    from experiments.studies.features import terminal_context
+
+    # escapes and bold undone; short enough to stay whole
+    assert terminal_context(r"Once \<|bos|\> a **⟦cat⟧** ⟦sat⟧\_down", 60) == "Once <|bos|> a ⟦cat⟧ ⟦sat⟧_down"
+    # cut around the centre token, a third of the width at least before it, marked where cut
+    long = "a" * 50 + "**⟦cat⟧**" + "b" * 50
+    assert terminal_context(long, 30) == "…" + "a" * 10 + "⟦cat⟧" + "b" * 15 + "…"
+    # near the start: the width goes after it
+    assert terminal_context("ab**⟦cat⟧**" + "c" * 40, 20) == "ab⟦cat⟧" + "c" * 13 + "…"
+    assert terminal_context("", 10) == ""

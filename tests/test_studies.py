@@ -102,6 +102,7 @@ def test_quick_study_all_trains_each_arm_once_and_logs_everything(ckpt, wandb_en
     assert main(["--search", label, "--study-id", "all", "--checkpoint-dir", str(ckpt), "--arm", topk["name"]]) == 0
     printed = capsys.readouterr().out
     assert f"latents matching {label!r}" in printed and "│ label '" in printed
+    assert max(map(len, printed.splitlines())) <= 100 and "\\" not in printed  # no Markdown escapes on a terminal
 
     # an arm's folder is named for it and says what it was trained on; the Python API reads it back
     assert topk["arm_id"].startswith(topk["name"] + "-")

@@ -5,6 +5,7 @@ each latent's true feature), with labels and top contexts; and every latent in o
 from the feature analysis each arm's folder holds (experiments/eval/features.py)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,10 @@ def load_arm_features(study_dir: Path, arms: list[ArmRecord]) -> dict[str, Featu
     return {a.name: load_features(study_dir / a.arm_id) for a in arms if features_done(study_dir / a.arm_id)}
 
 
+SEARCH_ROWS = 30  # matches printed per search, best first
+SEARCH_CONTEXT_WIDTH = 60  # characters of a context in the search table: it fits 100 columns beside the arm
+
+
 def strongest_context(fa: FeatureAnalysis, latent: int) -> str:
     """The latent's strongest context, the firing token marked; "" without contexts."""
     a = fa.arrays
@@ -32,6 +37,20 @@ def strongest_context(fa: FeatureAnalysis, latent: int) -> str:
         return ""
     tokens = a["top_context_tokens"][latent, 0]
     return render_context(tokens, a["top_context_acts"][latent, 0], len(tokens) // 2, fa.text)
+
+
+def terminal_context(markdown: str, width: int = SEARCH_CONTEXT_WIDTH) -> str:
+    """A context rendered as Markdown, for the terminal: escapes and bold undone, and cut to `width`
+    characters around its centre token (a third of them before it at least), "…" where cut."""
+    centre = max(markdown.find("**⟦"), 0)
+
+    def plain(text: str) -> str:
+        return re.sub(r"\\(.)", r"\1", text.replace("**", ""))
+
+    before, after = plain(markdown[:centre]), plain(markdown[centre:])
+    keep = min(len(before), max(width // 3, width - len(after)))
+    text = before[len(before) - keep:] + after
+    return ("…" if keep < len(before) else "") + text[:width] + ("…" if len(text) > width else "")
 
 
 def _logits(fa: FeatureAnalysis, latent: int, end: str) -> str:
@@ -122,7 +141,6 @@ def analyse(study_dir: Path, arms: list[ArmRecord]) -> StudyResult | None:
     return res
 
 
-SEARCH_ROWS = 30  # matches printed per search, best first
 
 
 def ranked(hits: list[tuple[Any, FeatureAnalysis, Match]]) -> list[tuple[Any, FeatureAnalysis, Match]]:
@@ -139,6 +157,6 @@ def search(study_dir: Path, arms: list[ArmRecord], word: str) -> Table | None:
         return None
     hits = ranked([(name, fa, match) for name, fa in loaded.items() for match in search_features(fa, word)])
     rows = [[name, m.latent, fa.labels[m.latent], rounded(fa.arrays["density"][m.latent], 6), m.why,
-             strongest_context(fa, m.latent).replace("**", "")] for name, fa, m in hits[:SEARCH_ROWS]]
+             terminal_context(strongest_context(fa, m.latent))] for name, fa, m in hits[:SEARCH_ROWS]]
     return Table(f"latents matching {word!r} ({len(hits):,}; the first {len(rows)})",
                  ["arm", "latent", "label", "density", "why", "top context"], rows)
